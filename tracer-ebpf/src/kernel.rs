@@ -1,0 +1,106 @@
+//! Typed reads of kernel structures through offsets resolved from BTF by
+//! userspace (aya has no CO-RE relocations for Rust programs). Every read
+//! goes through bpf_probe_read_kernel and returns `None` on failure.
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use tracer_common::KernelOffsets;
+
+/// Filled by userspace before load (EbpfLoader::override_global).
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    fdtable_max_fds: 0,
+    file_private_data: 0,
+    file_inode: 0,
+    inode_ino: 0,
+    socket_sk: 0,
+    sock_family: 0,
+    sock_net: 0,
+    sock_max_ack_backlog: 0,
+    net_ns_inum: 0,
+    net_somaxconn: 0,
+    unix_sock_addr: 0,
+    unix_address_len: 0,
+    unix_address_name: 0,
+};
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: a read-only global; volatile so the compiler does not fold the
+    // zero initialiser into the code.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn read<T>(base: usize, offset: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
+    unsafe { bpf_probe_read_kernel((base + offset as usize) as *const T).ok() }
+}
+
+#[inline(always)]
+fn read_ptr(base: usize, offset: u32) -> Option<usize> {
+    if base == 0 {
+        return None;
+    }
+    read::<usize>(base, offset).filter(|&p| p != 0)
+}
+
+/// A `struct sock *` found through the current task's fd table.
+#[derive(Clone, Copy)]
+pub struct Sock {
+    addr: usize,
+    /// Inode number of the socket file, as in /proc/PID/fd.
+    pub inode: u64,
+}
+
+/// The socket behind `fd` in the current task: task->files->fdt->fd[fd]
+/// ->private_data (struct socket) ->sk.
+#[inline(always)]
+pub fn current_task_sock(fd: i32) -> Option<Sock> {
+    let off = offsets();
+    let task = unsafe { bpf_get_current_task() } as usize;
+    let files = read_ptr(task, off.task_files)?;
+    let fdt = read_ptr(files, off.files_fdt)?;
+    let max_fds: u32 = read(fdt, off.fdtable_max_fds)?;
+    if fd < 0 || fd as u32 >= max_fds {
+        return None;
+    }
+    let fd_array = read_ptr(fdt, off.fdtable_fd)?;
+    let file: usize = read(fd_array, fd as u32 * 8).filter(|&p: &usize| p != 0)?;
+    let socket = read_ptr(file, off.file_private_data)?;
+    let sk = read_ptr(socket, off.socket_sk)?;
+    let inode = read_ptr(file, off.file_inode)?;
+    let ino: u64 = read(inode, off.inode_ino)?;
+    Some(Sock { addr: sk, inode: ino })
+}
+
+impl Sock {
+    pub fn family(&self) -> Option<u16> {
+        read(self.addr, offsets().sock_family)
+    }
+
+    pub fn max_ack_backlog(&self) -> Option<u32> {
+        read(self.addr, offsets().sock_max_ack_backlog)
+    }
+
+    /// (netns inode, net.core.somaxconn) of the socket's network namespace.
+    pub fn netns(&self) -> Option<(u32, u32)> {
+        let off = offsets();
+        let net = read_ptr(self.addr, off.sock_net)?;
+        Some((read(net, off.net_ns_inum)?, read(net, off.net_somaxconn)?))
+    }
+
+    /// The bound address of a UNIX socket (`struct unix_sock` starts with its
+    /// `struct sock`): copies `sun_path` into `path`, returns its length.
+    pub fn unix_path(&self, path: &mut [u8; tracer_common::UNIX_PATH_MAX]) -> Option<u16> {
+        let off = offsets();
+        let addr = read_ptr(self.addr, off.unix_sock_addr)?;
+        let len: i32 = read(addr, off.unix_address_len)?;
+        // unix_address.name is a sockaddr_un: sun_family (2 bytes), sun_path.
+        let sun_path = addr + off.unix_address_name as usize + 2;
+        unsafe { bpf_probe_read_kernel_buf(sun_path as *const u8, path).ok()? };
+        let path_len = (len - 2).clamp(0, tracer_common::UNIX_PATH_MAX as i32);
+        Some(path_len as u16)
+    }
+}

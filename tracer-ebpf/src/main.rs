@@ -1,0 +1,49 @@
+//! droptrace's kernel side. Each module is one drop family; the entry points
+//! here are thin and only name the tracepoint they hang on.
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod listen;
+mod maps;
+mod unix_connect;
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+
+/// syscalls/sys_enter_connect: remember the UNIX address being connected to.
+#[tracepoint]
+pub fn connect_enter(ctx: TracePointContext) -> u32 {
+    unix_connect::on_enter(&ctx);
+    0
+}
+
+/// syscalls/sys_exit_connect: report the connect if it was refused.
+#[tracepoint]
+pub fn connect_exit(ctx: TracePointContext) -> u32 {
+    unix_connect::on_exit(&ctx);
+    0
+}
+
+/// syscalls/sys_enter_listen: remember the requested backlog.
+#[tracepoint]
+pub fn listen_enter(ctx: TracePointContext) -> u32 {
+    listen::on_enter(&ctx);
+    0
+}
+
+/// syscalls/sys_exit_listen: report the new listener as the kernel sees it.
+#[tracepoint]
+pub fn listen_exit(ctx: TracePointContext) -> u32 {
+    listen::on_exit(&ctx);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

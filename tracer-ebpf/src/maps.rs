@@ -1,0 +1,34 @@
+//! Maps shared by every drop family.
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use tracer_common::LOST_RINGBUF_FULL;
+
+/// Records for userspace. Userspace may resize it at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Records that could not be handed over, by cause (see tracer_common::LOST_*).
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// Count one record that userspace will never see.
+pub fn count_lost(cause: u32) {
+    if let Some(counter) = LOST.get_ptr_mut(cause) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Copy `record` into the ring buffer, counting it as lost when full.
+pub fn emit<T: 'static>(record: &T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            // SAFETY: `entry` is sized for T; copying POD bytes.
+            unsafe { core::ptr::copy_nonoverlapping(record, entry.as_mut_ptr(), 1) };
+            entry.submit(0);
+        }
+        None => count_lost(LOST_RINGBUF_FULL),
+    }
+}

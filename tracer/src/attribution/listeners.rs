@@ -1,0 +1,253 @@
+//! The UNIX listener registry: every listening socket droptrace knows, found
+//! by the address a refused client asked for.
+//!
+//! A refused connect does not reach the listener in the kernel
+//! (unix_stream_connect fails before linking the two), so we keep our own
+//! table: filled from sock_diag at start-up and on a miss, kept current by
+//! the listen() records of the eBPF side.
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tracer_common::ListenRecord;
+
+use super::{
+    address::UnixAddress,
+    process::{self, Process},
+    sock_diag::{self, FileId, NetnsView, UnixListenerEntry},
+    uwsgi::{self, Setting},
+};
+
+/// Rescans of every namespace on a lookup miss, at most this often.
+const MISS_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct Listener {
+    pub inode: u64,
+    pub netns: u32,
+    pub address: UnixAddress,
+    pub file: Option<FileId>,
+    /// Effective backlog (sk_max_ack_backlog).
+    pub backlog: u32,
+    /// The listen() argument, when droptrace saw the call.
+    pub requested: Option<u32>,
+    pub somaxconn: Option<u32>,
+    /// The process that owns the socket (the topmost of those holding it).
+    pub owner: Option<Process>,
+    pub uwsgi_listen: Option<Setting>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    listeners: HashMap<u64, Listener>,
+    by_file: HashMap<FileId, u64>,
+    by_abstract: HashMap<(u32, Vec<u8>), u64>,
+    views: HashMap<u32, NetnsView>,
+    last_rescan: Option<Instant>,
+}
+
+impl Registry {
+    /// Scan every network namespace's socket table.
+    pub fn rescan(&mut self) {
+        self.last_rescan = Some(Instant::now());
+        for netns in sock_diag::namespaces() {
+            if !self.views.contains_key(&netns.inode) {
+                match NetnsView::open(&netns) {
+                    Ok(view) => {
+                        self.views.insert(netns.inode, view);
+                    }
+                    Err(err) => {
+                        tracing::warn!("skipping network namespace {}: {err:#}", netns.inode);
+                        continue;
+                    }
+                }
+            }
+            let view = &self.views[&netns.inode];
+            let somaxconn = view.somaxconn;
+            match view.unix_listeners() {
+                Ok(entries) => entries.into_iter().for_each(|e| self.upsert_from_diag(netns.inode, somaxconn, e)),
+                Err(err) => tracing::warn!("cannot list UNIX listeners of netns {}: {err:#}", netns.inode),
+            }
+        }
+        self.resolve_missing_owners();
+    }
+
+    fn upsert_from_diag(&mut self, netns: u32, somaxconn: Option<u32>, entry: UnixListenerEntry) {
+        let Some(address) = entry.address else { return };
+        let listener = self.listeners.entry(entry.inode).or_insert_with(|| Listener {
+            inode: entry.inode,
+            netns,
+            address,
+            file: entry.file,
+            backlog: entry.backlog,
+            requested: None,
+            somaxconn,
+            owner: None,
+            uwsgi_listen: None,
+        });
+        listener.backlog = entry.backlog;
+        listener.file = listener.file.or(entry.file);
+        let listener = listener.clone();
+        self.index(&listener);
+    }
+
+    /// A listen() the eBPF side saw succeed.
+    pub fn on_listen(&mut self, record: &ListenRecord) {
+        let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
+        let Some(address) = UnixAddress::from_sun_path(raw) else { return };
+        let file = match &address {
+            UnixAddress::Path(path) => FileId::of(&in_process_view(record.pid, path)),
+            UnixAddress::Abstract(_) => None,
+        };
+        let owner = process::inspect(record.pid);
+        let listener = Listener {
+            inode: record.sock_inode,
+            netns: record.netns,
+            address,
+            file,
+            backlog: record.effective_backlog,
+            // listen() takes an int; a negative one means "as large as allowed".
+            requested: Some(record.requested_backlog.min(i32::MAX as u32)),
+            somaxconn: Some(record.somaxconn),
+            uwsgi_listen: owner.as_ref().and_then(uwsgi_setting),
+            owner,
+        };
+        tracing::debug!(inode = listener.inode, address = %listener.address, backlog = listener.backlog, "new listener");
+        self.index(&listener);
+        self.listeners.insert(listener.inode, listener);
+    }
+
+    fn index(&mut self, listener: &Listener) {
+        if let Some(file) = listener.file {
+            self.by_file.insert(file, listener.inode);
+        }
+        if let UnixAddress::Abstract(name) = &listener.address {
+            self.by_abstract.insert((listener.netns, name.clone()), listener.inode);
+        }
+    }
+
+    /// The listener behind `address` as process `client` would reach it
+    /// (relative paths from its cwd, absolute ones from its root, abstract
+    /// names in its network namespace).
+    pub fn find(&mut self, client: u32, address: &UnixAddress) -> Option<&Listener> {
+        let inode = match self.lookup(client, address) {
+            Some(inode) => inode,
+            None if self.last_rescan.is_none_or(|t| t.elapsed() >= MISS_RESCAN_INTERVAL) => {
+                self.rescan();
+                self.lookup(client, address)?
+            }
+            None => return None,
+        };
+        if self.listeners.get(&inode)?.owner.is_none() {
+            self.resolve_missing_owners();
+        }
+        self.listeners.get(&inode)
+    }
+
+    fn lookup(&self, client: u32, address: &UnixAddress) -> Option<u64> {
+        let inode = match address {
+            UnixAddress::Path(path) => {
+                let file = FileId::of(&in_process_view(client, path)).or_else(|| FileId::of(path))?;
+                *self.by_file.get(&file)?
+            }
+            UnixAddress::Abstract(name) => {
+                let netns = sock_diag::netns_inode(Path::new(&format!("/proc/{client}/ns/net")))?;
+                *self.by_abstract.get(&(netns, name.clone()))?
+            }
+        };
+        // A closed listener leaves a stale index entry: only trust live ones.
+        self.listeners.contains_key(&inode).then_some(inode)
+    }
+
+    /// The listener's queue length now, from its namespace's socket table.
+    pub fn queue_now(&self, listener: &Listener) -> Option<u32> {
+        let view = self.views.get(&listener.netns)?;
+        let entries = view.unix_listeners().ok()?;
+        entries.iter().find(|e| e.inode == listener.inode).map(|e| e.queue)
+    }
+
+    /// Owners from /proc/*/fd, in one pass over every process (what `ss -p`
+    /// does), for every listener that has none yet.
+    fn resolve_missing_owners(&mut self) {
+        let wanted: HashMap<u64, ()> =
+            self.listeners.values().filter(|l| l.owner.is_none()).map(|l| (l.inode, ())).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
+        for pid in process::all_pids() {
+            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+            for fd in fds.flatten() {
+                let Ok(target) = fs::read_link(fd.path()) else { continue };
+                let Some(inode) = socket_inode(&target) else { continue };
+                if wanted.contains_key(&inode) {
+                    holders.entry(inode).or_default().push(pid);
+                }
+            }
+        }
+        for (inode, pids) in holders {
+            let Some(listener) = self.listeners.get_mut(&inode) else { continue };
+            listener.owner = topmost(&pids).and_then(process::inspect);
+            listener.uwsgi_listen = listener.owner.as_ref().and_then(uwsgi_setting);
+        }
+    }
+}
+
+/// "socket:[12345]" -> 12345
+fn socket_inode(link: &Path) -> Option<u64> {
+    link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Of the processes holding a socket, the one whose parent does not hold it
+/// (a master, not its forked workers); the lowest pid on a tie.
+fn topmost(pids: &[u32]) -> Option<u32> {
+    let mut roots: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|&pid| !process::parent_of(pid).is_some_and(|parent| pids.contains(&parent)))
+        .collect();
+    roots.sort_unstable();
+    roots.first().or(pids.iter().min()).copied()
+}
+
+fn uwsgi_setting(owner: &Process) -> Option<Setting> {
+    if !owner.role.is_uwsgi() {
+        return None;
+    }
+    let cwd = fs::read_link(format!("/proc/{}/cwd", owner.pid)).unwrap_or_else(|_| PathBuf::from("/"));
+    Some(uwsgi::listen_setting(owner.cmdline.get(1..).unwrap_or_default(), &cwd))
+}
+
+/// `path` as process `pid` sees it: through its root and its cwd.
+fn in_process_view(pid: u32, path: &Path) -> PathBuf {
+    let base = if path.is_absolute() { format!("/proc/{pid}/root") } else { format!("/proc/{pid}/cwd") };
+    Path::new(&base).join(path.strip_prefix("/").unwrap_or(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_links_parse() {
+        assert_eq!(socket_inode(Path::new("socket:[4242]")), Some(4242));
+        assert_eq!(socket_inode(Path::new("pipe:[4242]")), None);
+    }
+
+    #[test]
+    fn paths_are_seen_through_the_process_root_and_cwd() {
+        assert_eq!(in_process_view(7, Path::new("/run/a.sock")), PathBuf::from("/proc/7/root/run/a.sock"));
+        assert_eq!(in_process_view(7, Path::new("a.sock")), PathBuf::from("/proc/7/cwd/a.sock"));
+    }
+
+    #[test]
+    fn the_owner_is_the_process_whose_parent_does_not_hold_the_socket() {
+        let me = std::process::id();
+        let parent = process::parent_of(me).unwrap();
+        assert_eq!(topmost(&[me, parent]), Some(parent));
+        assert_eq!(topmost(&[me]), Some(me));
+    }
+}

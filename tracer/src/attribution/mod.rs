@@ -1,0 +1,6 @@
+//! Who is involved in a drop: the listener, its owner, the refused client.
+pub mod address;
+pub mod listeners;
+pub mod process;
+pub mod sock_diag;
+pub mod uwsgi;

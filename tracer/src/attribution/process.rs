@@ -1,0 +1,217 @@
+//! Processes: who they are (role), who their parent is, and the --pid filter.
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+/// What part a process plays in the stack, recognised from its executable
+/// and its place in the process tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    NginxMaster,
+    NginxWorker,
+    UwsgiMaster,
+    UwsgiWorker,
+    Other,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::NginxMaster => "nginx-master",
+            Role::NginxWorker => "nginx-worker",
+            Role::UwsgiMaster => "uwsgi-master",
+            Role::UwsgiWorker => "uwsgi-worker",
+            Role::Other => "other",
+        }
+    }
+
+    pub fn is_uwsgi(self) -> bool {
+        matches!(self, Role::UwsgiMaster | Role::UwsgiWorker)
+    }
+
+    pub fn is_nginx(self) -> bool {
+        matches!(self, Role::NginxMaster | Role::NginxWorker)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Program {
+    Nginx,
+    Uwsgi,
+    Other,
+}
+
+/// Debian installs uWSGI as /usr/bin/uwsgi-core behind alternatives.
+fn program_of(exe_name: &str) -> Program {
+    if exe_name == "nginx" || exe_name.starts_with("nginx-") {
+        Program::Nginx
+    } else if exe_name == "uwsgi" || exe_name.starts_with("uwsgi-") || exe_name.starts_with("uwsgi_") {
+        Program::Uwsgi
+    } else {
+        Program::Other
+    }
+}
+
+/// `argv0` is what the process shows in ps: nginx rewrites it to
+/// "nginx: master process ..." / "nginx: worker process".
+pub fn classify_role(exe_name: &str, argv0: &str, parent_exe_name: Option<&str>) -> Role {
+    let same_program_as_parent = parent_exe_name.map(program_of) == Some(program_of(exe_name));
+    match program_of(exe_name) {
+        Program::Nginx if argv0.starts_with("nginx: worker") => Role::NginxWorker,
+        Program::Nginx if argv0.starts_with("nginx: master") => Role::NginxMaster,
+        Program::Nginx if same_program_as_parent => Role::NginxWorker,
+        Program::Nginx => Role::NginxMaster,
+        Program::Uwsgi if same_program_as_parent => Role::UwsgiWorker,
+        Program::Uwsgi => Role::UwsgiMaster,
+        Program::Other => Role::Other,
+    }
+}
+
+/// A live process as /proc shows it.
+#[derive(Clone, Debug)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    pub role: Role,
+}
+
+fn proc_path(pid: u32, entry: &str) -> PathBuf {
+    Path::new("/proc").join(pid.to_string()).join(entry)
+}
+
+/// Parent pid from /proc/PID/stat (the comm field may hold spaces and ')').
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    after_comm.split(' ').nth(1)?.parse().ok()
+}
+
+fn exe_name(pid: u32) -> Option<String> {
+    let exe = fs::read_link(proc_path(pid, "exe")).ok()?;
+    Some(exe.file_name()?.to_string_lossy().trim_end_matches(" (deleted)").to_string())
+}
+
+/// Inspect a process; `None` when it has exited.
+pub fn inspect(pid: u32) -> Option<Process> {
+    let comm = fs::read_to_string(proc_path(pid, "comm")).ok()?.trim_end().to_string();
+    let ppid = parent_of(pid).unwrap_or(0);
+    let cmdline: Vec<String> = fs::read(proc_path(pid, "cmdline"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|arg| !arg.is_empty())
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    // Kernel threads and zombies have no exe: fall back to comm.
+    let name = exe_name(pid).unwrap_or_else(|| comm.clone());
+    let parent_name = exe_name(ppid);
+    let argv0 = cmdline.first().map(String::as_str).unwrap_or("");
+    let role = classify_role(&name, argv0, parent_name.as_deref());
+    Some(Process { pid, comm, cmdline, role })
+}
+
+/// Pids of every process, from /proc.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+}
+
+/// `--pid`: the given processes and all their descendants.
+pub struct PidFilter {
+    roots: HashSet<u32>,
+    verdicts: HashMap<u32, bool>,
+}
+
+impl PidFilter {
+    /// Fails naming the first pid that does not exist.
+    pub fn new(pids: &[u32]) -> Result<Self> {
+        for &pid in pids {
+            if !proc_path(pid, "").exists() {
+                bail!("--pid {pid}: no such process");
+            }
+        }
+        Ok(Self { roots: pids.iter().copied().collect(), verdicts: HashMap::new() })
+    }
+
+    pub fn watches_everything(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    /// True when `pid` is a root or descends from one. A process that has
+    /// already exited cannot be placed in the tree and is not covered.
+    pub fn covers(&mut self, pid: u32) -> bool {
+        if self.roots.is_empty() || self.roots.contains(&pid) {
+            return true;
+        }
+        if let Some(&known) = self.verdicts.get(&pid) {
+            return known;
+        }
+        let mut current = pid;
+        let mut covered = false;
+        // A process tree deeper than this is not a tree we are looking for.
+        for _ in 0..64 {
+            match parent_of(current) {
+                Some(parent) if self.roots.contains(&parent) => {
+                    covered = true;
+                    break;
+                }
+                Some(parent) if parent > 1 => current = parent,
+                _ => break,
+            }
+        }
+        if self.verdicts.len() > 65_536 {
+            self.verdicts.clear();
+        }
+        self.verdicts.insert(pid, covered);
+        covered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_roles_come_from_its_process_title_or_its_parent() {
+        assert_eq!(classify_role("nginx", "nginx: master process nginx -c x", Some("bash")), Role::NginxMaster);
+        assert_eq!(classify_role("nginx", "nginx: worker process", Some("nginx")), Role::NginxWorker);
+        assert_eq!(classify_role("nginx", "nginx", Some("nginx")), Role::NginxWorker);
+        assert_eq!(classify_role("nginx", "/usr/sbin/nginx", Some("systemd")), Role::NginxMaster);
+    }
+
+    #[test]
+    fn uwsgi_master_is_the_one_whose_parent_is_not_uwsgi() {
+        assert_eq!(classify_role("uwsgi-core", "uwsgi", Some("bash")), Role::UwsgiMaster);
+        assert_eq!(classify_role("uwsgi-core", "uwsgi", Some("uwsgi-core")), Role::UwsgiWorker);
+        assert_eq!(classify_role("uwsgi", "uwsgi", None), Role::UwsgiMaster);
+    }
+
+    #[test]
+    fn everything_else_is_other() {
+        assert_eq!(classify_role("python3.11", "gunicorn: master", Some("bash")), Role::Other);
+        assert_eq!(classify_role("nginxish", "x", None), Role::Other);
+    }
+
+    #[test]
+    fn our_own_process_is_covered_by_its_parent_but_not_by_a_stranger() {
+        let me = std::process::id();
+        let parent = parent_of(me).unwrap();
+        assert!(PidFilter::new(&[parent]).unwrap().covers(me));
+        assert!(PidFilter::new(&[me]).unwrap().covers(me));
+        assert!(!PidFilter::new(&[me]).unwrap().covers(parent));
+    }
+
+    #[test]
+    fn a_pid_that_does_not_exist_is_an_error() {
+        let err = PidFilter::new(&[u32::MAX - 1]).err().unwrap().to_string();
+        assert_eq!(err, format!("--pid {}: no such process", u32::MAX - 1));
+    }
+}

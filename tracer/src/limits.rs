@@ -1,0 +1,249 @@
+//! Which limit a drop hit, its value, where that value came from, and the
+//! fix. Pure logic: everything it needs arrives in `BacklogFacts`.
+use serde::Serialize;
+
+use crate::attribution::{process::Role, uwsgi::Setting};
+
+/// Limit names are part of the JSON contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitName {
+    /// net.core.somaxconn clamped the backlog the owner asked for.
+    Somaxconn,
+    /// uWSGI's `listen` option.
+    UwsgiListen,
+    /// nginx's `listen ... backlog=` (511 by default on Linux).
+    NginxListenBacklog,
+    /// Any other program's listen() backlog.
+    AppBacklog,
+    /// The effective backlog equals somaxconn but the requested one was not
+    /// seen: either could be the limit.
+    BacklogAmbiguous,
+    /// The listener could not be found (it closed before we looked).
+    Unknown,
+}
+
+impl LimitName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Somaxconn => "somaxconn",
+            Self::UwsgiListen => "uwsgi_listen",
+            Self::NginxListenBacklog => "nginx_listen_backlog",
+            Self::AppBacklog => "app_backlog",
+            Self::BacklogAmbiguous => "backlog_ambiguous",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub name: LimitName,
+    /// The number that was hit.
+    pub value: Option<u64>,
+    /// Where that number came from.
+    pub source: String,
+    /// One line: what to change.
+    pub fix: String,
+}
+
+/// What we know about a listener whose queue overflowed.
+#[derive(Clone, Debug)]
+pub struct BacklogFacts {
+    pub owner_role: Role,
+    /// "uwsgi[4242]": how the fix names the owner.
+    pub owner: String,
+    /// sk_max_ack_backlog: the backlog the kernel enforced.
+    pub effective: u32,
+    /// The listen() argument, when droptrace saw the call.
+    pub requested: Option<u32>,
+    /// uWSGI's configured `listen`, when the owner is uWSGI.
+    pub uwsgi_listen: Option<Setting>,
+    /// net.core.somaxconn of the listener's network namespace.
+    pub somaxconn: Option<u32>,
+}
+
+/// A backlog worth suggesting: at least 1024, four times the current one,
+/// rounded up to a power of two.
+pub fn suggested_backlog(current: u32) -> u32 {
+    current.saturating_mul(4).max(1024).next_power_of_two()
+}
+
+/// "(net.core.somaxconn=4096 allows it)" or the instruction to raise it first.
+fn somaxconn_clause(target: u32, somaxconn: Option<u32>) -> String {
+    match somaxconn {
+        Some(s) if s >= target => format!("(net.core.somaxconn={s} allows it)"),
+        Some(s) => format!("and first raise net.core.somaxconn to {target} (now {s}; the kernel clamps listen() to it)"),
+        None => format!("(net.core.somaxconn must be at least {target})"),
+    }
+}
+
+pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
+    let effective = facts.effective;
+    let clamped_by_somaxconn = facts.somaxconn == Some(effective) && facts.requested.is_some_and(|r| r > effective);
+    // uWSGI is never clamped: it refuses to start when listen > somaxconn.
+    if clamped_by_somaxconn && !facts.owner_role.is_uwsgi() {
+        let requested = facts.requested.unwrap_or_default();
+        return Verdict {
+            name: LimitName::Somaxconn,
+            value: Some(effective.into()),
+            source: format!("net.core.somaxconn of the listener's network namespace: {} asked listen({requested}), the kernel clamped it to {effective}", facts.owner),
+            fix: format!("sysctl -w net.core.somaxconn={} in that namespace (persist it in /etc/sysctl.d/), then restart {} so it listens again", requested.max(effective), facts.owner),
+        };
+    }
+    if facts.owner_role.is_uwsgi() {
+        let setting = facts.uwsgi_listen.clone().unwrap_or(Setting {
+            value: facts.requested.unwrap_or(effective),
+            source: "uWSGI's listen() call".into(),
+        });
+        let target = suggested_backlog(effective);
+        let default_note = if setting.source.starts_with("uWSGI default") { " (default)" } else { "" };
+        return Verdict {
+            name: LimitName::UwsgiListen,
+            value: Some(effective.into()),
+            source: setting.source,
+            fix: format!(
+                "uWSGI listen={effective}{default_note}: set \"listen = {target}\" in the uWSGI ini {}; more uWSGI workers if the queue stays full",
+                somaxconn_clause(target, facts.somaxconn)
+            ),
+        };
+    }
+    if facts.requested.is_none() && facts.somaxconn == Some(effective) {
+        let target = suggested_backlog(effective);
+        return Verdict {
+            name: LimitName::BacklogAmbiguous,
+            value: Some(effective.into()),
+            source: format!("backlog {effective} equals net.core.somaxconn, and {} listened before droptrace started, so its requested backlog is unknown", facts.owner),
+            fix: format!("raise net.core.somaxconn and the backlog {} asks for together, to {target}, then restart it", facts.owner),
+        };
+    }
+    let target = suggested_backlog(effective);
+    if facts.owner_role.is_nginx() {
+        let source = match facts.requested {
+            Some(r) => format!("nginx called listen({r}) (backlog= on its listen directive, 511 by default)"),
+            None => "nginx's listen socket (backlog= on its listen directive, 511 by default)".into(),
+        };
+        return Verdict {
+            name: LimitName::NginxListenBacklog,
+            value: Some(effective.into()),
+            source,
+            fix: format!(
+                "add \"backlog={target}\" to nginx's listen directive {} and reload nginx; more worker_processes if the queue stays full",
+                somaxconn_clause(target, facts.somaxconn)
+            ),
+        };
+    }
+    let source = match facts.requested {
+        Some(r) => format!("{} called listen(fd, {r})", facts.owner),
+        None => format!("{}'s listening socket (its listen() call was before droptrace started)", facts.owner),
+    };
+    Verdict {
+        name: LimitName::AppBacklog,
+        value: Some(effective.into()),
+        source,
+        fix: format!(
+            "raise the backlog {} passes to listen() to {target} (gunicorn --backlog, php-fpm listen.backlog, Python socket.listen(n)) {}; accept faster (more workers) if the queue stays full",
+            facts.owner,
+            somaxconn_clause(target, facts.somaxconn)
+        ),
+    }
+}
+
+/// A refused connect whose listener droptrace could not find.
+pub fn unknown_listener_verdict() -> Verdict {
+    Verdict {
+        name: LimitName::Unknown,
+        value: None,
+        source: "the listener was not in the socket table when droptrace looked (it may have closed)".into(),
+        fix: "run `ss -xlp` to find the listening process and its backlog".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(role: Role, effective: u32, requested: Option<u32>, somaxconn: Option<u32>) -> BacklogFacts {
+        BacklogFacts {
+            owner_role: role,
+            owner: "proc[42]".into(),
+            effective,
+            requested,
+            uwsgi_listen: None,
+            somaxconn,
+        }
+    }
+
+    #[test]
+    fn clamped_request_blames_somaxconn() {
+        let v = backlog_verdict(&facts(Role::NginxMaster, 64, Some(511), Some(64)));
+        assert_eq!(v.name, LimitName::Somaxconn);
+        assert_eq!(v.value, Some(64));
+        assert!(v.source.contains("asked listen(511), the kernel clamped it to 64"), "{}", v.source);
+        assert!(v.fix.starts_with("sysctl -w net.core.somaxconn=511"), "{}", v.fix);
+    }
+
+    #[test]
+    fn uwsgi_default_names_the_ini_option_and_the_room_somaxconn_leaves() {
+        let mut f = facts(Role::UwsgiMaster, 100, Some(100), Some(4096));
+        f.uwsgi_listen = Some(Setting { value: 100, source: "uWSGI default (no listen option)".into() });
+        let v = backlog_verdict(&f);
+        assert_eq!(v.name, LimitName::UwsgiListen);
+        assert_eq!(v.value, Some(100));
+        assert_eq!(v.source, "uWSGI default (no listen option)");
+        assert_eq!(
+            v.fix,
+            "uWSGI listen=100 (default): set \"listen = 1024\" in the uWSGI ini (net.core.somaxconn=4096 allows it); more uWSGI workers if the queue stays full"
+        );
+    }
+
+    #[test]
+    fn uwsgi_at_somaxconn_is_still_uwsgi_listen_and_says_to_raise_both() {
+        let mut f = facts(Role::UwsgiWorker, 64, None, Some(64));
+        f.uwsgi_listen = Some(Setting { value: 64, source: "--listen 64 on the uWSGI command line".into() });
+        let v = backlog_verdict(&f);
+        assert_eq!(v.name, LimitName::UwsgiListen);
+        assert_eq!(v.value, Some(64));
+        assert!(v.fix.contains("first raise net.core.somaxconn to 1024 (now 64"), "{}", v.fix);
+    }
+
+    #[test]
+    fn unknown_request_at_somaxconn_is_ambiguous_not_a_guess() {
+        let v = backlog_verdict(&facts(Role::Other, 4096, None, Some(4096)));
+        assert_eq!(v.name, LimitName::BacklogAmbiguous);
+        assert_eq!(v.value, Some(4096));
+    }
+
+    #[test]
+    fn request_equal_to_somaxconn_is_the_apps_own_choice() {
+        let v = backlog_verdict(&facts(Role::Other, 128, Some(128), Some(128)));
+        assert_eq!(v.name, LimitName::AppBacklog);
+    }
+
+    #[test]
+    fn nginx_and_other_owners() {
+        let v = backlog_verdict(&facts(Role::NginxMaster, 511, Some(511), Some(4096)));
+        assert_eq!(v.name, LimitName::NginxListenBacklog);
+        assert_eq!(v.value, Some(511));
+        assert!(v.fix.starts_with("add \"backlog=2048\" to nginx's listen directive (net.core.somaxconn=4096 allows it)"), "{}", v.fix);
+
+        let v = backlog_verdict(&facts(Role::Other, 1, Some(1), Some(4096)));
+        assert_eq!(v.name, LimitName::AppBacklog);
+        assert_eq!(v.value, Some(1));
+        assert_eq!(v.source, "proc[42] called listen(fd, 1)");
+    }
+
+    #[test]
+    fn suggestions_grow_and_stay_powers_of_two() {
+        assert_eq!(suggested_backlog(1), 1024);
+        assert_eq!(suggested_backlog(511), 4096);
+        assert_eq!(suggested_backlog(4096), 16384);
+    }
+
+    #[test]
+    fn names_serialise_as_the_json_contract_says() {
+        for name in [LimitName::Somaxconn, LimitName::UwsgiListen, LimitName::NginxListenBacklog, LimitName::AppBacklog, LimitName::BacklogAmbiguous, LimitName::Unknown] {
+            assert_eq!(serde_json::to_value(name).unwrap(), name.as_str());
+        }
+    }
+}

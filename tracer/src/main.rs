@@ -1,0 +1,42 @@
+//! droptrace: which connection was refused, at which socket, by which
+//! process, because of which limit, and what to change.
+//!
+//! Data flows one way: probes (kernel records) -> attribution (listener,
+//! owner, client) -> limits (verdict and fix) -> sinks (terminal, JSON).
+mod attribution;
+mod cli;
+mod drop;
+mod limits;
+mod live;
+mod probes;
+mod sinks;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("droptrace: error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(live::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("droptrace: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

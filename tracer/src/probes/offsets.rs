@@ -1,0 +1,128 @@
+//! Kernel struct field offsets, resolved from the running kernel's BTF.
+//!
+//! aya does not relocate field accesses of Rust eBPF programs (no CO-RE), so
+//! the programs read fields at offsets we hand them in `KernelOffsets`.
+use anyhow::{anyhow, bail, Context, Result};
+use btf_rs::{Btf, Struct, Type};
+use tracer_common::KernelOffsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+pub fn load_vmlinux_btf() -> Result<Btf> {
+    Btf::from_file(VMLINUX_BTF).map_err(|err| anyhow!("cannot parse {VMLINUX_BTF}: {err}"))
+}
+
+/// Resolve every offset the programs need; fails naming the missing field.
+pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
+    let at = |path: &str| field_offset(btf, path);
+    Ok(KernelOffsets {
+        task_files: at("task_struct.files")?,
+        files_fdt: at("files_struct.fdt")?,
+        fdtable_fd: at("fdtable.fd")?,
+        fdtable_max_fds: at("fdtable.max_fds")?,
+        file_private_data: at("file.private_data")?,
+        file_inode: at("file.f_inode")?,
+        inode_ino: at("inode.i_ino")?,
+        socket_sk: at("socket.sk")?,
+        sock_family: at("sock.__sk_common.skc_family")?,
+        sock_net: at("sock.__sk_common.skc_net.net")?,
+        sock_max_ack_backlog: at("sock.sk_max_ack_backlog")?,
+        net_ns_inum: at("net.ns.inum")?,
+        net_somaxconn: at("net.core.sysctl_somaxconn")?,
+        unix_sock_addr: at("unix_sock.addr")?,
+        unix_address_len: at("unix_address.len")?,
+        unix_address_name: at("unix_address.name")?,
+    })
+}
+
+/// Byte offset of `struct.field.subfield...` from the start of `struct`,
+/// looking through anonymous struct and union members as C does.
+pub fn field_offset(btf: &Btf, path: &str) -> Result<u32> {
+    let mut parts = path.split('.');
+    let root = parts.next().unwrap_or_default();
+    let mut current = named_struct(btf, root)?;
+    let mut bits = 0;
+    let mut fields = parts.peekable();
+    while let Some(field) = fields.next() {
+        let (offset, ty) = find_member(btf, &current, field)
+            .with_context(|| format!("kernel BTF has no field {path} (at {field})"))?;
+        bits += offset;
+        if fields.peek().is_some() {
+            current = match ty {
+                Type::Struct(s) | Type::Union(s) => s,
+                other => bail!("{path}: {field} is a {}, not a struct", other.name()),
+            };
+        }
+    }
+    if bits % 8 != 0 {
+        bail!("{path} is a bitfield");
+    }
+    Ok(bits / 8)
+}
+
+fn named_struct(btf: &Btf, name: &str) -> Result<Struct> {
+    btf.resolve_types_by_name(name)
+        .map_err(|err| anyhow!("kernel BTF has no type {name}: {err}"))?
+        .into_iter()
+        .find_map(|ty| match ty {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))
+}
+
+/// (bit offset, type with typedefs and qualifiers peeled) of member `name`.
+fn find_member(btf: &Btf, within: &Struct, name: &str) -> Option<(u32, Type)> {
+    for member in &within.members {
+        let member_name = btf.resolve_name(member).unwrap_or_default();
+        let ty = peel(btf, btf.resolve_chained_type(member).ok()?);
+        if member_name == name {
+            return Some((member.bit_offset(), ty));
+        }
+        if member_name.is_empty() {
+            if let Type::Struct(inner) | Type::Union(inner) = &ty {
+                if let Some((offset, found)) = find_member(btf, inner, name) {
+                    return Some((member.bit_offset() + offset, found));
+                }
+            }
+        }
+    }
+    None
+}
+
+fn peel(btf: &Btf, mut ty: Type) -> Type {
+    loop {
+        let next = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t),
+            Type::Const(t) => btf.resolve_chained_type(t),
+            Type::Volatile(t) => btf.resolve_chained_type(t),
+            Type::Restrict(t) => btf.resolve_chained_type(t),
+            Type::TypeTag(t) => btf.resolve_chained_type(t),
+            _ => return ty,
+        };
+        match next {
+            Ok(next) => ty = next,
+            Err(_) => return ty,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running kernel's BTF resolves every field; needs no root.
+    #[test]
+    fn resolves_every_field_of_the_running_kernel() {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            eprintln!("SKIPPED: {VMLINUX_BTF} missing (kernel without BTF)");
+            return;
+        }
+        let offsets = resolve(&load_vmlinux_btf().unwrap()).unwrap();
+        // skc_family is the 17th byte of sock_common on every 5.x/6.x kernel,
+        // and a sockaddr_un array starts right after len's int.
+        assert_eq!(offsets.sock_family, 16);
+        assert!(offsets.sock_max_ack_backlog > offsets.sock_net);
+        assert!(offsets.unix_address_name > offsets.unix_address_len);
+    }
+}

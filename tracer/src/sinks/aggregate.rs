@@ -1,0 +1,182 @@
+//! Storm control: the first drop of a (kind, listener, limit) is shown at
+//! once, the ones after it are counted and shown at most once per interval.
+//! Every drop ends up in exactly one emitted count and in the totals.
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use crate::{drop::Drop, drop::DropKind, limits::LimitName};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    kind: DropKind,
+    netns: Option<u32>,
+    path: String,
+    limit: LimitName,
+}
+
+impl Key {
+    fn of(drop: &Drop) -> Self {
+        Self { kind: drop.kind, netns: drop.listener.netns, path: drop.listener.path.clone(), limit: drop.limit.name }
+    }
+}
+
+/// One line to print: the latest drop of its key and how many it stands for.
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub drop: Drop,
+    pub count: u64,
+    /// True for the first line of its key (the one that carries the fix).
+    pub first: bool,
+}
+
+struct Batch {
+    latest: Drop,
+    pending: u64,
+    emitted_lines: u64,
+    last_emit: Instant,
+    total: u64,
+}
+
+/// A per-key total for the summary.
+#[derive(Clone, Debug)]
+pub struct Total {
+    pub drop: Drop,
+    pub count: u64,
+}
+
+pub struct Aggregator {
+    interval: Duration,
+    batches: HashMap<Key, Batch>,
+    /// Keys in order of first appearance, so summaries are stable.
+    order: Vec<Key>,
+}
+
+impl Aggregator {
+    pub fn new(interval: Duration) -> Self {
+        Self { interval, batches: HashMap::new(), order: Vec::new() }
+    }
+
+    /// Count a drop; returns a line when one is due now.
+    pub fn add(&mut self, drop: Drop, now: Instant) -> Option<Line> {
+        let key = Key::of(&drop);
+        match self.batches.get_mut(&key) {
+            None => {
+                self.order.push(key.clone());
+                self.batches.insert(
+                    key,
+                    Batch { latest: drop.clone(), pending: 0, emitted_lines: 1, last_emit: now, total: 1 },
+                );
+                Some(Line { drop, count: 1, first: true })
+            }
+            Some(batch) => {
+                batch.total += 1;
+                batch.pending += 1;
+                batch.latest = drop;
+                Self::take_if_due(batch, now, self.interval)
+            }
+        }
+    }
+
+    fn take_if_due(batch: &mut Batch, now: Instant, interval: Duration) -> Option<Line> {
+        if batch.pending == 0 || now.duration_since(batch.last_emit) < interval {
+            return None;
+        }
+        let line = Line { drop: batch.latest.clone(), count: batch.pending, first: false };
+        batch.pending = 0;
+        batch.emitted_lines += 1;
+        batch.last_emit = now;
+        Some(line)
+    }
+
+    /// Lines whose interval has passed (call on a timer).
+    pub fn due(&mut self, now: Instant) -> Vec<Line> {
+        let interval = self.interval;
+        self.order.iter().filter_map(|key| Self::take_if_due(self.batches.get_mut(key)?, now, interval)).collect()
+    }
+
+    /// Every pending count, whatever the interval (at exit).
+    pub fn drain(&mut self) -> Vec<Line> {
+        self.due(Instant::now() + self.interval)
+    }
+
+    pub fn totals(&self) -> Vec<Total> {
+        self.order
+            .iter()
+            .filter_map(|key| {
+                let batch = self.batches.get(key)?;
+                Some(Total { drop: batch.latest.clone(), count: batch.total })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        attribution::process::Role,
+        drop::{Client, ListenerView},
+        limits::Verdict,
+    };
+    use std::time::SystemTime;
+
+    fn drop_at(path: &str) -> Drop {
+        Drop {
+            time: SystemTime::now(),
+            kind: DropKind::UnixBacklog,
+            client: Client { pid: 1, comm: "nginx".into(), role: Role::NginxWorker },
+            listener: ListenerView {
+                family: "unix",
+                path: path.into(),
+                netns: Some(1),
+                pid: None,
+                comm: None,
+                role: None,
+                queue: None,
+                backlog: Some(100),
+            },
+            limit: Verdict { name: LimitName::UwsgiListen, value: Some(100), source: String::new(), fix: String::new() },
+        }
+    }
+
+    #[test]
+    fn a_storm_becomes_a_few_lines_whose_counts_add_up() {
+        let mut agg = Aggregator::new(Duration::from_millis(250));
+        let start = Instant::now();
+        let mut printed = 0;
+        let mut lines = 0;
+        // 10 000 drops over one second, on two listeners.
+        for i in 0..10_000u64 {
+            let now = start + Duration::from_micros(i * 100);
+            let path = if i % 2 == 0 { "/a" } else { "/b" };
+            if let Some(line) = agg.add(drop_at(path), now) {
+                printed += line.count;
+                lines += 1;
+            }
+            for line in agg.due(now) {
+                printed += line.count;
+                lines += 1;
+            }
+        }
+        for line in agg.drain() {
+            printed += line.count;
+            lines += 1;
+        }
+        assert_eq!(printed, 10_000);
+        assert!(lines <= 2 * 6, "{lines} lines for 1 s of storm on 2 listeners");
+        let totals = agg.totals();
+        assert_eq!(totals.iter().map(|t| t.count).collect::<Vec<_>>(), vec![5_000, 5_000]);
+        assert_eq!(totals[0].drop.listener.path, "/a");
+    }
+
+    #[test]
+    fn a_single_drop_is_shown_at_once_and_not_again() {
+        let mut agg = Aggregator::new(Duration::from_millis(250));
+        let line = agg.add(drop_at("/a"), Instant::now()).unwrap();
+        assert!(line.first);
+        assert_eq!(line.count, 1);
+        assert!(agg.drain().is_empty());
+    }
+}

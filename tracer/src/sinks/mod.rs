@@ -1,0 +1,262 @@
+//! Where drops go: the terminal (one short line each) or JSON Lines. Both
+//! write results to stdout only; diagnostics go to stderr through tracing.
+pub mod aggregate;
+
+use std::{
+    io::{self, Write},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::{
+    drop::{Client, DropKind, ListenerView},
+    limits::Verdict,
+    probes::Lost,
+};
+use aggregate::{Line, Total};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+pub struct Sink<W: Write> {
+    format: Format,
+    out: W,
+}
+
+/// `{"type":"drop",...}`: field names are the JSON contract (README).
+#[derive(Serialize)]
+struct DropLine<'a> {
+    #[serde(rename = "type")]
+    record: &'static str,
+    time: String,
+    kind: DropKind,
+    count: u64,
+    client: &'a Client,
+    listener: &'a ListenerView,
+    limit: &'a Verdict,
+}
+
+#[derive(Serialize)]
+struct TotalLine<'a> {
+    kind: DropKind,
+    listener: &'a ListenerView,
+    limit: &'a Verdict,
+    count: u64,
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// "value (source)" of a limit, as the terminal shows it.
+fn limit_label(limit: &Verdict) -> String {
+    match limit.value {
+        Some(value) => format!("{}={value} ({})", limit.name.as_str(), limit.source),
+        None => format!("{} ({})", limit.name.as_str(), limit.source),
+    }
+}
+
+fn queue_label(listener: &ListenerView) -> String {
+    let show = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
+    format!("queue {}/{}", show(listener.queue), show(listener.backlog))
+}
+
+impl<W: Write> Sink<W> {
+    pub fn new(format: Format, out: W) -> Self {
+        Self { format, out }
+    }
+
+    pub fn line(&mut self, line: &Line) -> io::Result<()> {
+        let drop = &line.drop;
+        match self.format {
+            Format::Json => {
+                let record = DropLine {
+                    record: "drop",
+                    time: rfc3339(drop.time),
+                    kind: drop.kind,
+                    count: line.count,
+                    client: &drop.client,
+                    listener: &drop.listener,
+                    limit: &drop.limit,
+                };
+                serde_json::to_writer(&mut self.out, &record)?;
+                writeln!(self.out)?;
+            }
+            Format::Human => {
+                let time = rfc3339(drop.time);
+                let clock = time.get(11..23).unwrap_or(&time);
+                let fix = if line.first { format!("; fix: {}", drop.limit.fix) } else { String::new() };
+                writeln!(
+                    self.out,
+                    "{clock} {kind} x{count} {path} {queue}, owner {owner}, refused {comm}[{pid}] {role}: {limit}{fix}",
+                    kind = drop.kind.as_str(),
+                    count = line.count,
+                    path = drop.listener.path,
+                    queue = queue_label(&drop.listener),
+                    owner = drop.listener.owner_label(),
+                    comm = drop.client.comm,
+                    pid = drop.client.pid,
+                    role = drop.client.role.as_str(),
+                    limit = limit_label(&drop.limit),
+                )?;
+            }
+        }
+        self.out.flush()
+    }
+
+    pub fn summary(&mut self, totals: &[Total], lost: Lost, elapsed: Duration) -> io::Result<()> {
+        match self.format {
+            Format::Json => {
+                let totals: Vec<TotalLine> = totals
+                    .iter()
+                    .map(|t| TotalLine { kind: t.drop.kind, listener: &t.drop.listener, limit: &t.drop.limit, count: t.count })
+                    .collect();
+                let record = json!({
+                    "type": "summary",
+                    "totals": totals,
+                    "lost": lost.total(),
+                    "lost_by_cause": {
+                        "ring_buffer_full": lost.ring_buffer_full,
+                        "pending_map_full": lost.pending_map_full,
+                    },
+                    "duration_s": elapsed.as_secs_f64(),
+                });
+                serde_json::to_writer(&mut self.out, &record)?;
+                writeln!(self.out)?;
+            }
+            Format::Human => {
+                let drops: u64 = totals.iter().map(|t| t.count).sum();
+                writeln!(
+                    self.out,
+                    "\n--- droptrace summary: {drops} drops in {:.1} s, {} lost ---",
+                    elapsed.as_secs_f64(),
+                    lost.total()
+                )?;
+                if !totals.is_empty() {
+                    writeln!(self.out, "{:>8}  {:<13} {:<28} {:<30} LIMIT", "COUNT", "KIND", "LISTENER", "OWNER")?;
+                }
+                for total in totals {
+                    let drop = &total.drop;
+                    writeln!(
+                        self.out,
+                        "{:>8}  {:<13} {:<28} {:<30} {}",
+                        total.count,
+                        drop.kind.as_str(),
+                        drop.listener.path,
+                        drop.listener.owner_label(),
+                        limit_label(&drop.limit)
+                    )?;
+                    writeln!(self.out, "{:>8}  fix: {}", "", drop.limit.fix)?;
+                }
+                if lost.total() > 0 {
+                    writeln!(
+                        self.out,
+                        "WARNING: {} drop events were lost before droptrace could read them (ring buffer full: {}, syscall table full: {}); the counts above are short by that much",
+                        lost.total(),
+                        lost.ring_buffer_full,
+                        lost.pending_map_full
+                    )?;
+                }
+            }
+        }
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        attribution::process::Role,
+        drop::Drop,
+        limits::LimitName,
+    };
+
+    fn sample() -> Drop {
+        Drop {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
+            kind: DropKind::UnixBacklog,
+            client: Client { pid: 3363, comm: "nginx".into(), role: Role::NginxWorker },
+            listener: ListenerView {
+                family: "unix",
+                path: "/run/app.sock".into(),
+                netns: Some(4026531840),
+                pid: Some(3300),
+                comm: Some("uwsgi".into()),
+                role: Some(Role::UwsgiMaster),
+                queue: Some(101),
+                backlog: Some(100),
+            },
+            limit: Verdict {
+                name: LimitName::UwsgiListen,
+                value: Some(100),
+                source: "uWSGI default (no listen option)".into(),
+                fix: "set listen".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn json_drop_lines_follow_the_contract() {
+        let mut sink = Sink::new(Format::Json, Vec::new());
+        sink.line(&Line { drop: sample(), count: 37, first: true }).unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "type": "drop",
+                "time": "2026-09-21T12:53:20.123Z",
+                "kind": "unix_backlog",
+                "count": 37,
+                "client": {"pid": 3363, "comm": "nginx", "role": "nginx-worker"},
+                "listener": {"family": "unix", "path": "/run/app.sock", "netns": 4026531840u64, "pid": 3300,
+                             "comm": "uwsgi", "role": "uwsgi-master", "queue": 101, "backlog": 100},
+                "limit": {"name": "uwsgi_listen", "value": 100, "source": "uWSGI default (no listen option)", "fix": "set listen"}
+            })
+        );
+    }
+
+    #[test]
+    fn json_summary_is_last_and_counts_lost_events() {
+        let mut sink = Sink::new(Format::Json, Vec::new());
+        let totals = vec![Total { drop: sample(), count: 1891 }];
+        sink.summary(&totals, Lost { ring_buffer_full: 3, pending_map_full: 1 }, Duration::from_secs(2)).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
+        assert_eq!(value["type"], "summary");
+        assert_eq!(value["lost"], 4);
+        assert_eq!(value["totals"][0]["count"], 1891);
+        assert_eq!(value["totals"][0]["kind"], "unix_backlog");
+        assert_eq!(value["totals"][0]["listener"]["path"], "/run/app.sock");
+        assert_eq!(value["totals"][0]["limit"]["name"], "uwsgi_listen");
+    }
+
+    #[test]
+    fn human_lines_carry_the_fix_only_the_first_time() {
+        let mut sink = Sink::new(Format::Human, Vec::new());
+        sink.line(&Line { drop: sample(), count: 1, first: true }).unwrap();
+        sink.line(&Line { drop: sample(), count: 40, first: false }).unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "12:53:20.123 unix_backlog x1 /run/app.sock queue 101/100, owner uwsgi[3300] uwsgi-master, refused nginx[3363] nginx-worker: uwsgi_listen=100 (uWSGI default (no listen option)); fix: set listen"
+        );
+        assert!(lines[1].contains(" x40 ") && !lines[1].contains("fix:"), "{}", lines[1]);
+    }
+
+    #[test]
+    fn human_summary_warns_about_lost_events() {
+        let mut sink = Sink::new(Format::Human, Vec::new());
+        sink.summary(&[Total { drop: sample(), count: 5 }], Lost { ring_buffer_full: 2, pending_map_full: 0 }, Duration::from_secs(1)).unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        assert!(text.contains("5 drops in 1.0 s, 2 lost"), "{text}");
+        assert!(text.contains("WARNING: 2 drop events were lost"), "{text}");
+    }
+}
