@@ -51,10 +51,12 @@ pub struct ConnectFailure {
     pub family: u16,
     /// Bytes of `path` that are meaningful (abstract names may hold NULs).
     pub path_len: u16,
+    /// The caller's network namespace (inode), where abstract names live.
+    pub netns: u32,
     pub comm: [u8; COMM_LEN],
     /// `sun_path` as the caller passed it: a leading NUL means abstract.
     pub path: [u8; UNIX_PATH_MAX],
-    pub _pad: [u8; 8],
+    pub _pad: [u8; 4],
 }
 
 /// A successful `listen()`: what the process asked for, and what the kernel
@@ -96,6 +98,10 @@ pub struct ListenRecord {
 pub struct KernelOffsets {
     /// task_struct.files
     pub task_files: u32,
+    /// task_struct.nsproxy
+    pub task_nsproxy: u32,
+    /// nsproxy.net_ns
+    pub nsproxy_net_ns: u32,
     /// files_struct.fdt
     pub files_fdt: u32,
     /// fdtable.fd

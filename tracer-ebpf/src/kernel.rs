@@ -8,6 +8,8 @@ use tracer_common::KernelOffsets;
 #[unsafe(no_mangle)]
 static OFFSETS: KernelOffsets = KernelOffsets {
     task_files: 0,
+    task_nsproxy: 0,
+    nsproxy_net_ns: 0,
     files_fdt: 0,
     fdtable_fd: 0,
     fdtable_max_fds: 0,
@@ -44,6 +46,16 @@ fn read_ptr(base: usize, offset: u32) -> Option<usize> {
         return None;
     }
     read::<usize>(base, offset).filter(|&p| p != 0)
+}
+
+/// The current task's network namespace inode: task->nsproxy->net_ns->ns.inum.
+#[inline(always)]
+pub fn current_netns() -> Option<u32> {
+    let off = offsets();
+    let task = unsafe { bpf_get_current_task() } as usize;
+    let nsproxy = read_ptr(task, off.task_nsproxy)?;
+    let net = read_ptr(nsproxy, off.nsproxy_net_ns)?;
+    read(net, off.net_ns_inum)
 }
 
 /// A `struct sock *` found through the current task's fd table.

@@ -16,7 +16,10 @@ use aya_ebpf::{
 };
 use tracer_common::{ConnectFailure, RecordKind, AF_UNIX, COMM_LEN, LOST_PENDING_FULL, UNIX_PATH_MAX};
 
-use crate::maps::{count_lost, emit};
+use crate::{
+    kernel::current_netns,
+    maps::{count_lost, emit},
+};
 
 const EAGAIN: i64 = 11;
 
@@ -77,9 +80,10 @@ pub fn on_exit(ctx: &TracePointContext) {
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         family: pending.family,
         path_len: pending.path_len,
+        netns: current_netns().unwrap_or(0),
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
         path: pending.path,
-        _pad: [0; 8],
+        _pad: [0; 4],
     };
     emit(&record);
 }

@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn suggestions_grow_and_stay_powers_of_two() {
         assert_eq!(suggested_backlog(1), 1024);
-        assert_eq!(suggested_backlog(511), 4096);
+        assert_eq!(suggested_backlog(511), 2048);
         assert_eq!(suggested_backlog(4096), 16384);
     }
 

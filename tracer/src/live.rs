@@ -16,7 +16,7 @@ use tracer_common::{ConnectFailure, ListenRecord, RecordKind, AF_UNIX};
 use crate::{
     attribution::{
         address::UnixAddress,
-        listeners::{Listener, Registry},
+        listeners::{Listener, Registry, Task},
         process::{self, PidFilter, Role},
     },
     cli::Args,
@@ -84,7 +84,7 @@ impl Attributor {
     fn unix_connect_refused(&mut self, record: &ConnectFailure) -> Option<Drop> {
         let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
         let address = UnixAddress::from_sun_path(raw)?;
-        let listener = self.registry.find(record.pid, &address).cloned();
+        let listener = self.registry.find(Task { pid: record.pid, tid: record.tid, netns: record.netns }, &address).cloned();
         let covered = self.filter.covers(record.pid)
             || listener.as_ref().and_then(|l| l.owner.as_ref()).is_some_and(|owner| self.filter.covers(owner.pid));
         if !covered {

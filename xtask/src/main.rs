@@ -1,1 +1,163 @@
-fn main() {}
+//! droptrace's build system: `cargo xtask build | run | test | bench`.
+//!
+//! The eBPF programs are built by Debian's rustc for bpfel-unknown-none
+//! (it ships a precompiled libcore for that target, so no nightly or
+//! build-std is needed) and linked by bpf-linker built against LLVM 22.
+//! Everything missing is installed on the first run, saying what it does.
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test droptrace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (installing the toolchain if missing).
+    BuildEbpf,
+    /// Build the eBPF object and the droptrace binary that embeds it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run droptrace as root (through sudo when not root).
+    /// Example: cargo xtask run -- --pid 4242 --json
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run every test: unit, kernel integration and end to end
+    /// (the last two need root and skip loudly without it).
+    Test {
+        /// Extra arguments for `cargo test` after `--`, e.g. a test name.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure how many refused connects per second droptrace delivers, and
+    /// what it loses (needs root).
+    Bench {
+        /// Refused connects to generate.
+        #[arg(long, default_value_t = 200_000)]
+        connects: u64,
+    },
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse().command) {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::BuildEbpf => build_ebpf().map(drop),
+        Task::Build { release } => build(release).map(drop),
+        Task::Run { release, args } => {
+            let binary = build(release)?;
+            run_as_root(&binary, &args)
+        }
+        Task::Test { args } => test(&args),
+        Task::Bench { connects } => {
+            let binary = build(true)?;
+            let status = cargo()
+                .args(["run", "--release", "--quiet", "-p", "droptrace-tests", "--bin", "bench", "--"])
+                .arg(connects.to_string())
+                .env("DROPTRACE_BIN", &binary)
+                .status()?;
+            check(status, "the benchmark")
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The cargo that runs xtask (rustup's), for the host crates.
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+pub fn check(status: std::process::ExitStatus, what: &str) -> Result<()> {
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Build tracer-ebpf; returns the object's path.
+fn build_ebpf() -> Result<PathBuf> {
+    let route = toolchain::ensure()?;
+    let dir = workspace_root().join("tracer-ebpf");
+    let status = route.cargo_build(&dir)?.status().context("cannot run cargo for the eBPF build")?;
+    check(status, "the eBPF build")?;
+    let object = dir.join("target/bpfel-unknown-none/release/tracer-ebpf");
+    if !object.exists() {
+        bail!("the eBPF build did not produce {}", object.display());
+    }
+    Ok(object)
+}
+
+/// Build droptrace with the eBPF object embedded; returns the binary's path.
+fn build(release: bool) -> Result<PathBuf> {
+    let object = build_ebpf()?;
+    let mut command = cargo();
+    command.args(["build", "-p", "tracer"]).env("DROPTRACE_EBPF_OBJECT", &object);
+    if release {
+        command.arg("--release");
+    }
+    check(command.status()?, "the droptrace build")?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("droptrace"))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn run_as_root(binary: &Path, args: &[String]) -> Result<()> {
+    let mut command = if is_root() {
+        Command::new(binary)
+    } else {
+        eprintln!("xtask: droptrace needs root; running it through sudo");
+        let mut sudo = Command::new("sudo");
+        sudo.arg("--preserve-env=RUST_LOG").arg(binary);
+        sudo
+    };
+    let status = command.args(args).status().with_context(|| format!("cannot start {}", binary.display()))?;
+    // droptrace prints its own error; pass its exit code on.
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let binary = build(false)?;
+    let object = build_ebpf()?;
+    if !is_root() {
+        eprintln!("xtask: WARNING: not root: the kernel integration and end-to-end tests will SKIP. Run `sudo -E cargo xtask test` for the full suite.");
+    }
+    // One test at a time: the kernel tests share the machine's tracepoints
+    // and the end-to-end tests load two cores fully.
+    let status = cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .env("DROPTRACE_EBPF_OBJECT", &object)
+        .env("DROPTRACE_BIN", &binary)
+        .arg("--")
+        .arg("--test-threads=1")
+        .args(args)
+        .status()?;
+    check(status, "the tests")
+}

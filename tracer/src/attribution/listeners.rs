@@ -99,7 +99,7 @@ impl Registry {
         let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
         let Some(address) = UnixAddress::from_sun_path(raw) else { return };
         let file = match &address {
-            UnixAddress::Path(path) => FileId::of(&in_process_view(record.pid, path)),
+            UnixAddress::Path(path) => FileId::of(&Task { pid: record.pid, tid: record.tid, netns: record.netns }.view_of(path)),
             UnixAddress::Abstract(_) => None,
         };
         let owner = process::inspect(record.pid);
@@ -129,10 +129,11 @@ impl Registry {
         }
     }
 
-    /// The listener behind `address` as process `client` would reach it
-    /// (relative paths from its cwd, absolute ones from its root, abstract
-    /// names in its network namespace).
-    pub fn find(&mut self, client: u32, address: &UnixAddress) -> Option<&Listener> {
+    /// The listener behind `address` as thread `client` (a tid: threads may
+    /// sit in different network namespaces) would reach it: relative paths
+    /// from its cwd, absolute ones from its root, abstract names in its
+    /// network namespace.
+    pub fn find(&mut self, client: Task, address: &UnixAddress) -> Option<&Listener> {
         let inode = match self.lookup(client, address) {
             Some(inode) => inode,
             None if self.last_rescan.is_none_or(|t| t.elapsed() >= MISS_RESCAN_INTERVAL) => {
@@ -147,16 +148,13 @@ impl Registry {
         self.listeners.get(&inode)
     }
 
-    fn lookup(&self, client: u32, address: &UnixAddress) -> Option<u64> {
+    fn lookup(&self, client: Task, address: &UnixAddress) -> Option<u64> {
         let inode = match address {
             UnixAddress::Path(path) => {
-                let file = FileId::of(&in_process_view(client, path)).or_else(|| FileId::of(path))?;
+                let file = FileId::of(&client.view_of(path)).or_else(|| FileId::of(path))?;
                 *self.by_file.get(&file)?
             }
-            UnixAddress::Abstract(name) => {
-                let netns = sock_diag::netns_inode(Path::new(&format!("/proc/{client}/ns/net")))?;
-                *self.by_abstract.get(&(netns, name.clone()))?
-            }
+            UnixAddress::Abstract(name) => *self.by_abstract.get(&(client.netns, name.clone()))?,
         };
         // A closed listener leaves a stale index entry: only trust live ones.
         self.listeners.contains_key(&inode).then_some(inode)
@@ -221,10 +219,25 @@ fn uwsgi_setting(owner: &Process) -> Option<Setting> {
     Some(uwsgi::listen_setting(owner.cmdline.get(1..).unwrap_or_default(), &cwd))
 }
 
-/// `path` as process `pid` sees it: through its root and its cwd.
-fn in_process_view(pid: u32, path: &Path) -> PathBuf {
-    let base = if path.is_absolute() { format!("/proc/{pid}/root") } else { format!("/proc/{pid}/cwd") };
-    Path::new(&base).join(path.strip_prefix("/").unwrap_or(path))
+/// A thread, as the kernel records name it.
+#[derive(Clone, Copy, Debug)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    /// Its network namespace when the record was made.
+    pub netns: u32,
+}
+
+impl Task {
+    fn proc_dir(self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/task/{}", self.pid, self.tid))
+    }
+
+    /// `path` as this thread sees it: through its root and its cwd.
+    fn view_of(self, path: &Path) -> PathBuf {
+        let base = self.proc_dir().join(if path.is_absolute() { "root" } else { "cwd" });
+        base.join(path.strip_prefix("/").unwrap_or(path))
+    }
 }
 
 #[cfg(test)]
@@ -239,8 +252,9 @@ mod tests {
 
     #[test]
     fn paths_are_seen_through_the_process_root_and_cwd() {
-        assert_eq!(in_process_view(7, Path::new("/run/a.sock")), PathBuf::from("/proc/7/root/run/a.sock"));
-        assert_eq!(in_process_view(7, Path::new("a.sock")), PathBuf::from("/proc/7/cwd/a.sock"));
+        let task = Task { pid: 7, tid: 9, netns: 1 };
+        assert_eq!(task.view_of(Path::new("/run/a.sock")), PathBuf::from("/proc/7/task/9/root/run/a.sock"));
+        assert_eq!(task.view_of(Path::new("a.sock")), PathBuf::from("/proc/7/task/9/cwd/a.sock"));
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
     let at = |path: &str| field_offset(btf, path);
     Ok(KernelOffsets {
         task_files: at("task_struct.files")?,
+        task_nsproxy: at("task_struct.nsproxy")?,
+        nsproxy_net_ns: at("nsproxy.net_ns")?,
         files_fdt: at("files_struct.fdt")?,
         fdtable_fd: at("fdtable.fd")?,
         fdtable_max_fds: at("fdtable.max_fds")?,

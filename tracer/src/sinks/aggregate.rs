@@ -98,7 +98,14 @@ impl Aggregator {
 
     /// Every pending count, whatever the interval (at exit).
     pub fn drain(&mut self) -> Vec<Line> {
-        self.due(Instant::now() + self.interval)
+        self.order
+            .iter()
+            .filter_map(|key| {
+                let batch = self.batches.get_mut(key)?;
+                let last_emit = batch.last_emit;
+                Self::take_if_due(batch, last_emit + self.interval, self.interval)
+            })
+            .collect()
     }
 
     pub fn totals(&self) -> Vec<Total> {

@@ -212,7 +212,7 @@ mod tests {
             value,
             json!({
                 "type": "drop",
-                "time": "2026-09-21T12:53:20.123Z",
+                "time": "2026-09-21T14:13:20.123Z",
                 "kind": "unix_backlog",
                 "count": 37,
                 "client": {"pid": 3363, "comm": "nginx", "role": "nginx-worker"},
@@ -246,7 +246,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "12:53:20.123 unix_backlog x1 /run/app.sock queue 101/100, owner uwsgi[3300] uwsgi-master, refused nginx[3363] nginx-worker: uwsgi_listen=100 (uWSGI default (no listen option)); fix: set listen"
+            "14:13:20.123 unix_backlog x1 /run/app.sock queue 101/100, owner uwsgi[3300] uwsgi-master, refused nginx[3363] nginx-worker: uwsgi_listen=100 (uWSGI default (no listen option)); fix: set listen"
         );
         assert!(lines[1].contains(" x40 ") && !lines[1].contains("fix:"), "{}", lines[1]);
     }

@@ -1,0 +1,69 @@
+//! `cargo xtask bench`: a storm of refused connects against a listener of
+//! backlog 1, and the cost droptrace adds to connects that succeed.
+//! Prints figures; asserts nothing about time (that is not a test's job).
+use std::{
+    os::fd::RawFd,
+    time::{Duration, Instant},
+};
+
+use droptrace_tests::{droptrace::Droptrace, unix};
+
+fn connect_accept_cycles(path: &str, listener: RawFd, cycles: usize) -> Duration {
+    let start = Instant::now();
+    for _ in 0..cycles {
+        let (queued, refused) = unix::connect_many(path, 1);
+        assert_eq!(refused, 0);
+        unsafe {
+            let accepted = libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut());
+            assert!(accepted >= 0);
+            libc::close(accepted);
+        }
+        unix::close_all(queued);
+    }
+    start.elapsed()
+}
+
+fn main() {
+    if !droptrace_tests::running_as_root("bench") {
+        std::process::exit(1);
+    }
+    let connects: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(200_000);
+    let dir = tempfile::tempdir().unwrap();
+    let storm_path = dir.path().join("storm.sock").display().to_string();
+    let roomy_path = dir.path().join("roomy.sock").display().to_string();
+    let cycles = 20_000;
+
+    // Successful connects without droptrace.
+    let roomy = unix::Listener::bind(&roomy_path, 4096);
+    let baseline = connect_accept_cycles(&roomy_path, roomy.fd, cycles);
+
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let traced = connect_accept_cycles(&roomy_path, roomy.fd, cycles);
+
+    let storm = unix::Listener::bind(&storm_path, 1);
+    let (queued, _) = unix::connect_many(&storm_path, 2);
+    let start = Instant::now();
+    let (more, refused) = unix::connect_many(&storm_path, connects);
+    let storm_time = start.elapsed();
+    assert!(more.is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    let report = tracer.stop();
+    unix::close_all(queued);
+    drop(storm);
+
+    let delivered = report.total_at(&storm_path);
+    let lost = report.lost();
+    let per_connect = |d: Duration| d.as_nanos() as f64 / cycles as f64;
+    println!("droptrace benchmark ({} cores)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!("refused connects generated   {refused} in {:.3} s ({:.0}/s)", storm_time.as_secs_f64(), refused as f64 / storm_time.as_secs_f64());
+    println!("drops delivered to userspace {delivered} ({:.0}/s over the storm)", delivered as f64 / storm_time.as_secs_f64());
+    println!("lost (counted by the kernel) {lost} ({:.4} %)", 100.0 * lost as f64 / refused.max(1) as f64);
+    println!("unaccounted                  {}", refused as i64 - delivered as i64 - lost as i64);
+    println!(
+        "successful connect+accept    {:.0} ns without droptrace, {:.0} ns with it ({:+.1} %)",
+        per_connect(baseline),
+        per_connect(traced),
+        100.0 * (per_connect(traced) / per_connect(baseline) - 1.0)
+    );
+}

@@ -1,0 +1,122 @@
+//! Running droptrace as a child process and collecting its JSON Lines.
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+/// The binary `cargo xtask test` built (with its eBPF object embedded).
+pub fn binary() -> PathBuf {
+    match std::env::var_os("DROPTRACE_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/droptrace"),
+    }
+}
+
+pub struct Droptrace {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// What droptrace printed: its drop lines and its closing summary.
+#[derive(Debug)]
+pub struct Report {
+    pub drops: Vec<Value>,
+    pub summary: Value,
+    pub stderr: String,
+}
+
+impl Droptrace {
+    /// Start `droptrace --json ARGS` and wait until its probes are attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {} (build it with `cargo xtask build`): {err}", binary().display()));
+        let (tx, stderr) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match stderr.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.contains("watching") => break,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("droptrace did not start within 30 s; it said:\n{}", seen.join("\n")),
+            }
+        }
+        Self { child, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Ctrl-C, then parse everything it printed.
+    pub fn stop(mut self) -> Report {
+        crate::signal(self.child.id(), libc::SIGINT);
+        let mut stdout = String::new();
+        self.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        let status = self.child.wait().unwrap();
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        let stderr = stderr.join("\n");
+        assert!(status.success(), "droptrace exited with {status}; stderr:\n{stderr}");
+        let records: Vec<Value> = stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")))
+            .collect();
+        let (summary, drops) = records.split_last().expect("droptrace printed nothing, not even its summary");
+        assert_eq!(summary["type"], "summary", "the last line must be the summary: {summary}");
+        for drop in drops {
+            assert_eq!(drop["type"], "drop", "{drop}");
+        }
+        Report { drops: drops.to_vec(), summary: summary.clone(), stderr }
+    }
+}
+
+impl Drop for Droptrace {
+    fn drop(&mut self) {
+        // A test that panicked before stop() still leaves no tracer behind.
+        if let Ok(None) = self.child.try_wait() {
+            crate::signal(self.child.id(), libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Report {
+    /// Drop lines about the listener at `path`.
+    pub fn drops_at(&self, path: &str) -> Vec<&Value> {
+        self.drops.iter().filter(|d| d["listener"]["path"] == path).collect()
+    }
+
+    /// Sum of the `count` of the drop lines about `path`.
+    pub fn count_at(&self, path: &str) -> u64 {
+        self.drops_at(path).iter().map(|d| d["count"].as_u64().unwrap()).sum()
+    }
+
+    /// The summary's total for `path`.
+    pub fn total_at(&self, path: &str) -> u64 {
+        self.summary["totals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["listener"]["path"] == path)
+            .map(|t| t["count"].as_u64().unwrap())
+            .sum()
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.summary["lost"].as_u64().unwrap()
+    }
+}

@@ -1,0 +1,142 @@
+//! Real nginx in front of real uWSGI (Debian's packages), each with its own
+//! config and files in a temp dir, stopped by PID when dropped.
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// A WSGI app slow enough (100 ms) for a burst to fill uWSGI's queue.
+const APP: &str = "import time\n\ndef application(env, start_response):\n    time.sleep(0.1)\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [b'ok\\n']\n";
+
+/// True when nginx and uWSGI are installed; in CI their absence fails.
+pub fn available(test: &str) -> bool {
+    let found = ["/usr/sbin/nginx", "/usr/bin/uwsgi", "/usr/lib/uwsgi/plugins/python3_plugin.so"]
+        .iter()
+        .all(|p| Path::new(p).exists());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "{test}: nginx/uwsgi/uwsgi-plugin-python3 missing in CI: .ci/run must install them");
+        eprintln!("\n*** SKIPPED {test}: install nginx uwsgi uwsgi-plugin-python3 (apt-get install) ***\n");
+    }
+    found
+}
+
+pub struct StackConfig<'a> {
+    pub netns: Option<&'a Netns>,
+    /// uWSGI `--listen`; None leaves uWSGI's default (100).
+    pub uwsgi_listen: Option<u32>,
+    pub port: u16,
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub port: u16,
+    pub uwsgi: Child,
+    pub nginx: Child,
+}
+
+fn command_in(netns: Option<&Netns>, program: &str) -> Command {
+    match netns {
+        Some(netns) => netns.command(program),
+        None => Command::new(program),
+    }
+}
+
+fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < deadline, "{what} not ready after {deadline:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Stack {
+    pub fn start(config: StackConfig) -> Self {
+        let dir = tempfile::Builder::new().prefix("droptrace-e2e-").tempdir().unwrap();
+        // nginx workers run as nobody: they must reach the socket.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let d = dir.path();
+        let socket = d.join("app.sock");
+        fs::write(d.join("app.py"), APP).unwrap();
+
+        let mut uwsgi = command_in(config.netns, "uwsgi");
+        uwsgi
+            .args(["--plugin", "python3", "--master", "--processes", "2", "--die-on-term", "--chmod-socket=666"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--wsgi-file")
+            .arg(d.join("app.py"))
+            .arg("--logto")
+            .arg(d.join("uwsgi.log"));
+        if let Some(listen) = config.uwsgi_listen {
+            uwsgi.args(["--listen", &listen.to_string()]);
+        }
+        let uwsgi = uwsgi.stdin(Stdio::null()).spawn().expect("cannot start uwsgi");
+        wait_for("uWSGI's socket", Duration::from_secs(20), || socket.exists());
+
+        let conf = format!(
+            "daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 16384;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n\
+             client_body_temp_path {d}/client_body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n\
+             location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass unix:{sock}; }}\n  }}\n}}\n",
+            d = d.display(),
+            port = config.port,
+            sock = socket.display()
+        );
+        fs::write(d.join("nginx.conf"), conf).unwrap();
+        let nginx = command_in(config.netns, "nginx")
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-e")
+            .arg(d.join("error.log"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("cannot start nginx");
+        let pid_file = d.join("nginx.pid");
+        wait_for("nginx", Duration::from_secs(20), || pid_file.exists());
+        Self { dir, socket, port: config.port, uwsgi, nginx }
+    }
+
+    pub fn error_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// Lines of nginx's error log that contain `needle`.
+    pub fn error_lines_with(&self, needle: &str) -> usize {
+        self.error_log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    pub fn socket_path(&self) -> String {
+        self.socket.display().to_string()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for child in [&mut self.nginx, &mut self.uwsgi] {
+            crate::signal(child.id(), libc::SIGTERM);
+        }
+        for child in [&mut self.nginx, &mut self.uwsgi] {
+            let start = Instant::now();
+            while matches!(child.try_wait(), Ok(None)) {
+                if start.elapsed() > Duration::from_secs(10) {
+                    crate::signal(child.id(), libc::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -1,0 +1,135 @@
+//! Kernel integration: real UNIX listeners with tiny backlogs that never
+//! accept, real non-blocking connects, and droptrace must report exactly the
+//! refused ones, with the listener's path, owner, queue and backlog.
+use droptrace_tests::{droptrace::Droptrace, netns::Netns, running_as_root, unix};
+
+/// Refuse `extra` connects to a listener of `backlog` at `name`, return what
+/// droptrace reported about it.
+fn refuse(name: &str, backlog: i32, extra: usize) -> (usize, droptrace_tests::droptrace::Report) {
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let listener = unix::Listener::bind(name, backlog);
+    // The queue takes backlog + 1 (unix_recvq_full: queue > backlog).
+    let (queued, refused) = unix::connect_many(name, backlog as usize + 1 + extra);
+    assert_eq!(queued.len(), backlog as usize + 1, "the kernel queued an unexpected number of connects");
+    let report = tracer.stop();
+    unix::close_all(queued);
+    drop(listener);
+    (refused, report)
+}
+
+fn assert_attributed(name: &str, backlog: u64, refused: usize, report: &droptrace_tests::droptrace::Report) {
+    let me = u64::from(std::process::id());
+    assert!(refused > 0);
+    assert_eq!(report.count_at(name), refused as u64, "drop lines for {name}: {:#?}", report.drops);
+    assert_eq!(report.total_at(name), refused as u64, "summary: {}", report.summary);
+    assert_eq!(report.lost(), 0);
+    for drop in report.drops_at(name) {
+        assert_eq!(drop["kind"], "unix_backlog");
+        assert_eq!(drop["client"]["pid"], me);
+        assert_eq!(drop["listener"]["family"], "unix");
+        assert_eq!(drop["listener"]["pid"], me, "owner: {drop}");
+        assert_eq!(drop["listener"]["backlog"], backlog, "{drop}");
+        assert_eq!(drop["listener"]["queue"], backlog + 1, "{drop}");
+        assert_eq!(drop["listener"]["role"], "other");
+        assert_eq!(drop["limit"]["name"], "app_backlog", "{drop}");
+        assert_eq!(drop["limit"]["value"], backlog);
+        assert_eq!(drop["limit"]["source"], format!("{}[{me}] called listen(fd, {backlog})", drop["listener"]["comm"].as_str().unwrap()));
+        assert!(drop["limit"]["fix"].as_str().unwrap().contains("raise the backlog"), "{drop}");
+    }
+}
+
+#[test]
+fn refused_connects_to_a_path_socket_are_each_reported() {
+    if !running_as_root("refused_connects_to_a_path_socket_are_each_reported") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backlog1.sock").display().to_string();
+    let (refused, report) = refuse(&path, 1, 9);
+    assert_eq!(refused, 9);
+    assert_attributed(&path, 1, refused, &report);
+}
+
+#[test]
+fn refused_connects_to_an_abstract_socket_are_each_reported() {
+    if !running_as_root("refused_connects_to_an_abstract_socket_are_each_reported") {
+        return;
+    }
+    let name = format!("@droptrace-test-{}", std::process::id());
+    let (refused, report) = refuse(&name, 1, 5);
+    assert_eq!(refused, 5);
+    assert_attributed(&name, 1, refused, &report);
+}
+
+/// The backlog droptrace reports is read from the kernel's socket through
+/// BTF-resolved offsets: listen(7) must read back as 7.
+#[test]
+fn the_backlog_read_from_the_kernel_is_the_one_listen_set() {
+    if !running_as_root("the_backlog_read_from_the_kernel_is_the_one_listen_set") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backlog7.sock").display().to_string();
+    let (refused, report) = refuse(&path, 7, 3);
+    assert_eq!(refused, 3);
+    assert_attributed(&path, 7, refused, &report);
+}
+
+/// Connects that succeed are not reported at all.
+#[test]
+fn successful_connects_are_not_reported() {
+    if !running_as_root("successful_connects_are_not_reported") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("roomy.sock").display().to_string();
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let listener = unix::Listener::bind(&path, 64);
+    let (queued, refused) = unix::connect_many(&path, 20);
+    let report = tracer.stop();
+    assert_eq!((queued.len(), refused), (20, 0));
+    assert!(report.drops.is_empty(), "{:#?}", report.drops);
+    assert_eq!(report.summary["totals"].as_array().unwrap().len(), 0);
+    unix::close_all(queued);
+    drop(listener);
+}
+
+/// In a namespace whose somaxconn is below the requested backlog, the
+/// kernel clamps it and droptrace blames somaxconn, with the namespace's value.
+#[test]
+fn a_backlog_clamped_by_somaxconn_blames_somaxconn() {
+    if !running_as_root("a_backlog_clamped_by_somaxconn_blames_somaxconn") {
+        return;
+    }
+    let netns = Netns::create("clamp", &[("net.core.somaxconn", "4")]);
+    let name = format!("@droptrace-clamp-{}", std::process::id());
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    // Abstract names live per namespace: bind and connect from inside it.
+    let (refused, queued) = std::thread::scope(|s| {
+        s.spawn(|| {
+            netns.enter_on_this_thread();
+            let listener = unix::Listener::bind(&name, 64);
+            let (queued, refused) = unix::connect_many(&name, 10);
+            std::mem::forget(listener);
+            (refused, queued)
+        })
+        .join()
+        .unwrap()
+    });
+    let report = tracer.stop();
+    assert_eq!(queued.len(), 5, "somaxconn 4 queues 5");
+    assert_eq!(refused, 5);
+    assert_eq!(report.count_at(&name), 5, "{:#?}", report.drops);
+    for drop in report.drops_at(&name) {
+        assert_eq!(drop["listener"]["netns"], netns.inode(), "{drop}");
+        assert_eq!(drop["listener"]["backlog"], 4);
+        assert_eq!(drop["limit"]["name"], "somaxconn", "{drop}");
+        assert_eq!(drop["limit"]["value"], 4);
+        assert!(drop["limit"]["source"].as_str().unwrap().contains("asked listen(64), the kernel clamped it to 4"), "{drop}");
+        assert!(drop["limit"]["fix"].as_str().unwrap().starts_with("sysctl -w net.core.somaxconn=64"), "{drop}");
+    }
+    unix::close_all(queued);
+}
