@@ -11,9 +11,15 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("tracer-ebpf.o");
     match env::var_os("DROPTRACE_EBPF_OBJECT") {
         Some(object) => {
-            println!("cargo:rerun-if-changed={}", PathBuf::from(&object).display());
+            println!(
+                "cargo:rerun-if-changed={}",
+                PathBuf::from(&object).display()
+            );
             fs::copy(&object, &out).unwrap_or_else(|err| {
-                panic!("cannot copy the eBPF object {}: {err}", PathBuf::from(&object).display())
+                panic!(
+                    "cannot copy the eBPF object {}: {err}",
+                    PathBuf::from(&object).display()
+                )
             });
         }
         None => {

@@ -39,7 +39,12 @@ impl Droptrace {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {} (build it with `cargo xtask build`): {err}", binary().display()));
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start {} (build it with `cargo xtask build`): {err}",
+                    binary().display()
+                )
+            });
         let (tx, stderr) = mpsc::channel();
         let pipe = child.stderr.take().unwrap();
         std::thread::spawn(move || {
@@ -52,7 +57,10 @@ impl Droptrace {
             match stderr.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) if line.contains("watching") => break,
                 Ok(line) => seen.push(line),
-                Err(_) => panic!("droptrace did not start within 30 s; it said:\n{}", seen.join("\n")),
+                Err(_) => panic!(
+                    "droptrace did not start within 30 s; it said:\n{}",
+                    seen.join("\n")
+                ),
             }
         }
         Self { child, stderr }
@@ -66,21 +74,40 @@ impl Droptrace {
     pub fn stop(mut self) -> Report {
         crate::signal(self.child.id(), libc::SIGINT);
         let mut stdout = String::new();
-        self.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
         let status = self.child.wait().unwrap();
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         let stderr = stderr.join("\n");
-        assert!(status.success(), "droptrace exited with {status}; stderr:\n{stderr}");
+        assert!(
+            status.success(),
+            "droptrace exited with {status}; stderr:\n{stderr}"
+        );
         let records: Vec<Value> = stdout
             .lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")))
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+            })
             .collect();
-        let (summary, drops) = records.split_last().expect("droptrace printed nothing, not even its summary");
-        assert_eq!(summary["type"], "summary", "the last line must be the summary: {summary}");
+        let (summary, drops) = records
+            .split_last()
+            .expect("droptrace printed nothing, not even its summary");
+        assert_eq!(
+            summary["type"], "summary",
+            "the last line must be the summary: {summary}"
+        );
         for drop in drops {
             assert_eq!(drop["type"], "drop", "{drop}");
         }
-        Report { drops: drops.to_vec(), summary: summary.clone(), stderr }
+        Report {
+            drops: drops.to_vec(),
+            summary: summary.clone(),
+            stderr,
+        }
     }
 }
 
@@ -97,12 +124,18 @@ impl Drop for Droptrace {
 impl Report {
     /// Drop lines about the listener at `path`.
     pub fn drops_at(&self, path: &str) -> Vec<&Value> {
-        self.drops.iter().filter(|d| d["listener"]["path"] == path).collect()
+        self.drops
+            .iter()
+            .filter(|d| d["listener"]["path"] == path)
+            .collect()
     }
 
     /// Sum of the `count` of the drop lines about `path`.
     pub fn count_at(&self, path: &str) -> u64 {
-        self.drops_at(path).iter().map(|d| d["count"].as_u64().unwrap()).sum()
+        self.drops_at(path)
+            .iter()
+            .map(|d| d["count"].as_u64().unwrap())
+            .sum()
     }
 
     /// The summary's total for `path`.

@@ -24,7 +24,10 @@ impl Outcomes {
 
 async fn one(addr: SocketAddr) -> Option<u16> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
-    stream.write_all(b"GET / HTTP/1.0\r\nHost: droptrace-test\r\n\r\n").await.ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: droptrace-test\r\n\r\n")
+        .await
+        .ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
     let status_line = String::from_utf8_lossy(&response[..response.len().min(32)]).into_owned();
@@ -44,7 +47,13 @@ async fn wait_listening(addr: SocketAddr) {
 
 /// `total` GETs to `addr`, `concurrency` at a time, each bounded by
 /// `per_request`; run from inside `netns` when given.
-pub fn burst(addr: SocketAddr, concurrency: usize, total: usize, per_request: Duration, netns: Option<&Netns>) -> Outcomes {
+pub fn burst(
+    addr: SocketAddr,
+    concurrency: usize,
+    total: usize,
+    per_request: Duration,
+    netns: Option<&Netns>,
+) -> Outcomes {
     raise_nofile_limit();
     std::thread::scope(|scope| {
         scope
@@ -52,7 +61,10 @@ pub fn burst(addr: SocketAddr, concurrency: usize, total: usize, per_request: Du
                 if let Some(netns) = netns {
                     netns.enter_on_this_thread();
                 }
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 runtime.block_on(async {
                     wait_listening(addr).await;
                     let permits = Arc::new(Semaphore::new(concurrency));
@@ -60,7 +72,10 @@ pub fn burst(addr: SocketAddr, concurrency: usize, total: usize, per_request: Du
                     for _ in 0..total {
                         let permit = permits.clone().acquire_owned().await.unwrap();
                         tasks.push(tokio::spawn(async move {
-                            let outcome = tokio::time::timeout(per_request, one(addr)).await.ok().flatten();
+                            let outcome = tokio::time::timeout(per_request, one(addr))
+                                .await
+                                .ok()
+                                .flatten();
                             drop(permit);
                             outcome
                         }));

@@ -6,7 +6,10 @@ pub struct Netns {
 }
 
 fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("cannot run ip (install iproute2)");
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("cannot run ip (install iproute2)");
     assert!(status.success(), "ip {} failed", args.join(" "));
 }
 
@@ -19,7 +22,11 @@ impl Netns {
         let netns = Self { name };
         ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
         for (key, value) in sysctls {
-            let status = netns.command("sysctl").args(["-q", "-w", &format!("{key}={value}")]).status().unwrap();
+            let status = netns
+                .command("sysctl")
+                .args(["-q", "-w", &format!("{key}={value}")])
+                .status()
+                .unwrap();
             assert!(status.success(), "sysctl {key}={value} in {}", netns.name);
         }
         netns
@@ -36,7 +43,9 @@ impl Netns {
     /// The namespace's inode, as droptrace reports it.
     pub fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("/run/netns/{}", self.name)).unwrap().ino()
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .unwrap()
+            .ino()
     }
 
     /// Move the calling thread into the namespace (sockets it creates from
@@ -51,6 +60,8 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

@@ -15,11 +15,18 @@ const APP: &str = "import time\n\ndef application(env, start_response):\n    tim
 
 /// True when nginx and uWSGI are installed; in CI their absence fails.
 pub fn available(test: &str) -> bool {
-    let found = ["/usr/sbin/nginx", "/usr/bin/uwsgi", "/usr/lib/uwsgi/plugins/python3_plugin.so"]
-        .iter()
-        .all(|p| Path::new(p).exists());
+    let found = [
+        "/usr/sbin/nginx",
+        "/usr/bin/uwsgi",
+        "/usr/lib/uwsgi/plugins/python3_plugin.so",
+    ]
+    .iter()
+    .all(|p| Path::new(p).exists());
     if !found {
-        assert!(std::env::var_os("CI").is_none(), "{test}: nginx/uwsgi/uwsgi-plugin-python3 missing in CI: .ci/run must install them");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: nginx/uwsgi/uwsgi-plugin-python3 missing in CI: .ci/run must install them"
+        );
         eprintln!("\n*** SKIPPED {test}: install nginx uwsgi uwsgi-plugin-python3 (apt-get install) ***\n");
     }
     found
@@ -50,14 +57,20 @@ fn command_in(netns: Option<&Netns>, program: &str) -> Command {
 fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
-        assert!(start.elapsed() < deadline, "{what} not ready after {deadline:?}");
+        assert!(
+            start.elapsed() < deadline,
+            "{what} not ready after {deadline:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 impl Stack {
     pub fn start(config: StackConfig) -> Self {
-        let dir = tempfile::Builder::new().prefix("droptrace-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("droptrace-e2e-")
+            .tempdir()
+            .unwrap();
         // nginx workers run as nobody: they must reach the socket.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let d = dir.path();
@@ -66,7 +79,15 @@ impl Stack {
 
         let mut uwsgi = command_in(config.netns, "uwsgi");
         uwsgi
-            .args(["--plugin", "python3", "--master", "--processes", "2", "--die-on-term", "--chmod-socket=666"])
+            .args([
+                "--plugin",
+                "python3",
+                "--master",
+                "--processes",
+                "2",
+                "--die-on-term",
+                "--chmod-socket=666",
+            ])
             .arg("--socket")
             .arg(&socket)
             .arg("--wsgi-file")
@@ -76,8 +97,13 @@ impl Stack {
         if let Some(listen) = config.uwsgi_listen {
             uwsgi.args(["--listen", &listen.to_string()]);
         }
-        let uwsgi = uwsgi.stdin(Stdio::null()).spawn().expect("cannot start uwsgi");
-        wait_for("uWSGI's socket", Duration::from_secs(20), || socket.exists());
+        let uwsgi = uwsgi
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("cannot start uwsgi");
+        wait_for("uWSGI's socket", Duration::from_secs(20), || {
+            socket.exists()
+        });
 
         let conf = format!(
             "daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 16384;\npid {d}/nginx.pid;\n\
@@ -102,7 +128,13 @@ impl Stack {
             .expect("cannot start nginx");
         let pid_file = d.join("nginx.pid");
         wait_for("nginx", Duration::from_secs(20), || pid_file.exists());
-        Self { dir, socket, port: config.port, uwsgi, nginx }
+        Self {
+            dir,
+            socket,
+            port: config.port,
+            uwsgi,
+            nginx,
+        }
     }
 
     pub fn error_log(&self) -> String {
@@ -111,7 +143,10 @@ impl Stack {
 
     /// Lines of nginx's error log that contain `needle`.
     pub fn error_lines_with(&self, needle: &str) -> usize {
-        self.error_log().lines().filter(|l| l.contains(needle)).count()
+        self.error_log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     pub fn socket_path(&self) -> String {
@@ -138,5 +173,9 @@ impl Drop for Stack {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -32,7 +32,12 @@ impl Listener {
             assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
             let rc = libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len);
             assert_eq!(rc, 0, "bind {name}: {}", std::io::Error::last_os_error());
-            assert_eq!(libc::listen(fd, backlog), 0, "listen: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                libc::listen(fd, backlog),
+                0,
+                "listen: {}",
+                std::io::Error::last_os_error()
+            );
             Self { fd }
         }
     }
@@ -53,13 +58,21 @@ pub fn connect_many(name: &str, n: usize) -> (Vec<RawFd>, usize) {
     let mut refused = 0;
     for _ in 0..n {
         unsafe {
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+            let fd = libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
             assert!(fd >= 0);
             if libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) == 0 {
                 queued.push(fd);
             } else {
                 let err = std::io::Error::last_os_error();
-                assert_eq!(err.raw_os_error(), Some(libc::EAGAIN), "unexpected connect error: {err}");
+                assert_eq!(
+                    err.raw_os_error(),
+                    Some(libc::EAGAIN),
+                    "unexpected connect error: {err}"
+                );
                 refused += 1;
                 libc::close(fd);
             }

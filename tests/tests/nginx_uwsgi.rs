@@ -21,13 +21,34 @@ const EAGAIN_LINE: &str = "(11: Resource temporarily unavailable) while connecti
 fn assert_matches_nginx(stack: &Stack, report: &Report, outcomes: &http::Outcomes, listen: u64) {
     let socket = stack.socket_path();
     let logged = stack.error_lines_with(EAGAIN_LINE) as u64;
-    eprintln!("outcomes {outcomes:?}; nginx logged {logged} EAGAIN connects; droptrace counted {}", report.count_at(&socket));
-    assert!(logged > 0, "the burst refused nothing, so it proves nothing: {outcomes:?}\n{}", stack.error_log());
-    assert_eq!(outcomes.count(502) as u64, logged, "every EAGAIN is one 502");
+    eprintln!(
+        "outcomes {outcomes:?}; nginx logged {logged} EAGAIN connects; droptrace counted {}",
+        report.count_at(&socket)
+    );
+    assert!(
+        logged > 0,
+        "the burst refused nothing, so it proves nothing: {outcomes:?}\n{}",
+        stack.error_log()
+    );
+    assert_eq!(
+        outcomes.count(502) as u64,
+        logged,
+        "every EAGAIN is one 502"
+    );
     // nginx logs each refusal when connect() returns; droptrace ran from
     // before the first request to after the last response: no window skew.
-    assert_eq!(report.count_at(&socket), logged, "drop lines: {:#?}", report.drops_at(&socket));
-    assert_eq!(report.total_at(&socket), logged, "summary: {}", report.summary);
+    assert_eq!(
+        report.count_at(&socket),
+        logged,
+        "drop lines: {:#?}",
+        report.drops_at(&socket)
+    );
+    assert_eq!(
+        report.total_at(&socket),
+        logged,
+        "summary: {}",
+        report.summary
+    );
     assert_eq!(report.lost(), 0);
     for drop in report.drops_at(&socket) {
         assert_eq!(drop["kind"], "unix_backlog");
@@ -35,7 +56,11 @@ fn assert_matches_nginx(stack: &Stack, report: &Report, outcomes: &http::Outcome
         assert_eq!(drop["client"]["comm"], "nginx");
         let owner_role = drop["listener"]["role"].as_str().unwrap();
         assert!(owner_role.starts_with("uwsgi-"), "{drop}");
-        assert_eq!(drop["listener"]["pid"], stack.uwsgi.id(), "the uWSGI master owns the socket: {drop}");
+        assert_eq!(
+            drop["listener"]["pid"],
+            stack.uwsgi.id(),
+            "the uWSGI master owns the socket: {drop}"
+        );
         assert_eq!(drop["listener"]["backlog"], listen);
         assert_eq!(drop["limit"]["name"], "uwsgi_listen", "{drop}");
         assert_eq!(drop["limit"]["value"], listen);
@@ -49,7 +74,11 @@ fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
         return;
     }
     let port = stack::free_port();
-    let stack = Stack::start(StackConfig { netns: None, uwsgi_listen: None, port });
+    let stack = Stack::start(StackConfig {
+        netns: None,
+        uwsgi_listen: None,
+        port,
+    });
     // Started after the servers: the listener comes from the socket table
     // and its listen setting from uWSGI's command line.
     let (nginx_pid, uwsgi_pid) = (stack.nginx.id().to_string(), stack.uwsgi.id().to_string());
@@ -60,7 +89,13 @@ fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
     assert_matches_nginx(&stack, &report, &outcomes, 100);
     let drop = report.drops_at(&stack.socket_path())[0];
     assert_eq!(drop["limit"]["source"], "uWSGI default (no listen option)");
-    assert!(drop["limit"]["fix"].as_str().unwrap().starts_with("uWSGI listen=100 (default): set \"listen = 1024\" in the uWSGI ini"), "{drop}");
+    assert!(
+        drop["limit"]["fix"]
+            .as_str()
+            .unwrap()
+            .starts_with("uWSGI listen=100 (default): set \"listen = 1024\" in the uWSGI ini"),
+        "{drop}"
+    );
 }
 
 #[test]
@@ -72,13 +107,26 @@ fn in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_with_its_ceiling() {
     let netns = Netns::create("e2e", &[("net.core.somaxconn", "64")]);
     // Started before the servers: the listener comes from uWSGI's listen().
     let tracer = Droptrace::start(&[]);
-    let stack = Stack::start(StackConfig { netns: Some(&netns), uwsgi_listen: Some(64), port: 18080 });
+    let stack = Stack::start(StackConfig {
+        netns: Some(&netns),
+        uwsgi_listen: Some(64),
+        port: 18080,
+    });
     let addr: SocketAddr = "127.0.0.1:18080".parse().unwrap();
     let outcomes = http::burst(addr, CONCURRENCY, REQUESTS, PER_REQUEST, Some(&netns));
     let report = tracer.stop();
     assert_matches_nginx(&stack, &report, &outcomes, 64);
     let drop = report.drops_at(&stack.socket_path())[0];
     assert_eq!(drop["listener"]["netns"], netns.inode());
-    assert_eq!(drop["limit"]["source"], "--listen 64 on the uWSGI command line");
-    assert!(drop["limit"]["fix"].as_str().unwrap().contains("first raise net.core.somaxconn to 1024 (now 64"), "{drop}");
+    assert_eq!(
+        drop["limit"]["source"],
+        "--listen 64 on the uWSGI command line"
+    );
+    assert!(
+        drop["limit"]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("first raise net.core.somaxconn to 1024 (now 64"),
+        "{drop}"
+    );
 }

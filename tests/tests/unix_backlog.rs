@@ -11,18 +11,37 @@ fn refuse(name: &str, backlog: i32, extra: usize) -> (usize, droptrace_tests::dr
     let listener = unix::Listener::bind(name, backlog);
     // The queue takes backlog + 1 (unix_recvq_full: queue > backlog).
     let (queued, refused) = unix::connect_many(name, backlog as usize + 1 + extra);
-    assert_eq!(queued.len(), backlog as usize + 1, "the kernel queued an unexpected number of connects");
+    assert_eq!(
+        queued.len(),
+        backlog as usize + 1,
+        "the kernel queued an unexpected number of connects"
+    );
     let report = tracer.stop();
     unix::close_all(queued);
     drop(listener);
     (refused, report)
 }
 
-fn assert_attributed(name: &str, backlog: u64, refused: usize, report: &droptrace_tests::droptrace::Report) {
+fn assert_attributed(
+    name: &str,
+    backlog: u64,
+    refused: usize,
+    report: &droptrace_tests::droptrace::Report,
+) {
     let me = u64::from(std::process::id());
     assert!(refused > 0);
-    assert_eq!(report.count_at(name), refused as u64, "drop lines for {name}: {:#?}", report.drops);
-    assert_eq!(report.total_at(name), refused as u64, "summary: {}", report.summary);
+    assert_eq!(
+        report.count_at(name),
+        refused as u64,
+        "drop lines for {name}: {:#?}",
+        report.drops
+    );
+    assert_eq!(
+        report.total_at(name),
+        refused as u64,
+        "summary: {}",
+        report.summary
+    );
     assert_eq!(report.lost(), 0);
     for drop in report.drops_at(name) {
         assert_eq!(drop["kind"], "unix_backlog");
@@ -34,8 +53,20 @@ fn assert_attributed(name: &str, backlog: u64, refused: usize, report: &droptrac
         assert_eq!(drop["listener"]["role"], "other");
         assert_eq!(drop["limit"]["name"], "app_backlog", "{drop}");
         assert_eq!(drop["limit"]["value"], backlog);
-        assert_eq!(drop["limit"]["source"], format!("{}[{me}] called listen(fd, {backlog})", drop["listener"]["comm"].as_str().unwrap()));
-        assert!(drop["limit"]["fix"].as_str().unwrap().contains("raise the backlog"), "{drop}");
+        assert_eq!(
+            drop["limit"]["source"],
+            format!(
+                "{}[{me}] called listen(fd, {backlog})",
+                drop["listener"]["comm"].as_str().unwrap()
+            )
+        );
+        assert!(
+            drop["limit"]["fix"]
+                .as_str()
+                .unwrap()
+                .contains("raise the backlog"),
+            "{drop}"
+        );
     }
 }
 
@@ -74,6 +105,30 @@ fn the_backlog_read_from_the_kernel_is_the_one_listen_set() {
     let (refused, report) = refuse(&path, 7, 3);
     assert_eq!(refused, 3);
     assert_attributed(&path, 7, refused, &report);
+}
+
+/// --pid watches that process tree only: drops between strangers are not shown.
+#[test]
+fn drops_outside_the_watched_processes_are_not_reported() {
+    if !running_as_root("drops_outside_the_watched_processes_are_not_reported") {
+        return;
+    }
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let tracer = Droptrace::start(&["--pid", &stranger.id().to_string()]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("unwatched.sock").display().to_string();
+    let listener = unix::Listener::bind(&path, 1);
+    let (queued, refused) = unix::connect_many(&path, 6);
+    let report = tracer.stop();
+    droptrace_tests::signal(stranger.id(), libc::SIGKILL);
+    stranger.wait().unwrap();
+    assert_eq!(refused, 4);
+    assert!(report.drops.is_empty(), "{:#?}", report.drops);
+    unix::close_all(queued);
+    drop(listener);
 }
 
 /// Connects that succeed are not reported at all.
@@ -128,8 +183,20 @@ fn a_backlog_clamped_by_somaxconn_blames_somaxconn() {
         assert_eq!(drop["listener"]["backlog"], 4);
         assert_eq!(drop["limit"]["name"], "somaxconn", "{drop}");
         assert_eq!(drop["limit"]["value"], 4);
-        assert!(drop["limit"]["source"].as_str().unwrap().contains("asked listen(64), the kernel clamped it to 4"), "{drop}");
-        assert!(drop["limit"]["fix"].as_str().unwrap().starts_with("sysctl -w net.core.somaxconn=64"), "{drop}");
+        assert!(
+            drop["limit"]["source"]
+                .as_str()
+                .unwrap()
+                .contains("asked listen(64), the kernel clamped it to 4"),
+            "{drop}"
+        );
+        assert!(
+            drop["limit"]["fix"]
+                .as_str()
+                .unwrap()
+                .starts_with("sysctl -w net.core.somaxconn=64"),
+            "{drop}"
+        );
     }
     unix::close_all(queued);
 }

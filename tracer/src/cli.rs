@@ -51,7 +51,17 @@ mod tests {
 
     #[test]
     fn several_pids_json_and_duration() {
-        let args = Args::try_parse_from(["droptrace", "--pid", "1", "--pid", "2", "--json", "--duration", "5"]).unwrap();
+        let args = Args::try_parse_from([
+            "droptrace",
+            "--pid",
+            "1",
+            "--pid",
+            "2",
+            "--json",
+            "--duration",
+            "5",
+        ])
+        .unwrap();
         assert_eq!(args.pids, vec![1, 2]);
         assert!(args.json);
         assert_eq!(args.duration, Some(5));
@@ -59,7 +69,11 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_refused_with_a_message() {
-        for bad in [&["droptrace", "--pid", "nginx"][..], &["droptrace", "--duration", "0"], &["droptrace", "--bogus"]] {
+        for bad in [
+            &["droptrace", "--pid", "nginx"][..],
+            &["droptrace", "--duration", "0"],
+            &["droptrace", "--bogus"],
+        ] {
             let err = Args::try_parse_from(bad).unwrap_err();
             assert!(err.to_string().starts_with("error:"), "{bad:?}: {err}");
         }

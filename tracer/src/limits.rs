@@ -80,7 +80,8 @@ fn somaxconn_clause(target: u32, somaxconn: Option<u32>) -> String {
 
 pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
     let effective = facts.effective;
-    let clamped_by_somaxconn = facts.somaxconn == Some(effective) && facts.requested.is_some_and(|r| r > effective);
+    let clamped_by_somaxconn =
+        facts.somaxconn == Some(effective) && facts.requested.is_some_and(|r| r > effective);
     // uWSGI is never clamped: it refuses to start when listen > somaxconn.
     if clamped_by_somaxconn && !facts.owner_role.is_uwsgi() {
         let requested = facts.requested.unwrap_or_default();
@@ -97,7 +98,11 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
             source: "uWSGI's listen() call".into(),
         });
         let target = suggested_backlog(effective);
-        let default_note = if setting.source.starts_with("uWSGI default") { " (default)" } else { "" };
+        let default_note = if setting.source.starts_with("uWSGI default") {
+            " (default)"
+        } else {
+            ""
+        };
         return Verdict {
             name: LimitName::UwsgiListen,
             value: Some(effective.into()),
@@ -120,8 +125,12 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
     let target = suggested_backlog(effective);
     if facts.owner_role.is_nginx() {
         let source = match facts.requested {
-            Some(r) => format!("nginx called listen({r}) (backlog= on its listen directive, 511 by default)"),
-            None => "nginx's listen socket (backlog= on its listen directive, 511 by default)".into(),
+            Some(r) => format!(
+                "nginx called listen({r}) (backlog= on its listen directive, 511 by default)"
+            ),
+            None => {
+                "nginx's listen socket (backlog= on its listen directive, 511 by default)".into()
+            }
         };
         return Verdict {
             name: LimitName::NginxListenBacklog,
@@ -135,7 +144,10 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
     }
     let source = match facts.requested {
         Some(r) => format!("{} called listen(fd, {r})", facts.owner),
-        None => format!("{}'s listening socket (its listen() call was before droptrace started)", facts.owner),
+        None => format!(
+            "{}'s listening socket (its listen() call was before droptrace started)",
+            facts.owner
+        ),
     };
     Verdict {
         name: LimitName::AppBacklog,
@@ -154,7 +166,9 @@ pub fn unknown_listener_verdict() -> Verdict {
     Verdict {
         name: LimitName::Unknown,
         value: None,
-        source: "the listener was not in the socket table when droptrace looked (it may have closed)".into(),
+        source:
+            "the listener was not in the socket table when droptrace looked (it may have closed)"
+                .into(),
         fix: "run `ss -xlp` to find the listening process and its backlog".into(),
     }
 }
@@ -163,7 +177,12 @@ pub fn unknown_listener_verdict() -> Verdict {
 mod tests {
     use super::*;
 
-    fn facts(role: Role, effective: u32, requested: Option<u32>, somaxconn: Option<u32>) -> BacklogFacts {
+    fn facts(
+        role: Role,
+        effective: u32,
+        requested: Option<u32>,
+        somaxconn: Option<u32>,
+    ) -> BacklogFacts {
         BacklogFacts {
             owner_role: role,
             owner: "proc[42]".into(),
@@ -179,14 +198,26 @@ mod tests {
         let v = backlog_verdict(&facts(Role::NginxMaster, 64, Some(511), Some(64)));
         assert_eq!(v.name, LimitName::Somaxconn);
         assert_eq!(v.value, Some(64));
-        assert!(v.source.contains("asked listen(511), the kernel clamped it to 64"), "{}", v.source);
-        assert!(v.fix.starts_with("sysctl -w net.core.somaxconn=511"), "{}", v.fix);
+        assert!(
+            v.source
+                .contains("asked listen(511), the kernel clamped it to 64"),
+            "{}",
+            v.source
+        );
+        assert!(
+            v.fix.starts_with("sysctl -w net.core.somaxconn=511"),
+            "{}",
+            v.fix
+        );
     }
 
     #[test]
     fn uwsgi_default_names_the_ini_option_and_the_room_somaxconn_leaves() {
         let mut f = facts(Role::UwsgiMaster, 100, Some(100), Some(4096));
-        f.uwsgi_listen = Some(Setting { value: 100, source: "uWSGI default (no listen option)".into() });
+        f.uwsgi_listen = Some(Setting {
+            value: 100,
+            source: "uWSGI default (no listen option)".into(),
+        });
         let v = backlog_verdict(&f);
         assert_eq!(v.name, LimitName::UwsgiListen);
         assert_eq!(v.value, Some(100));
@@ -200,11 +231,19 @@ mod tests {
     #[test]
     fn uwsgi_at_somaxconn_is_still_uwsgi_listen_and_says_to_raise_both() {
         let mut f = facts(Role::UwsgiWorker, 64, None, Some(64));
-        f.uwsgi_listen = Some(Setting { value: 64, source: "--listen 64 on the uWSGI command line".into() });
+        f.uwsgi_listen = Some(Setting {
+            value: 64,
+            source: "--listen 64 on the uWSGI command line".into(),
+        });
         let v = backlog_verdict(&f);
         assert_eq!(v.name, LimitName::UwsgiListen);
         assert_eq!(v.value, Some(64));
-        assert!(v.fix.contains("first raise net.core.somaxconn to 1024 (now 64"), "{}", v.fix);
+        assert!(
+            v.fix
+                .contains("first raise net.core.somaxconn to 1024 (now 64"),
+            "{}",
+            v.fix
+        );
     }
 
     #[test]
@@ -242,7 +281,14 @@ mod tests {
 
     #[test]
     fn names_serialise_as_the_json_contract_says() {
-        for name in [LimitName::Somaxconn, LimitName::UwsgiListen, LimitName::NginxListenBacklog, LimitName::AppBacklog, LimitName::BacklogAmbiguous, LimitName::Unknown] {
+        for name in [
+            LimitName::Somaxconn,
+            LimitName::UwsgiListen,
+            LimitName::NginxListenBacklog,
+            LimitName::AppBacklog,
+            LimitName::BacklogAmbiguous,
+            LimitName::Unknown,
+        ] {
             assert_eq!(serde_json::to_value(name).unwrap(), name.as_str());
         }
     }

@@ -38,11 +38,16 @@ struct Clock {
 
 impl Clock {
     fn new() -> Self {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid pointer to a timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
-        Self { wall_at_zero: SystemTime::now() - mono }
+        Self {
+            wall_at_zero: SystemTime::now() - mono,
+        }
     }
 
     fn wall(&self, ktime_ns: u64) -> SystemTime {
@@ -84,9 +89,22 @@ impl Attributor {
     fn unix_connect_refused(&mut self, record: &ConnectFailure) -> Option<Drop> {
         let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
         let address = UnixAddress::from_sun_path(raw)?;
-        let listener = self.registry.find(Task { pid: record.pid, tid: record.tid, netns: record.netns }, &address).cloned();
+        let listener = self
+            .registry
+            .find(
+                Task {
+                    pid: record.pid,
+                    tid: record.tid,
+                    netns: record.netns,
+                },
+                &address,
+            )
+            .cloned();
         let covered = self.filter.covers(record.pid)
-            || listener.as_ref().and_then(|l| l.owner.as_ref()).is_some_and(|owner| self.filter.covers(owner.pid));
+            || listener
+                .as_ref()
+                .and_then(|l| l.owner.as_ref())
+                .is_some_and(|owner| self.filter.covers(owner.pid));
         if !covered {
             return None;
         }
@@ -97,7 +115,10 @@ impl Attributor {
                 let owner = listener.owner.as_ref();
                 let facts = BacklogFacts {
                     owner_role: owner.map_or(Role::Other, |o| o.role),
-                    owner: owner.map_or_else(|| "the listener's owner".into(), |o| format!("{}[{}]", o.comm, o.pid)),
+                    owner: owner.map_or_else(
+                        || "the listener's owner".into(),
+                        |o| format!("{}[{}]", o.comm, o.pid),
+                    ),
                     effective: listener.backlog,
                     requested: listener.requested,
                     uwsgi_listen: listener.uwsgi_listen.clone(),
@@ -129,7 +150,13 @@ impl Attributor {
                 (view, limits::unknown_listener_verdict())
             }
         };
-        Some(Drop { time: self.clock.wall(record.ktime_ns), kind: DropKind::UnixBacklog, client, listener: listener_view, limit })
+        Some(Drop {
+            time: self.clock.wall(record.ktime_ns),
+            kind: DropKind::UnixBacklog,
+            client,
+            listener: listener_view,
+            limit,
+        })
     }
 
     /// Decode one ring-buffer record; returns a drop when it is one.
@@ -153,7 +180,10 @@ impl Attributor {
 
 fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < size_of::<T>() {
-        tracing::warn!("short record ({} bytes): eBPF object and droptrace disagree", bytes.len());
+        tracing::warn!(
+            "short record ({} bytes): eBPF object and droptrace disagree",
+            bytes.len()
+        );
         return None;
     }
     // SAFETY: T is a #[repr(C)] POD record (tracer-common), length checked.
@@ -167,25 +197,42 @@ fn comm_of(raw: &[u8]) -> String {
 
 pub async fn run(args: Args) -> Result<()> {
     let filter = PidFilter::new(&args.pids)?;
-    let probes::Probes { ebpf: _attached, records, lost } = probes::load()?;
+    let probes::Probes {
+        ebpf: _attached,
+        records,
+        lost,
+    } = probes::load()?;
     let started = Instant::now();
     let mut registry = Registry::default();
     registry.rescan();
-    let mut attributor =
-        Attributor { registry, filter, clock: Clock::new(), client_roles: HashMap::new(), queue_samples: HashMap::new() };
-    let format = if args.json { Format::Json } else { Format::Human };
+    let mut attributor = Attributor {
+        registry,
+        filter,
+        clock: Clock::new(),
+        client_roles: HashMap::new(),
+        queue_samples: HashMap::new(),
+    };
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
     let mut sink = Sink::new(format, std::io::stdout().lock());
     let mut aggregator = Aggregator::new(LINE_INTERVAL);
 
     // SAFETY: the ring buffer owns its fd and keeps it open until dropped.
-    let mut records =
-        unsafe { AsyncFd::register(records) }.map_err(|err| anyhow!("cannot poll the ring buffer: {err}"))?;
+    let mut records = unsafe { AsyncFd::register(records) }
+        .map_err(|err| anyhow!("cannot poll the ring buffer: {err}"))?;
     let mut tick = tokio::time::interval(LINE_INTERVAL);
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(args.duration.map_or(Duration::MAX / 4, Duration::from_secs));
     tokio::pin!(deadline);
-    let scope = if attributor.filter.watches_everything() { "every process".to_string() } else { format!("pids {:?} and their descendants", args.pids) };
+    let scope = if attributor.filter.watches_everything() {
+        "every process".to_string()
+    } else {
+        format!("pids {:?} and their descendants", args.pids)
+    };
     tracing::info!("watching refused UNIX connects of {scope} (Ctrl-C for the summary)");
 
     loop {

@@ -73,7 +73,16 @@ fn run(task: Task) -> Result<()> {
         Task::Bench { connects } => {
             let binary = build(true)?;
             let status = cargo()
-                .args(["run", "--release", "--quiet", "-p", "droptrace-tests", "--bin", "bench", "--"])
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "droptrace-tests",
+                    "--bin",
+                    "bench",
+                    "--",
+                ])
                 .arg(connects.to_string())
                 .env("DROPTRACE_BIN", &binary)
                 .status()?;
@@ -83,7 +92,10 @@ fn run(task: Task) -> Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The cargo that runs xtask (rustup's), for the host crates.
@@ -104,7 +116,10 @@ pub fn check(status: std::process::ExitStatus, what: &str) -> Result<()> {
 fn build_ebpf() -> Result<PathBuf> {
     let route = toolchain::ensure()?;
     let dir = workspace_root().join("tracer-ebpf");
-    let status = route.cargo_build(&dir)?.status().context("cannot run cargo for the eBPF build")?;
+    let status = route
+        .cargo_build(&dir)?
+        .status()
+        .context("cannot run cargo for the eBPF build")?;
     check(status, "the eBPF build")?;
     let object = dir.join("target/bpfel-unknown-none/release/tracer-ebpf");
     if !object.exists() {
@@ -117,16 +132,25 @@ fn build_ebpf() -> Result<PathBuf> {
 fn build(release: bool) -> Result<PathBuf> {
     let object = build_ebpf()?;
     let mut command = cargo();
-    command.args(["build", "-p", "tracer"]).env("DROPTRACE_EBPF_OBJECT", &object);
+    command
+        .args(["build", "-p", "tracer"])
+        .env("DROPTRACE_EBPF_OBJECT", &object);
     if release {
         command.arg("--release");
     }
     check(command.status()?, "the droptrace build")?;
-    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("droptrace"))
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("droptrace"))
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 fn run_as_root(binary: &Path, args: &[String]) -> Result<()> {
@@ -138,7 +162,10 @@ fn run_as_root(binary: &Path, args: &[String]) -> Result<()> {
         sudo.arg("--preserve-env=RUST_LOG").arg(binary);
         sudo
     };
-    let status = command.args(args).status().with_context(|| format!("cannot start {}", binary.display()))?;
+    let status = command
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
     // droptrace prints its own error; pass its exit code on.
     std::process::exit(status.code().unwrap_or(1));
 }
@@ -149,15 +176,36 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         eprintln!("xtask: WARNING: not root: the kernel integration and end-to-end tests will SKIP. Run `sudo -E cargo xtask test` for the full suite.");
     }
-    // One test at a time: the kernel tests share the machine's tracepoints
-    // and the end-to-end tests load two cores fully.
-    let status = cargo()
-        .args(["test", "--workspace", "--no-fail-fast"])
+    // nextest ends with one summary line for the whole suite, and runs the
+    // kernel tests one at a time (.config/nextest.toml). Without it, cargo
+    // test, all serial.
+    let mut command = cargo();
+    if has_nextest() {
+        command
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(args);
+    } else {
+        eprintln!("xtask: cargo-nextest not found; using cargo test (`cargo install cargo-nextest` for a single summary line)");
+        command
+            .args([
+                "test",
+                "--workspace",
+                "--no-fail-fast",
+                "--",
+                "--test-threads=1",
+            ])
+            .args(args);
+    }
+    let status = command
         .env("DROPTRACE_EBPF_OBJECT", &object)
         .env("DROPTRACE_BIN", &binary)
-        .arg("--")
-        .arg("--test-threads=1")
-        .args(args)
         .status()?;
     check(status, "the tests")
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

@@ -4,6 +4,7 @@
 //! - Debian/Ubuntu's `rustc-web` with `libstd-rust-web-dev-bpf`, whose
 //!   sysroot has a precompiled libcore for the target (used here and in CI);
 //! - a rustup nightly with `rust-src` and `-Z build-std=core`.
+//!
 //! Both link with bpf-linker, built against the system's LLVM 22.
 use std::{
     env,
@@ -15,7 +16,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::check;
 
-const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TARGET: &str = "bpfel-unknown-none";
@@ -30,7 +36,9 @@ pub enum Route {
 fn cargo_home_bin() -> PathBuf {
     env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        })
         .join("bin")
 }
 
@@ -44,7 +52,12 @@ fn nightly_route_present() -> bool {
     Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("rust-src"))
+        })
         .unwrap_or(false)
 }
 
@@ -53,7 +66,9 @@ fn bpf_linker() -> Option<PathBuf> {
     if installed.exists() {
         return Some(installed);
     }
-    env::split_paths(&env::var_os("PATH")?).map(|dir| dir.join("bpf-linker")).find(|p| p.exists())
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|p| p.exists())
 }
 
 fn is_debian_like() -> bool {
@@ -61,7 +76,12 @@ fn is_debian_like() -> bool {
 }
 
 fn privileged(program: &str) -> Command {
-    if Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false) {
+    if Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+    {
         Command::new(program)
     } else {
         let mut sudo = Command::new("sudo");
@@ -92,8 +112,14 @@ pub fn ensure() -> Result<Route> {
 }
 
 fn install_debian_packages() -> Result<()> {
-    eprintln!("xtask: installing the eBPF Rust toolchain from Debian: {}", DEBIAN_PACKAGES.join(" "));
-    let update = privileged("apt-get").args(["update", "-qq"]).status().context("cannot run apt-get (needs root or sudo)")?;
+    eprintln!(
+        "xtask: installing the eBPF Rust toolchain from Debian: {}",
+        DEBIAN_PACKAGES.join(" ")
+    );
+    let update = privileged("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .context("cannot run apt-get (needs root or sudo)")?;
     check(update, "apt-get update")?;
     let install = privileged("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -106,14 +132,23 @@ fn install_debian_packages() -> Result<()> {
 fn install_bpf_linker() -> Result<()> {
     if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
         if !is_debian_like() {
-            bail!("bpf-linker needs LLVM 22 development files at {LLVM_PREFIX}: install llvm-22-dev");
+            bail!(
+                "bpf-linker needs LLVM 22 development files at {LLVM_PREFIX}: install llvm-22-dev"
+            );
         }
         install_debian_packages()?;
     }
     eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 80 s, once)");
     // The default feature targets LLVM 23, which then fails at link time.
     let status = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features", "--features", "llvm-22"])
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env_remove("RUSTUP_TOOLCHAIN")
         .status()
@@ -142,18 +177,30 @@ impl Route {
                 command
             }
         };
-        command.current_dir(dir).args(["build", "--release", "--target", TARGET]);
+        command
+            .current_dir(dir)
+            .args(["build", "--release", "--target", TARGET]);
         if let Route::NightlyBuildStd = self {
             command.args(["-Z", "build-std=core"]);
         }
-        for var in ["RUSTUP_TOOLCHAIN", "RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+        for var in [
+            "RUSTUP_TOOLCHAIN",
+            "RUSTFLAGS",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+        ] {
             command.env_remove(var);
         }
         if let Route::Debian = self {
             command.env_remove("CARGO");
         }
         command.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
-        let path = env::join_paths(std::iter::once(cargo_home_bin()).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())))?;
+        let path = env::join_paths(
+            std::iter::once(cargo_home_bin())
+                .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+        )?;
         command.env("PATH", path);
         Ok(command)
     }

@@ -20,7 +20,9 @@ impl UnixAddress {
             Some((0, name)) => Some(Self::Abstract(name.to_vec())),
             Some(_) => {
                 let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-                Some(Self::Path(PathBuf::from(std::ffi::OsStr::from_bytes(&raw[..end]))))
+                Some(Self::Path(PathBuf::from(std::ffi::OsStr::from_bytes(
+                    &raw[..end],
+                ))))
             }
         }
     }
@@ -52,8 +54,16 @@ mod tests {
 
     #[test]
     fn paths_stop_at_the_first_nul_and_abstract_names_keep_theirs() {
-        assert_eq!(UnixAddress::from_sun_path(b"/run/app.sock\0\0junk").unwrap().to_string(), "/run/app.sock");
-        assert_eq!(UnixAddress::from_sun_path(b"\0app\0x").unwrap().to_string(), "@app@x");
+        assert_eq!(
+            UnixAddress::from_sun_path(b"/run/app.sock\0\0junk")
+                .unwrap()
+                .to_string(),
+            "/run/app.sock"
+        );
+        assert_eq!(
+            UnixAddress::from_sun_path(b"\0app\0x").unwrap().to_string(),
+            "@app@x"
+        );
         assert_eq!(UnixAddress::from_sun_path(b""), None);
     }
 }

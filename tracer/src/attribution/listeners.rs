@@ -6,7 +6,7 @@
 //! table: filled from sock_diag at start-up and on a miss, kept current by
 //! the listen() records of the eBPF side.
 use std::{
-    collections::HashMap,
+    collections::{hash_map::Entry, HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -50,26 +50,40 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Scan every network namespace's socket table.
+    /// Scan every network namespace's socket table. Listeners that closed
+    /// and namespaces that went away are forgotten.
     pub fn rescan(&mut self) {
         self.last_rescan = Some(Instant::now());
-        for netns in sock_diag::namespaces() {
-            if !self.views.contains_key(&netns.inode) {
-                match NetnsView::open(&netns) {
-                    Ok(view) => {
-                        self.views.insert(netns.inode, view);
-                    }
+        let live = sock_diag::namespaces();
+        self.views
+            .retain(|inode, _| live.iter().any(|netns| netns.inode == *inode));
+        for netns in live {
+            let view = match self.views.entry(netns.inode) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => match NetnsView::open(&netns) {
+                    Ok(view) => entry.insert(view),
                     Err(err) => {
                         tracing::warn!("skipping network namespace {}: {err:#}", netns.inode);
                         continue;
                     }
-                }
-            }
-            let view = &self.views[&netns.inode];
+                },
+            };
             let somaxconn = view.somaxconn;
-            match view.unix_listeners() {
-                Ok(entries) => entries.into_iter().for_each(|e| self.upsert_from_diag(netns.inode, somaxconn, e)),
-                Err(err) => tracing::warn!("cannot list UNIX listeners of netns {}: {err:#}", netns.inode),
+            let entries = match view.unix_listeners() {
+                Ok(entries) => entries,
+                Err(err) => {
+                    tracing::warn!(
+                        "cannot list UNIX listeners of netns {}: {err:#}",
+                        netns.inode
+                    );
+                    continue;
+                }
+            };
+            let open: HashSet<u64> = entries.iter().map(|e| e.inode).collect();
+            self.listeners
+                .retain(|inode, l| l.netns != netns.inode || open.contains(inode));
+            for entry in entries {
+                self.upsert_from_diag(netns.inode, somaxconn, entry);
             }
         }
         self.resolve_missing_owners();
@@ -77,17 +91,20 @@ impl Registry {
 
     fn upsert_from_diag(&mut self, netns: u32, somaxconn: Option<u32>, entry: UnixListenerEntry) {
         let Some(address) = entry.address else { return };
-        let listener = self.listeners.entry(entry.inode).or_insert_with(|| Listener {
-            inode: entry.inode,
-            netns,
-            address,
-            file: entry.file,
-            backlog: entry.backlog,
-            requested: None,
-            somaxconn,
-            owner: None,
-            uwsgi_listen: None,
-        });
+        let listener = self
+            .listeners
+            .entry(entry.inode)
+            .or_insert_with(|| Listener {
+                inode: entry.inode,
+                netns,
+                address,
+                file: entry.file,
+                backlog: entry.backlog,
+                requested: None,
+                somaxconn,
+                owner: None,
+                uwsgi_listen: None,
+            });
         listener.backlog = entry.backlog;
         listener.file = listener.file.or(entry.file);
         let listener = listener.clone();
@@ -97,9 +114,18 @@ impl Registry {
     /// A listen() the eBPF side saw succeed.
     pub fn on_listen(&mut self, record: &ListenRecord) {
         let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
-        let Some(address) = UnixAddress::from_sun_path(raw) else { return };
+        let Some(address) = UnixAddress::from_sun_path(raw) else {
+            return;
+        };
         let file = match &address {
-            UnixAddress::Path(path) => FileId::of(&Task { pid: record.pid, tid: record.tid, netns: record.netns }.view_of(path)),
+            UnixAddress::Path(path) => FileId::of(
+                &Task {
+                    pid: record.pid,
+                    tid: record.tid,
+                    netns: record.netns,
+                }
+                .view_of(path),
+            ),
             UnixAddress::Abstract(_) => None,
         };
         let owner = process::inspect(record.pid);
@@ -125,7 +151,8 @@ impl Registry {
             self.by_file.insert(file, listener.inode);
         }
         if let UnixAddress::Abstract(name) = &listener.address {
-            self.by_abstract.insert((listener.netns, name.clone()), listener.inode);
+            self.by_abstract
+                .insert((listener.netns, name.clone()), listener.inode);
         }
     }
 
@@ -136,7 +163,10 @@ impl Registry {
     pub fn find(&mut self, client: Task, address: &UnixAddress) -> Option<&Listener> {
         let inode = match self.lookup(client, address) {
             Some(inode) => inode,
-            None if self.last_rescan.is_none_or(|t| t.elapsed() >= MISS_RESCAN_INTERVAL) => {
+            None if self
+                .last_rescan
+                .is_none_or(|t| t.elapsed() >= MISS_RESCAN_INTERVAL) =>
+            {
                 self.rescan();
                 self.lookup(client, address)?
             }
@@ -164,30 +194,45 @@ impl Registry {
     pub fn queue_now(&self, listener: &Listener) -> Option<u32> {
         let view = self.views.get(&listener.netns)?;
         let entries = view.unix_listeners().ok()?;
-        entries.iter().find(|e| e.inode == listener.inode).map(|e| e.queue)
+        entries
+            .iter()
+            .find(|e| e.inode == listener.inode)
+            .map(|e| e.queue)
     }
 
     /// Owners from /proc/*/fd, in one pass over every process (what `ss -p`
     /// does), for every listener that has none yet.
     fn resolve_missing_owners(&mut self) {
-        let wanted: HashMap<u64, ()> =
-            self.listeners.values().filter(|l| l.owner.is_none()).map(|l| (l.inode, ())).collect();
+        let wanted: HashMap<u64, ()> = self
+            .listeners
+            .values()
+            .filter(|l| l.owner.is_none())
+            .map(|l| (l.inode, ()))
+            .collect();
         if wanted.is_empty() {
             return;
         }
         let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
         for pid in process::all_pids() {
-            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
             for fd in fds.flatten() {
-                let Ok(target) = fs::read_link(fd.path()) else { continue };
-                let Some(inode) = socket_inode(&target) else { continue };
+                let Ok(target) = fs::read_link(fd.path()) else {
+                    continue;
+                };
+                let Some(inode) = socket_inode(&target) else {
+                    continue;
+                };
                 if wanted.contains_key(&inode) {
                     holders.entry(inode).or_default().push(pid);
                 }
             }
         }
         for (inode, pids) in holders {
-            let Some(listener) = self.listeners.get_mut(&inode) else { continue };
+            let Some(listener) = self.listeners.get_mut(&inode) else {
+                continue;
+            };
             listener.owner = topmost(&pids).and_then(process::inspect);
             listener.uwsgi_listen = listener.owner.as_ref().and_then(uwsgi_setting);
         }
@@ -196,7 +241,11 @@ impl Registry {
 
 /// "socket:[12345]" -> 12345
 fn socket_inode(link: &Path) -> Option<u64> {
-    link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Of the processes holding a socket, the one whose parent does not hold it
@@ -215,8 +264,12 @@ fn uwsgi_setting(owner: &Process) -> Option<Setting> {
     if !owner.role.is_uwsgi() {
         return None;
     }
-    let cwd = fs::read_link(format!("/proc/{}/cwd", owner.pid)).unwrap_or_else(|_| PathBuf::from("/"));
-    Some(uwsgi::listen_setting(owner.cmdline.get(1..).unwrap_or_default(), &cwd))
+    let cwd =
+        fs::read_link(format!("/proc/{}/cwd", owner.pid)).unwrap_or_else(|_| PathBuf::from("/"));
+    Some(uwsgi::listen_setting(
+        owner.cmdline.get(1..).unwrap_or_default(),
+        &cwd,
+    ))
 }
 
 /// A thread, as the kernel records name it.
@@ -235,7 +288,9 @@ impl Task {
 
     /// `path` as this thread sees it: through its root and its cwd.
     fn view_of(self, path: &Path) -> PathBuf {
-        let base = self.proc_dir().join(if path.is_absolute() { "root" } else { "cwd" });
+        let base = self
+            .proc_dir()
+            .join(if path.is_absolute() { "root" } else { "cwd" });
         base.join(path.strip_prefix("/").unwrap_or(path))
     }
 }
@@ -252,9 +307,19 @@ mod tests {
 
     #[test]
     fn paths_are_seen_through_the_process_root_and_cwd() {
-        let task = Task { pid: 7, tid: 9, netns: 1 };
-        assert_eq!(task.view_of(Path::new("/run/a.sock")), PathBuf::from("/proc/7/task/9/root/run/a.sock"));
-        assert_eq!(task.view_of(Path::new("a.sock")), PathBuf::from("/proc/7/task/9/cwd/a.sock"));
+        let task = Task {
+            pid: 7,
+            tid: 9,
+            netns: 1,
+        };
+        assert_eq!(
+            task.view_of(Path::new("/run/a.sock")),
+            PathBuf::from("/proc/7/task/9/root/run/a.sock")
+        );
+        assert_eq!(
+            task.view_of(Path::new("a.sock")),
+            PathBuf::from("/proc/7/task/9/cwd/a.sock")
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ enum Program {
 fn program_of(exe_name: &str) -> Program {
     if exe_name == "nginx" || exe_name.starts_with("nginx-") {
         Program::Nginx
-    } else if exe_name == "uwsgi" || exe_name.starts_with("uwsgi-") || exe_name.starts_with("uwsgi_") {
+    } else if exe_name == "uwsgi"
+        || exe_name.starts_with("uwsgi-")
+        || exe_name.starts_with("uwsgi_")
+    {
         Program::Uwsgi
     } else {
         Program::Other
@@ -95,12 +98,20 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 
 fn exe_name(pid: u32) -> Option<String> {
     let exe = fs::read_link(proc_path(pid, "exe")).ok()?;
-    Some(exe.file_name()?.to_string_lossy().trim_end_matches(" (deleted)").to_string())
+    Some(
+        exe.file_name()?
+            .to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string(),
+    )
 }
 
 /// Inspect a process; `None` when it has exited.
 pub fn inspect(pid: u32) -> Option<Process> {
-    let comm = fs::read_to_string(proc_path(pid, "comm")).ok()?.trim_end().to_string();
+    let comm = fs::read_to_string(proc_path(pid, "comm"))
+        .ok()?
+        .trim_end()
+        .to_string();
     let ppid = parent_of(pid).unwrap_or(0);
     let cmdline: Vec<String> = fs::read(proc_path(pid, "cmdline"))
         .map(|raw| {
@@ -115,13 +126,22 @@ pub fn inspect(pid: u32) -> Option<Process> {
     let parent_name = exe_name(ppid);
     let argv0 = cmdline.first().map(String::as_str).unwrap_or("");
     let role = classify_role(&name, argv0, parent_name.as_deref());
-    Some(Process { pid, comm, cmdline, role })
+    Some(Process {
+        pid,
+        comm,
+        cmdline,
+        role,
+    })
 }
 
 /// Pids of every process, from /proc.
 pub fn all_pids() -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// `--pid`: the given processes and all their descendants.
@@ -138,7 +158,10 @@ impl PidFilter {
                 bail!("--pid {pid}: no such process");
             }
         }
-        Ok(Self { roots: pids.iter().copied().collect(), verdicts: HashMap::new() })
+        Ok(Self {
+            roots: pids.iter().copied().collect(),
+            verdicts: HashMap::new(),
+        })
     }
 
     pub fn watches_everything(&self) -> bool {
@@ -180,24 +203,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nginx_roles_come_from_its_process_title_or_its_parent() {
-        assert_eq!(classify_role("nginx", "nginx: master process nginx -c x", Some("bash")), Role::NginxMaster);
-        assert_eq!(classify_role("nginx", "nginx: worker process", Some("nginx")), Role::NginxWorker);
-        assert_eq!(classify_role("nginx", "nginx", Some("nginx")), Role::NginxWorker);
-        assert_eq!(classify_role("nginx", "/usr/sbin/nginx", Some("systemd")), Role::NginxMaster);
-    }
-
-    #[test]
-    fn uwsgi_master_is_the_one_whose_parent_is_not_uwsgi() {
-        assert_eq!(classify_role("uwsgi-core", "uwsgi", Some("bash")), Role::UwsgiMaster);
-        assert_eq!(classify_role("uwsgi-core", "uwsgi", Some("uwsgi-core")), Role::UwsgiWorker);
-        assert_eq!(classify_role("uwsgi", "uwsgi", None), Role::UwsgiMaster);
-    }
-
-    #[test]
-    fn everything_else_is_other() {
-        assert_eq!(classify_role("python3.11", "gunicorn: master", Some("bash")), Role::Other);
-        assert_eq!(classify_role("nginxish", "x", None), Role::Other);
+    fn roles_come_from_the_executable_its_title_and_its_parent() {
+        // (exe name, argv0, parent's exe name, role)
+        let cases = [
+            (
+                "nginx",
+                "nginx: master process nginx -c x",
+                Some("bash"),
+                Role::NginxMaster,
+            ),
+            (
+                "nginx",
+                "nginx: worker process",
+                Some("nginx"),
+                Role::NginxWorker,
+            ),
+            ("nginx", "nginx", Some("nginx"), Role::NginxWorker),
+            (
+                "nginx",
+                "/usr/sbin/nginx",
+                Some("systemd"),
+                Role::NginxMaster,
+            ),
+            // uWSGI's master is the one whose parent is not uWSGI.
+            ("uwsgi-core", "uwsgi", Some("bash"), Role::UwsgiMaster),
+            ("uwsgi-core", "uwsgi", Some("uwsgi-core"), Role::UwsgiWorker),
+            ("uwsgi", "uwsgi", None, Role::UwsgiMaster),
+            ("python3.11", "gunicorn: master", Some("bash"), Role::Other),
+            ("nginxish", "x", None, Role::Other),
+        ];
+        for (exe, argv0, parent, role) in cases {
+            assert_eq!(
+                classify_role(exe, argv0, parent),
+                role,
+                "{exe} {argv0} (parent {parent:?})"
+            );
+        }
     }
 
     #[test]

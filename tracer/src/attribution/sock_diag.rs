@@ -8,7 +8,9 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use netlink_packet_core::{Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{
+    Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use netlink_packet_sock_diag::{
     unix::{nlas::Nla, ShowFlags, StateFlags, UnixRequest},
     SockDiagMessage,
@@ -32,13 +34,21 @@ impl FileId {
         use std::os::unix::fs::MetadataExt;
         let meta = fs::metadata(path).ok()?;
         let dev = meta.dev();
-        Some(Self { major: libc::major(dev), minor: libc::minor(dev), ino: meta.ino() })
+        Some(Self {
+            major: libc::major(dev),
+            minor: libc::minor(dev),
+            ino: meta.ino(),
+        })
     }
 
     /// From unix_diag's udiag_vfs_dev, which is the kernel's internal dev_t
     /// (MAJOR << 20 | MINOR, see include/linux/kdev_t.h), not stat's encoding.
     fn from_kernel_dev(dev: u32, ino: u32) -> Self {
-        Self { major: dev >> 20, minor: dev & 0xfffff, ino: ino.into() }
+        Self {
+            major: dev >> 20,
+            minor: dev & 0xfffff,
+            ino: ino.into(),
+        }
     }
 }
 
@@ -76,7 +86,10 @@ pub fn namespaces() -> Vec<Netns> {
             found.entry(inode).or_insert(handle);
         }
     }
-    found.into_iter().map(|(inode, handle)| Netns { inode, handle }).collect()
+    found
+        .into_iter()
+        .map(|(inode, handle)| Netns { inode, handle })
+        .collect()
 }
 
 /// The inode of the network namespace behind /proc/PID/ns/net or a bind mount.
@@ -99,15 +112,23 @@ impl NetnsView {
     pub fn open(netns: &Netns) -> Result<Self> {
         let handle = netns.handle.clone();
         std::thread::spawn(move || -> Result<Self> {
-            let ns = File::open(&handle).with_context(|| format!("cannot open {}", handle.display()))?;
+            let ns =
+                File::open(&handle).with_context(|| format!("cannot open {}", handle.display()))?;
             // SAFETY: a valid fd and a namespace type; affects this thread only.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("cannot enter network namespace {}: {}", handle.display(), std::io::Error::last_os_error());
+                bail!(
+                    "cannot enter network namespace {}: {}",
+                    handle.display(),
+                    std::io::Error::last_os_error()
+                );
             }
-            let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("cannot open a NETLINK_SOCK_DIAG socket")?;
+            let mut socket =
+                Socket::new(NETLINK_SOCK_DIAG).context("cannot open a NETLINK_SOCK_DIAG socket")?;
             socket.bind_auto()?;
             socket.connect(&SocketAddr::new(0, 0))?;
-            let somaxconn = fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok());
+            let somaxconn = fs::read_to_string("/proc/sys/net/core/somaxconn")
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
             Ok(Self { socket, somaxconn })
         })
         .join()
@@ -128,16 +149,22 @@ impl NetnsView {
         packet.finalize();
         let mut buf = vec![0; packet.buffer_len()];
         packet.serialize(&mut buf);
-        self.socket.send(&buf, 0).context("sock_diag request failed")?;
+        self.socket
+            .send(&buf, 0)
+            .context("sock_diag request failed")?;
 
         let mut listeners = Vec::new();
         let mut receive = vec![0u8; 64 * 1024];
         loop {
-            let size = self.socket.recv(&mut &mut receive[..], 0).context("sock_diag reply failed")?;
+            let size = self
+                .socket
+                .recv(&mut &mut receive[..], 0)
+                .context("sock_diag reply failed")?;
             let mut offset = 0;
             while offset < size {
-                let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
-                    .map_err(|err| anyhow!("malformed sock_diag reply: {err}"))?;
+                let message =
+                    NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
+                        .map_err(|err| anyhow!("malformed sock_diag reply: {err}"))?;
                 let length = message.header.length as usize;
                 match message.payload {
                     NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(response)) => {
@@ -207,8 +234,14 @@ mod tests {
         let _ = fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         // listen() again on a listening socket sets a new backlog.
-        assert_eq!(unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 7) }, 0);
-        let own = Netns { inode: 0, handle: "/proc/self/ns/net".into() };
+        assert_eq!(
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 7) },
+            0
+        );
+        let own = Netns {
+            inode: 0,
+            handle: "/proc/self/ns/net".into(),
+        };
         let view = match NetnsView::open(&own) {
             Ok(view) => view,
             Err(err) => {
@@ -217,7 +250,10 @@ mod tests {
             }
         };
         let entries = view.unix_listeners().unwrap();
-        let ours = entries.iter().find(|e| e.address == Some(UnixAddress::Path(path.clone()))).unwrap();
+        let ours = entries
+            .iter()
+            .find(|e| e.address == Some(UnixAddress::Path(path.clone())))
+            .unwrap();
         assert_eq!(ours.file, FileId::of(&path));
         assert_eq!(ours.backlog, 7);
         assert_eq!(ours.queue, 0);

@@ -17,7 +17,10 @@ pub struct Setting {
 /// `listen` for a uWSGI process started with `args` (argv without argv0),
 /// with relative ini paths resolved against `cwd`.
 pub fn listen_setting(args: &[String], cwd: &Path) -> Setting {
-    let mut setting = Setting { value: DEFAULT_LISTEN, source: "uWSGI default (no listen option)".into() };
+    let mut setting = Setting {
+        value: DEFAULT_LISTEN,
+        source: "uWSGI default (no listen option)".into(),
+    };
     let mut args = args.iter().peekable();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -28,7 +31,10 @@ pub fn listen_setting(args: &[String], cwd: &Path) -> Setting {
         match flag {
             "--listen" | "-l" => {
                 if let Some(n) = value().and_then(|v| v.trim().parse().ok()) {
-                    setting = Setting { value: n, source: format!("--listen {n} on the uWSGI command line") };
+                    setting = Setting {
+                        value: n,
+                        source: format!("--listen {n} on the uWSGI command line"),
+                    };
                 }
             }
             "--ini" => {
@@ -37,7 +43,9 @@ pub fn listen_setting(args: &[String], cwd: &Path) -> Setting {
                 }
             }
             // `uwsgi app.ini` loads the file by its extension.
-            bare if !bare.starts_with('-') && bare.ends_with(".ini") => apply_ini(&cwd.join(bare), &mut setting),
+            bare if !bare.starts_with('-') && bare.ends_with(".ini") => {
+                apply_ini(&cwd.join(bare), &mut setting)
+            }
             _ => {}
         }
     }
@@ -47,11 +55,17 @@ pub fn listen_setting(args: &[String], cwd: &Path) -> Setting {
 /// `listen = N` in the [uwsgi] section of an ini file.
 fn apply_ini(file: &Path, setting: &mut Setting) {
     let Ok(text) = fs::read_to_string(file) else {
-        tracing::warn!("cannot read uWSGI ini {}: its listen setting is unknown", file.display());
+        tracing::warn!(
+            "cannot read uWSGI ini {}: its listen setting is unknown",
+            file.display()
+        );
         return;
     };
     if let Some(n) = ini_listen(&text) {
-        *setting = Setting { value: n, source: format!("listen = {n} in {}", file.display()) };
+        *setting = Setting {
+            value: n,
+            source: format!("listen = {n} in {}", file.display()),
+        };
     }
 }
 
@@ -85,16 +99,37 @@ mod tests {
 
     #[test]
     fn default_is_100_when_nothing_says_otherwise() {
-        let s = listen_setting(&args("--plugin python3 --master --socket /run/app.sock"), Path::new("/"));
-        assert_eq!(s, Setting { value: 100, source: "uWSGI default (no listen option)".into() });
+        let s = listen_setting(
+            &args("--plugin python3 --master --socket /run/app.sock"),
+            Path::new("/"),
+        );
+        assert_eq!(
+            s,
+            Setting {
+                value: 100,
+                source: "uWSGI default (no listen option)".into()
+            }
+        );
     }
 
     #[test]
     fn command_line_forms() {
-        for line in ["--listen 64", "--listen=64", "-l 64", "--master --listen 10 --listen 64"] {
-            assert_eq!(listen_setting(&args(line), Path::new("/")).value, 64, "{line}");
+        for line in [
+            "--listen 64",
+            "--listen=64",
+            "-l 64",
+            "--master --listen 10 --listen 64",
+        ] {
+            assert_eq!(
+                listen_setting(&args(line), Path::new("/")).value,
+                64,
+                "{line}"
+            );
         }
-        assert_eq!(listen_setting(&args("--listen 64"), Path::new("/")).source, "--listen 64 on the uWSGI command line");
+        assert_eq!(
+            listen_setting(&args("--listen 64"), Path::new("/")).source,
+            "--listen 64 on the uWSGI command line"
+        );
     }
 
     #[test]
@@ -104,11 +139,20 @@ mod tests {
         fs::write(dir.join("app.ini"), "[other]\nlisten = 5\n\n[uwsgi]\n; listen = 7\nsocket = /run/a.sock\n  listen =  512  \n").unwrap();
         let from_ini = listen_setting(&args("--ini app.ini"), &dir);
         assert_eq!(from_ini.value, 512);
-        assert_eq!(from_ini.source, format!("listen = 512 in {}", dir.join("app.ini").display()));
+        assert_eq!(
+            from_ini.source,
+            format!("listen = 512 in {}", dir.join("app.ini").display())
+        );
         assert_eq!(listen_setting(&args("app.ini --listen 9"), &dir).value, 9);
-        assert_eq!(listen_setting(&args("--listen 9 --ini=app.ini"), &dir).value, 512);
+        assert_eq!(
+            listen_setting(&args("--listen 9 --ini=app.ini"), &dir).value,
+            512
+        );
         // An unreadable ini leaves what was known.
-        assert_eq!(listen_setting(&args("--listen 9 --ini missing.ini"), &dir).value, 9);
+        assert_eq!(
+            listen_setting(&args("--listen 9 --ini missing.ini"), &dir).value,
+            9
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

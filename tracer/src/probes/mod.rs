@@ -83,7 +83,8 @@ fn ensure_tracefs() -> Result<()> {
 pub fn load() -> Result<Probes> {
     preflight()?;
     let btf = offsets::load_vmlinux_btf()?;
-    let kernel_offsets = offsets::resolve(&btf).context("this kernel's layout is not one droptrace can read")?;
+    let kernel_offsets =
+        offsets::resolve(&btf).context("this kernel's layout is not one droptrace can read")?;
     tracing::debug!(?kernel_offsets, "resolved kernel field offsets from BTF");
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
@@ -94,19 +95,34 @@ pub fn load() -> Result<Probes> {
             .program_mut(program)
             .ok_or_else(|| anyhow!("eBPF object lacks program {program}"))?
             .try_into()?;
-        tracepoint.load().with_context(|| format!("cannot load {program}"))?;
+        tracepoint
+            .load()
+            .with_context(|| format!("cannot load {program}"))?;
         tracepoint
             .attach(category, name)
             .with_context(|| format!("cannot attach to tracepoint {category}/{name}"))?;
     }
-    let records = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("no EVENTS map"))?)?;
-    let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or_else(|| anyhow!("no LOST map"))?)?;
-    Ok(Probes { ebpf, records, lost: LostCounters(lost) })
+    let records = RingBuf::try_from(
+        ebpf.take_map("EVENTS")
+            .ok_or_else(|| anyhow!("no EVENTS map"))?,
+    )?;
+    let lost = PerCpuArray::try_from(
+        ebpf.take_map("LOST")
+            .ok_or_else(|| anyhow!("no LOST map"))?,
+    )?;
+    Ok(Probes {
+        ebpf,
+        records,
+        lost: LostCounters(lost),
+    })
 }
 
 impl LostCounters {
     pub fn read(&self) -> Result<Lost> {
         let sum = |index| -> Result<u64> { Ok(self.0.get(&index, 0)?.iter().sum()) };
-        Ok(Lost { ring_buffer_full: sum(LOST_RINGBUF_FULL)?, pending_map_full: sum(LOST_PENDING_FULL)? })
+        Ok(Lost {
+            ring_buffer_full: sum(LOST_RINGBUF_FULL)?,
+            pending_map_full: sum(LOST_PENDING_FULL)?,
+        })
     }
 }

@@ -18,7 +18,12 @@ pub struct Key {
 
 impl Key {
     fn of(drop: &Drop) -> Self {
-        Self { kind: drop.kind, netns: drop.listener.netns, path: drop.listener.path.clone(), limit: drop.limit.name }
+        Self {
+            kind: drop.kind,
+            netns: drop.listener.netns,
+            path: drop.listener.path.clone(),
+            limit: drop.limit.name,
+        }
     }
 }
 
@@ -55,7 +60,11 @@ pub struct Aggregator {
 
 impl Aggregator {
     pub fn new(interval: Duration) -> Self {
-        Self { interval, batches: HashMap::new(), order: Vec::new() }
+        Self {
+            interval,
+            batches: HashMap::new(),
+            order: Vec::new(),
+        }
     }
 
     /// Count a drop; returns a line when one is due now.
@@ -66,9 +75,19 @@ impl Aggregator {
                 self.order.push(key.clone());
                 self.batches.insert(
                     key,
-                    Batch { latest: drop.clone(), pending: 0, emitted_lines: 1, last_emit: now, total: 1 },
+                    Batch {
+                        latest: drop.clone(),
+                        pending: 0,
+                        emitted_lines: 1,
+                        last_emit: now,
+                        total: 1,
+                    },
                 );
-                Some(Line { drop, count: 1, first: true })
+                Some(Line {
+                    drop,
+                    count: 1,
+                    first: true,
+                })
             }
             Some(batch) => {
                 batch.total += 1;
@@ -83,7 +102,11 @@ impl Aggregator {
         if batch.pending == 0 || now.duration_since(batch.last_emit) < interval {
             return None;
         }
-        let line = Line { drop: batch.latest.clone(), count: batch.pending, first: false };
+        let line = Line {
+            drop: batch.latest.clone(),
+            count: batch.pending,
+            first: false,
+        };
         batch.pending = 0;
         batch.emitted_lines += 1;
         batch.last_emit = now;
@@ -93,7 +116,10 @@ impl Aggregator {
     /// Lines whose interval has passed (call on a timer).
     pub fn due(&mut self, now: Instant) -> Vec<Line> {
         let interval = self.interval;
-        self.order.iter().filter_map(|key| Self::take_if_due(self.batches.get_mut(key)?, now, interval)).collect()
+        self.order
+            .iter()
+            .filter_map(|key| Self::take_if_due(self.batches.get_mut(key)?, now, interval))
+            .collect()
     }
 
     /// Every pending count, whatever the interval (at exit).
@@ -113,7 +139,10 @@ impl Aggregator {
             .iter()
             .filter_map(|key| {
                 let batch = self.batches.get(key)?;
-                Some(Total { drop: batch.latest.clone(), count: batch.total })
+                Some(Total {
+                    drop: batch.latest.clone(),
+                    count: batch.total,
+                })
             })
             .collect()
     }
@@ -133,7 +162,11 @@ mod tests {
         Drop {
             time: SystemTime::now(),
             kind: DropKind::UnixBacklog,
-            client: Client { pid: 1, comm: "nginx".into(), role: Role::NginxWorker },
+            client: Client {
+                pid: 1,
+                comm: "nginx".into(),
+                role: Role::NginxWorker,
+            },
             listener: ListenerView {
                 family: "unix",
                 path: path.into(),
@@ -144,7 +177,12 @@ mod tests {
                 queue: None,
                 backlog: Some(100),
             },
-            limit: Verdict { name: LimitName::UwsgiListen, value: Some(100), source: String::new(), fix: String::new() },
+            limit: Verdict {
+                name: LimitName::UwsgiListen,
+                value: Some(100),
+                source: String::new(),
+                fix: String::new(),
+            },
         }
     }
 
@@ -172,9 +210,15 @@ mod tests {
             lines += 1;
         }
         assert_eq!(printed, 10_000);
-        assert!(lines <= 2 * 6, "{lines} lines for 1 s of storm on 2 listeners");
+        assert!(
+            lines <= 2 * 6,
+            "{lines} lines for 1 s of storm on 2 listeners"
+        );
         let totals = agg.totals();
-        assert_eq!(totals.iter().map(|t| t.count).collect::<Vec<_>>(), vec![5_000, 5_000]);
+        assert_eq!(
+            totals.iter().map(|t| t.count).collect::<Vec<_>>(),
+            vec![5_000, 5_000]
+        );
         assert_eq!(totals[0].drop.listener.path, "/a");
     }
 

@@ -90,7 +90,11 @@ impl<W: Write> Sink<W> {
             Format::Human => {
                 let time = rfc3339(drop.time);
                 let clock = time.get(11..23).unwrap_or(&time);
-                let fix = if line.first { format!("; fix: {}", drop.limit.fix) } else { String::new() };
+                let fix = if line.first {
+                    format!("; fix: {}", drop.limit.fix)
+                } else {
+                    String::new()
+                };
                 writeln!(
                     self.out,
                     "{clock} {kind} x{count} {path} {queue}, owner {owner}, refused {comm}[{pid}] {role}: {limit}{fix}",
@@ -114,7 +118,12 @@ impl<W: Write> Sink<W> {
             Format::Json => {
                 let totals: Vec<TotalLine> = totals
                     .iter()
-                    .map(|t| TotalLine { kind: t.drop.kind, listener: &t.drop.listener, limit: &t.drop.limit, count: t.count })
+                    .map(|t| TotalLine {
+                        kind: t.drop.kind,
+                        listener: &t.drop.listener,
+                        limit: &t.drop.limit,
+                        count: t.count,
+                    })
                     .collect();
                 let record = json!({
                     "type": "summary",
@@ -138,7 +147,11 @@ impl<W: Write> Sink<W> {
                     lost.total()
                 )?;
                 if !totals.is_empty() {
-                    writeln!(self.out, "{:>8}  {:<13} {:<28} {:<30} LIMIT", "COUNT", "KIND", "LISTENER", "OWNER")?;
+                    writeln!(
+                        self.out,
+                        "{:>8}  {:<13} {:<28} {:<30} LIMIT",
+                        "COUNT", "KIND", "LISTENER", "OWNER"
+                    )?;
                 }
                 for total in totals {
                     let drop = &total.drop;
@@ -171,17 +184,17 @@ impl<W: Write> Sink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        attribution::process::Role,
-        drop::Drop,
-        limits::LimitName,
-    };
+    use crate::{attribution::process::Role, drop::Drop, limits::LimitName};
 
     fn sample() -> Drop {
         Drop {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
             kind: DropKind::UnixBacklog,
-            client: Client { pid: 3363, comm: "nginx".into(), role: Role::NginxWorker },
+            client: Client {
+                pid: 3363,
+                comm: "nginx".into(),
+                role: Role::NginxWorker,
+            },
             listener: ListenerView {
                 family: "unix",
                 path: "/run/app.sock".into(),
@@ -204,7 +217,12 @@ mod tests {
     #[test]
     fn json_drop_lines_follow_the_contract() {
         let mut sink = Sink::new(Format::Json, Vec::new());
-        sink.line(&Line { drop: sample(), count: 37, first: true }).unwrap();
+        sink.line(&Line {
+            drop: sample(),
+            count: 37,
+            first: true,
+        })
+        .unwrap();
         let text = String::from_utf8(sink.out).unwrap();
         assert_eq!(text.lines().count(), 1);
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -226,8 +244,19 @@ mod tests {
     #[test]
     fn json_summary_is_last_and_counts_lost_events() {
         let mut sink = Sink::new(Format::Json, Vec::new());
-        let totals = vec![Total { drop: sample(), count: 1891 }];
-        sink.summary(&totals, Lost { ring_buffer_full: 3, pending_map_full: 1 }, Duration::from_secs(2)).unwrap();
+        let totals = vec![Total {
+            drop: sample(),
+            count: 1891,
+        }];
+        sink.summary(
+            &totals,
+            Lost {
+                ring_buffer_full: 3,
+                pending_map_full: 1,
+            },
+            Duration::from_secs(2),
+        )
+        .unwrap();
         let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
         assert_eq!(value["type"], "summary");
         assert_eq!(value["lost"], 4);
@@ -240,21 +269,46 @@ mod tests {
     #[test]
     fn human_lines_carry_the_fix_only_the_first_time() {
         let mut sink = Sink::new(Format::Human, Vec::new());
-        sink.line(&Line { drop: sample(), count: 1, first: true }).unwrap();
-        sink.line(&Line { drop: sample(), count: 40, first: false }).unwrap();
+        sink.line(&Line {
+            drop: sample(),
+            count: 1,
+            first: true,
+        })
+        .unwrap();
+        sink.line(&Line {
+            drop: sample(),
+            count: 40,
+            first: false,
+        })
+        .unwrap();
         let text = String::from_utf8(sink.out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
             "14:13:20.123 unix_backlog x1 /run/app.sock queue 101/100, owner uwsgi[3300] uwsgi-master, refused nginx[3363] nginx-worker: uwsgi_listen=100 (uWSGI default (no listen option)); fix: set listen"
         );
-        assert!(lines[1].contains(" x40 ") && !lines[1].contains("fix:"), "{}", lines[1]);
+        assert!(
+            lines[1].contains(" x40 ") && !lines[1].contains("fix:"),
+            "{}",
+            lines[1]
+        );
     }
 
     #[test]
     fn human_summary_warns_about_lost_events() {
         let mut sink = Sink::new(Format::Human, Vec::new());
-        sink.summary(&[Total { drop: sample(), count: 5 }], Lost { ring_buffer_full: 2, pending_map_full: 0 }, Duration::from_secs(1)).unwrap();
+        sink.summary(
+            &[Total {
+                drop: sample(),
+                count: 5,
+            }],
+            Lost {
+                ring_buffer_full: 2,
+                pending_map_full: 0,
+            },
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let text = String::from_utf8(sink.out).unwrap();
         assert!(text.contains("5 drops in 1.0 s, 2 lost"), "{text}");
         assert!(text.contains("WARNING: 2 drop events were lost"), "{text}");
