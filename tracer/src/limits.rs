@@ -63,6 +63,9 @@ pub struct BacklogFacts {
     pub somaxconn: Option<u32>,
 }
 
+/// What a negative listen() backlog becomes in `BacklogFacts::requested`.
+pub const LISTEN_MAX_REQUEST: u32 = i32::MAX as u32;
+
 /// A backlog worth suggesting: at least 1024, four times the current one,
 /// rounded up to a power of two.
 pub fn suggested_backlog(current: u32) -> u32 {
@@ -85,11 +88,26 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
     // uWSGI is never clamped: it refuses to start when listen > somaxconn.
     if clamped_by_somaxconn && !facts.owner_role.is_uwsgi() {
         let requested = facts.requested.unwrap_or_default();
+        // listen(fd, -1) asks for "as large as allowed" (Rust's std does).
+        let (asked, target) = if requested >= LISTEN_MAX_REQUEST {
+            (
+                "the largest backlog allowed (listen(-1))".to_string(),
+                suggested_backlog(effective),
+            )
+        } else {
+            (format!("listen({requested})"), requested)
+        };
         return Verdict {
             name: LimitName::Somaxconn,
             value: Some(effective.into()),
-            source: format!("net.core.somaxconn of the listener's network namespace: {} asked listen({requested}), the kernel clamped it to {effective}", facts.owner),
-            fix: format!("sysctl -w net.core.somaxconn={} in that namespace (persist it in /etc/sysctl.d/), then restart {} so it listens again", requested.max(effective), facts.owner),
+            source: format!(
+                "net.core.somaxconn of the listener's network namespace: {} asked {asked}, the kernel clamped it to {effective}",
+                facts.owner
+            ),
+            fix: format!(
+                "sysctl -w net.core.somaxconn={target} in that namespace (persist it in /etc/sysctl.d/), then restart {} so it listens again",
+                facts.owner
+            ),
         };
     }
     if facts.owner_role.is_uwsgi() {
@@ -206,6 +224,28 @@ mod tests {
         );
         assert!(
             v.fix.starts_with("sysctl -w net.core.somaxconn=511"),
+            "{}",
+            v.fix
+        );
+    }
+
+    #[test]
+    fn listen_minus_one_is_clamped_by_somaxconn_and_the_fix_stays_sane() {
+        let v = backlog_verdict(&facts(
+            Role::Other,
+            128,
+            Some(LISTEN_MAX_REQUEST),
+            Some(128),
+        ));
+        assert_eq!(v.name, LimitName::Somaxconn);
+        assert!(
+            v.source
+                .contains("asked the largest backlog allowed (listen(-1))"),
+            "{}",
+            v.source
+        );
+        assert!(
+            v.fix.starts_with("sysctl -w net.core.somaxconn=1024 "),
             "{}",
             v.fix
         );

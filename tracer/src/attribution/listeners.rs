@@ -14,6 +14,8 @@ use std::{
 
 use tracer_common::ListenRecord;
 
+use crate::limits::LISTEN_MAX_REQUEST;
+
 use super::{
     address::UnixAddress,
     process::{self, Process},
@@ -21,7 +23,8 @@ use super::{
     uwsgi::{self, Setting},
 };
 
-/// Rescans of every namespace on a lookup miss, at most this often.
+/// Rescans of every namespace on a lookup miss, and scans of every
+/// process's fds for owners, at most this often (drops come in storms).
 const MISS_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
@@ -47,6 +50,7 @@ pub struct Registry {
     by_abstract: HashMap<(u32, Vec<u8>), u64>,
     views: HashMap<u32, NetnsView>,
     last_rescan: Option<Instant>,
+    last_owner_scan: Option<Instant>,
 }
 
 impl Registry {
@@ -136,7 +140,7 @@ impl Registry {
             file,
             backlog: record.effective_backlog,
             // listen() takes an int; a negative one means "as large as allowed".
-            requested: Some(record.requested_backlog.min(i32::MAX as u32)),
+            requested: Some(record.requested_backlog.min(LISTEN_MAX_REQUEST)),
             somaxconn: Some(record.somaxconn),
             uwsgi_listen: owner.as_ref().and_then(uwsgi_setting),
             owner,
@@ -172,7 +176,10 @@ impl Registry {
             }
             None => return None,
         };
-        if self.listeners.get(&inode)?.owner.is_none() {
+        let owner_scan_due = self
+            .last_owner_scan
+            .is_none_or(|t| t.elapsed() >= MISS_RESCAN_INTERVAL);
+        if self.listeners.get(&inode)?.owner.is_none() && owner_scan_due {
             self.resolve_missing_owners();
         }
         self.listeners.get(&inode)
@@ -203,6 +210,7 @@ impl Registry {
     /// Owners from /proc/*/fd, in one pass over every process (what `ss -p`
     /// does), for every listener that has none yet.
     fn resolve_missing_owners(&mut self) {
+        self.last_owner_scan = Some(Instant::now());
         let wanted: HashMap<u64, ()> = self
             .listeners
             .values()
