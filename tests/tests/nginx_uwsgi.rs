@@ -88,7 +88,10 @@ fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
     let report = tracer.stop();
     assert_matches_nginx(&stack, &report, &outcomes, 100);
     let drop = report.drops_at(&stack.socket_path())[0];
-    assert_eq!(drop["limit"]["source"], "uWSGI default (no listen option)");
+    assert_eq!(
+        drop["limit"]["source"],
+        "uWSGI default, no listen option set"
+    );
     assert!(
         drop["limit"]["fix"]
             .as_str()

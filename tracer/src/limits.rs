@@ -114,13 +114,10 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
         let setting = facts.uwsgi_listen.clone().unwrap_or(Setting {
             value: facts.requested.unwrap_or(effective),
             source: "uWSGI's listen() call".into(),
+            is_default: false,
         });
         let target = suggested_backlog(effective);
-        let default_note = if setting.source.starts_with("uWSGI default") {
-            " (default)"
-        } else {
-            ""
-        };
+        let default_note = if setting.is_default { " (default)" } else { "" };
         return Verdict {
             name: LimitName::UwsgiListen,
             value: Some(effective.into()),
@@ -256,12 +253,13 @@ mod tests {
         let mut f = facts(Role::UwsgiMaster, 100, Some(100), Some(4096));
         f.uwsgi_listen = Some(Setting {
             value: 100,
-            source: "uWSGI default (no listen option)".into(),
+            source: "uWSGI default, no listen option set".into(),
+            is_default: true,
         });
         let v = backlog_verdict(&f);
         assert_eq!(v.name, LimitName::UwsgiListen);
         assert_eq!(v.value, Some(100));
-        assert_eq!(v.source, "uWSGI default (no listen option)");
+        assert_eq!(v.source, "uWSGI default, no listen option set");
         assert_eq!(
             v.fix,
             "uWSGI listen=100 (default): set \"listen = 1024\" in the uWSGI ini (net.core.somaxconn=4096 allows it); more uWSGI workers if the queue stays full"
@@ -274,6 +272,7 @@ mod tests {
         f.uwsgi_listen = Some(Setting {
             value: 64,
             source: "--listen 64 on the uWSGI command line".into(),
+            is_default: false,
         });
         let v = backlog_verdict(&f);
         assert_eq!(v.name, LimitName::UwsgiListen);

@@ -12,6 +12,8 @@ pub const DEFAULT_LISTEN: u32 = 100;
 pub struct Setting {
     pub value: u32,
     pub source: String,
+    /// True when nothing configured it and the program's default applies.
+    pub is_default: bool,
 }
 
 /// `listen` for a uWSGI process started with `args` (argv without argv0),
@@ -19,7 +21,8 @@ pub struct Setting {
 pub fn listen_setting(args: &[String], cwd: &Path) -> Setting {
     let mut setting = Setting {
         value: DEFAULT_LISTEN,
-        source: "uWSGI default (no listen option)".into(),
+        source: "uWSGI default, no listen option set".into(),
+        is_default: true,
     };
     let mut args = args.iter().peekable();
     while let Some(arg) = args.next() {
@@ -34,6 +37,7 @@ pub fn listen_setting(args: &[String], cwd: &Path) -> Setting {
                     setting = Setting {
                         value: n,
                         source: format!("--listen {n} on the uWSGI command line"),
+                        is_default: false,
                     };
                 }
             }
@@ -65,6 +69,7 @@ fn apply_ini(file: &Path, setting: &mut Setting) {
         *setting = Setting {
             value: n,
             source: format!("listen = {n} in {}", file.display()),
+            is_default: false,
         };
     }
 }
@@ -107,7 +112,8 @@ mod tests {
             s,
             Setting {
                 value: 100,
-                source: "uWSGI default (no listen option)".into()
+                source: "uWSGI default, no listen option set".into(),
+                is_default: true,
             }
         );
     }

@@ -208,7 +208,7 @@ mod tests {
             limit: Verdict {
                 name: LimitName::UwsgiListen,
                 value: Some(100),
-                source: "uWSGI default (no listen option)".into(),
+                source: "uWSGI default, no listen option set".into(),
                 fix: "set listen".into(),
             },
         }
@@ -236,7 +236,7 @@ mod tests {
                 "client": {"pid": 3363, "comm": "nginx", "role": "nginx-worker"},
                 "listener": {"family": "unix", "path": "/run/app.sock", "netns": 4026531840u64, "pid": 3300,
                              "comm": "uwsgi", "role": "uwsgi-master", "queue": 101, "backlog": 100},
-                "limit": {"name": "uwsgi_listen", "value": 100, "source": "uWSGI default (no listen option)", "fix": "set listen"}
+                "limit": {"name": "uwsgi_listen", "value": 100, "source": "uWSGI default, no listen option set", "fix": "set listen"}
             })
         );
     }
@@ -285,7 +285,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "14:13:20.123 unix_backlog x1 /run/app.sock queue 101/100, owner uwsgi[3300] uwsgi-master, refused nginx[3363] nginx-worker: uwsgi_listen=100 (uWSGI default (no listen option)); fix: set listen"
+            "14:13:20.123 unix_backlog x1 /run/app.sock queue 101/100, owner uwsgi[3300] uwsgi-master, refused nginx[3363] nginx-worker: uwsgi_listen=100 (uWSGI default, no listen option set); fix: set listen"
         );
         assert!(
             lines[1].contains(" x40 ") && !lines[1].contains("fix:"),
