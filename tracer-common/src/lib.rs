@@ -22,6 +22,8 @@ pub enum RecordKind {
     ConnectFailure = 1,
     /// [`ListenRecord`]
     Listen = 2,
+    /// [`TcpOverflowRecord`]
+    TcpOverflow = 3,
 }
 
 impl RecordKind {
@@ -29,6 +31,7 @@ impl RecordKind {
         match raw {
             1 => Some(Self::ConnectFailure),
             2 => Some(Self::Listen),
+            3 => Some(Self::TcpOverflow),
             _ => None,
         }
     }
@@ -89,6 +92,73 @@ pub struct ListenRecord {
     pub _pad: [u8; 8],
 }
 
+/// When a TCP listener dropped a connection attempt (`TcpOverflowKey::stage`).
+pub mod stage {
+    /// SYN consumed in tcp_conn_request: accept queue full (sk_acceptq_is_full).
+    pub const SYN: u32 = 1;
+    /// Final ACK dropped: accept queue full when the child socket was to be
+    /// created (tcp_v4_syn_recv_sock, reason TCP_LISTEN_OVERFLOW).
+    pub const ACK: u32 = 2;
+    /// Final ACK of a SYN cookie dropped: accept queue full
+    /// (cookie_v4_check, reason NO_SOCKET with a full listener).
+    pub const ACK_SYNCOOKIE: u32 = 3;
+    /// SYN dropped with syncookies off because fewer than a quarter of
+    /// tcp_max_syn_backlog was left in the SYN queue (tcp_conn_request).
+    pub const SYN_QUEUE: u32 = 4;
+    /// SYN dropped with syncookies off because the SYN queue already held
+    /// more than the listener's backlog (inet_csk_reqsk_queue_is_full).
+    pub const SYN_QUEUE_BACKLOG: u32 = 5;
+}
+
+/// Per-CPU exact drop counters of TCP listeners, keyed by listener and stage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcpOverflowKey {
+    /// Inode of the listening socket.
+    pub inode: u64,
+    pub stage: u32,
+    pub _pad: u32,
+}
+
+/// A sampled TCP listener drop with everything needed to explain it. The
+/// exact counts are in the `TCP_OVERFLOWS` counters, not in these records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpOverflowRecord {
+    pub kind: u32,
+    pub stage: u32,
+    pub ktime_ns: u64,
+    pub inode: u64,
+    pub netns: u32,
+    pub family: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The namespace's net.ipv4.tcp_syncookies (0, 1 or 2).
+    pub syncookies: u8,
+    pub _pad0: u8,
+    /// sk_max_ack_backlog and sk_ack_backlog of the listener.
+    pub backlog: u32,
+    pub queue: u32,
+    /// The namespace's net.core.somaxconn.
+    pub somaxconn: u32,
+    /// Requests in the SYN queue, and the namespace's tcp_max_syn_backlog.
+    pub syn_queue: u32,
+    pub max_syn_backlog: u32,
+    /// IPv4 addresses use the first 4 bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// `enum skb_drop_reason` values of the running kernel, read from BTF
+/// (they differ between kernels). `u32::MAX` when the kernel lacks one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropReasons {
+    pub tcp_listen_overflow: u32,
+    pub no_socket: u32,
+}
+
 /// Byte offsets of the kernel struct fields the programs read, resolved from
 /// /sys/kernel/btf/vmlinux by userspace at load time and handed to the
 /// programs as a read-only global. Nothing is hard-coded: a kernel whose
@@ -132,17 +202,54 @@ pub struct KernelOffsets {
     pub unix_address_len: u32,
     /// unix_address.name (a `struct sockaddr_un[]`)
     pub unix_address_name: u32,
+    /// sock.__sk_common.skc_state (u8)
+    pub sock_state: u32,
+    /// sock.__sk_common.skc_num (local port, host order)
+    pub sock_num: u32,
+    /// sock.__sk_common.skc_rcv_saddr
+    pub sock_rcv_saddr: u32,
+    /// sock.__sk_common.skc_v6_rcv_saddr
+    pub sock_v6_rcv_saddr: u32,
+    /// sock.sk_ack_backlog
+    pub sock_ack_backlog: u32,
+    /// sock.sk_socket
+    pub sock_socket: u32,
+    /// socket.file
+    pub socket_file: u32,
+    /// inet_connection_sock.icsk_accept_queue.qlen (the SYN queue length)
+    pub icsk_syn_qlen: u32,
+    /// net.ipv4.sysctl_max_syn_backlog
+    pub net_max_syn_backlog: u32,
+    /// net.ipv4.sysctl_tcp_syncookies (u8)
+    pub net_syncookies: u32,
+    /// sk_buff.head
+    pub skb_head: u32,
+    /// sk_buff.network_header (u16)
+    pub skb_network_header: u32,
+    /// sk_buff.transport_header (u16)
+    pub skb_transport_header: u32,
 }
 
 // Both records are exchanged byte for byte: keep them free of implicit padding.
 const _: () = assert!(core::mem::size_of::<ConnectFailure>() == 160);
 const _: () = assert!(core::mem::size_of::<ListenRecord>() == 184);
+const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 88);
+
+impl KernelOffsets {
+    /// All zero: the placeholder the eBPF object is compiled with.
+    pub const fn zeroed() -> Self {
+        // SAFETY: plain integers; all-zero is a valid value.
+        unsafe { core::mem::zeroed() }
+    }
+}
 
 /// Indexes of the `LOST` per-CPU array: records userspace never saw, by cause.
 /// The ring buffer was full.
 pub const LOST_RINGBUF_FULL: u32 = 0;
 /// A syscall could not be followed from entry to exit (pending map full).
 pub const LOST_PENDING_FULL: u32 = 1;
+/// A TCP listener's drops could not be counted (counter map full).
+pub const LOST_COUNTERS_FULL: u32 = 2;
 
 #[cfg(feature = "user")]
 mod user {
@@ -151,4 +258,7 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::ConnectFailure {}
     unsafe impl aya::Pod for super::ListenRecord {}
+    unsafe impl aya::Pod for super::TcpOverflowKey {}
+    unsafe impl aya::Pod for super::TcpOverflowRecord {}
+    unsafe impl aya::Pod for super::DropReasons {}
 }

@@ -6,42 +6,23 @@ use tracer_common::KernelOffsets;
 
 /// Filled by userspace before load (EbpfLoader::override_global).
 #[unsafe(no_mangle)]
-static OFFSETS: KernelOffsets = KernelOffsets {
-    task_files: 0,
-    task_nsproxy: 0,
-    nsproxy_net_ns: 0,
-    files_fdt: 0,
-    fdtable_fd: 0,
-    fdtable_max_fds: 0,
-    file_private_data: 0,
-    file_inode: 0,
-    inode_ino: 0,
-    socket_sk: 0,
-    sock_family: 0,
-    sock_net: 0,
-    sock_max_ack_backlog: 0,
-    net_ns_inum: 0,
-    net_somaxconn: 0,
-    unix_sock_addr: 0,
-    unix_address_len: 0,
-    unix_address_name: 0,
-};
+static OFFSETS: KernelOffsets = KernelOffsets::zeroed();
 
 #[inline(always)]
-fn offsets() -> KernelOffsets {
+pub fn offsets() -> KernelOffsets {
     // SAFETY: a read-only global; volatile so the compiler does not fold the
     // zero initialiser into the code.
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
 #[inline(always)]
-fn read<T>(base: usize, offset: u32) -> Option<T> {
+pub fn read<T>(base: usize, offset: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
     unsafe { bpf_probe_read_kernel((base + offset as usize) as *const T).ok() }
 }
 
 #[inline(always)]
-fn read_ptr(base: usize, offset: u32) -> Option<usize> {
+pub fn read_ptr(base: usize, offset: u32) -> Option<usize> {
     if base == 0 {
         return None;
     }
@@ -61,7 +42,7 @@ pub fn current_netns() -> Option<u32> {
 /// A `struct sock *` found through the current task's fd table.
 #[derive(Clone, Copy)]
 pub struct Sock {
-    addr: usize,
+    pub addr: usize,
     /// Inode number of the socket file, as in /proc/PID/fd.
     pub inode: u64,
 }
@@ -87,7 +68,74 @@ pub fn current_task_sock(fd: i32) -> Option<Sock> {
     Some(Sock { addr: sk, inode: ino })
 }
 
+const TCP_LISTEN: u8 = 10;
+
 impl Sock {
+    /// A socket reached from a packet or a tracepoint argument.
+    #[inline(always)]
+    pub fn at(addr: usize) -> Option<Self> {
+        if addr == 0 {
+            return None;
+        }
+        let off = offsets();
+        let socket = read_ptr(addr, off.sock_socket)?;
+        let file = read_ptr(socket, off.socket_file)?;
+        let inode = read_ptr(file, off.file_inode)?;
+        Some(Sock { addr, inode: read(inode, off.inode_ino)? })
+    }
+
+    pub fn is_listening(&self) -> bool {
+        read::<u8>(self.addr, offsets().sock_state) == Some(TCP_LISTEN)
+    }
+
+    /// sk_ack_backlog: connections waiting in the accept queue.
+    pub fn ack_backlog(&self) -> Option<u32> {
+        read(self.addr, offsets().sock_ack_backlog)
+    }
+
+    /// sk_acceptq_is_full(): the test tcp_conn_request drops SYNs on.
+    pub fn accept_queue_full(&self) -> bool {
+        match (self.ack_backlog(), self.max_ack_backlog()) {
+            (Some(queue), Some(max)) => queue > max,
+            _ => false,
+        }
+    }
+
+    /// Length of the SYN queue (icsk_accept_queue.qlen).
+    pub fn syn_queue(&self) -> Option<u32> {
+        read(self.addr, offsets().icsk_syn_qlen)
+    }
+
+    pub fn local_port(&self) -> Option<u16> {
+        read(self.addr, offsets().sock_num)
+    }
+
+    /// Bound address: 4 bytes for IPv4, 16 for IPv6.
+    pub fn local_addr(&self, family: u16, out: &mut [u8; 16]) {
+        let off = offsets();
+        if family == tracer_common::AF_INET6 {
+            if let Some(addr) = read::<[u8; 16]>(self.addr, off.sock_v6_rcv_saddr) {
+                *out = addr;
+            }
+        } else if let Some(addr) = read::<[u8; 4]>(self.addr, off.sock_rcv_saddr) {
+            out[..4].copy_from_slice(&addr);
+        }
+    }
+
+    /// The network namespace's net.ipv4.tcp_max_syn_backlog.
+    pub fn max_syn_backlog(&self) -> Option<u32> {
+        let off = offsets();
+        let net = read_ptr(self.addr, off.sock_net)?;
+        read(net, off.net_max_syn_backlog)
+    }
+
+    /// The network namespace's net.ipv4.tcp_syncookies.
+    pub fn syncookies(&self) -> Option<u8> {
+        let off = offsets();
+        let net = read_ptr(self.addr, off.sock_net)?;
+        read(net, off.net_syncookies)
+    }
+
     pub fn family(&self) -> Option<u16> {
         read(self.addr, offsets().sock_family)
     }

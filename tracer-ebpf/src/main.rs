@@ -6,9 +6,13 @@
 mod kernel;
 mod listen;
 mod maps;
+mod tcp_listen;
 mod unix_connect;
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, cgroup_skb, tracepoint},
+    programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
+};
 
 /// syscalls/sys_enter_connect: remember the UNIX address being connected to.
 #[tracepoint]
@@ -35,6 +39,21 @@ pub fn listen_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn listen_exit(ctx: TracePointContext) -> u32 {
     listen::on_exit(&ctx);
+    0
+}
+
+/// cgroup_skb/ingress on the cgroup v2 root: SYNs refused by a full
+/// listener. Always returns 1: the packet is never dropped here.
+#[cgroup_skb]
+pub fn tcp_syn_ingress(ctx: SkBuffContext) -> i32 {
+    tcp_listen::on_ingress(&ctx);
+    1
+}
+
+/// tp_btf/kfree_skb: final ACKs dropped by a full listener.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tcp_ack_drop(ctx: BtfTracePointContext) -> i32 {
+    tcp_listen::on_kfree_skb(&ctx);
     0
 }
 

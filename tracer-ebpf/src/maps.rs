@@ -11,7 +11,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Records that could not be handed over, by cause (see tracer_common::LOST_*).
 #[map]
-pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 /// Count one record that userspace will never see.
 pub fn count_lost(cause: u32) {

@@ -11,29 +11,81 @@ use crate::{attribution::process::Role, limits::Verdict};
 pub enum DropKind {
     /// connect() to a UNIX stream socket refused with EAGAIN: queue full.
     UnixBacklog,
+    /// A TCP connection attempt dropped because the accept queue was full
+    /// (at SYN or at ACK time: see `Drop::stage`).
+    TcpAcceptQueue,
+    /// A SYN dropped because the SYN queue was full (syncookies off).
+    TcpSynQueue,
 }
 
 impl DropKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::UnixBacklog => "unix_backlog",
+            Self::TcpAcceptQueue => "tcp_accept_queue",
+            Self::TcpSynQueue => "tcp_syn_queue",
         }
     }
 }
 
-/// The process that was refused.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Who was refused: a local process (UNIX; TCP from this machine) and/or
+/// a remote address (TCP). Absent fields are left out of the JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Client {
-    pub pid: u32,
-    pub comm: String,
-    pub role: Role,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl Client {
+    /// "nginx[3363] nginx-worker", "127.0.0.1:53412", or both.
+    pub fn label(&self) -> String {
+        let process = match (&self.comm, self.pid, self.role) {
+            (Some(comm), Some(pid), Some(role)) => Some(format!("{comm}[{pid}] {}", role.as_str())),
+            _ => None,
+        };
+        let address = match (&self.addr, self.port) {
+            (Some(addr), Some(port)) => Some(socket_label(addr, port)),
+            _ => None,
+        };
+        match (process, address) {
+            (Some(p), Some(a)) => format!("{p} from {a}"),
+            (Some(p), None) => p,
+            (None, Some(a)) => a,
+            (None, None) => "unknown client".into(),
+        }
+    }
+}
+
+/// "127.0.0.1:80", "[::1]:80".
+pub fn socket_label(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
 }
 
 /// The socket whose queue was full, and who owns it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ListenerView {
+    /// "unix", "tcp" or "tcp6".
     pub family: &'static str,
-    pub path: String,
+    /// UNIX listeners: the path, or "@name" for abstract ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// TCP listeners: the bound address and port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub netns: Option<u32>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
@@ -48,12 +100,23 @@ pub struct ListenerView {
 pub struct Drop {
     pub time: SystemTime,
     pub kind: DropKind,
+    /// TCP: "syn", "ack" or "ack_syncookie".
+    pub stage: Option<&'static str>,
     pub client: Client,
     pub listener: ListenerView,
     pub limit: Verdict,
 }
 
 impl ListenerView {
+    /// "/run/app.sock", "127.0.0.1:19090", or "listener unknown".
+    pub fn label(&self) -> String {
+        match (&self.path, &self.addr, self.port) {
+            (Some(path), _, _) => path.clone(),
+            (None, Some(addr), Some(port)) => socket_label(addr, port),
+            _ => "listener unknown".into(),
+        }
+    }
+
     /// "uwsgi[4242] uwsgi-master", or "owner unknown".
     pub fn owner_label(&self) -> String {
         match (&self.comm, self.pid, self.role) {

@@ -19,6 +19,8 @@ pub enum LimitName {
     /// The effective backlog equals somaxconn but the requested one was not
     /// seen: either could be the limit.
     BacklogAmbiguous,
+    /// net.ipv4.tcp_max_syn_backlog, with syncookies off.
+    TcpMaxSynBacklog,
     /// The listener could not be found (it closed before we looked).
     Unknown,
 }
@@ -31,6 +33,7 @@ impl LimitName {
             Self::NginxListenBacklog => "nginx_listen_backlog",
             Self::AppBacklog => "app_backlog",
             Self::BacklogAmbiguous => "backlog_ambiguous",
+            Self::TcpMaxSynBacklog => "tcp_max_syn_backlog",
             Self::Unknown => "unknown",
         }
     }
@@ -47,9 +50,17 @@ pub struct Verdict {
     pub fix: String,
 }
 
+/// How clients reach the listener: it changes what they see of a drop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Unix,
+    Tcp,
+}
+
 /// What we know about a listener whose queue overflowed.
 #[derive(Clone, Debug)]
 pub struct BacklogFacts {
+    pub transport: Transport,
     pub owner_role: Role,
     /// "uwsgi[4242]": how the fix names the owner.
     pub owner: String,
@@ -123,8 +134,12 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
             value: Some(effective.into()),
             source: setting.source,
             fix: format!(
-                "uWSGI listen={effective}{default_note}: set \"listen = {target}\" in the uWSGI ini {}; more uWSGI workers if the queue stays full",
-                somaxconn_clause(target, facts.somaxconn)
+                "uWSGI listen={effective}{default_note}: set \"listen = {target}\" in the uWSGI ini {}; more uWSGI workers if the queue stays full{}",
+                somaxconn_clause(target, facts.somaxconn),
+                match facts.transport {
+                    Transport::Tcp => " (over TCP, nginx shows 504 or 499 for these, not 502)",
+                    Transport::Unix => "",
+                }
             ),
         };
     }
@@ -176,6 +191,30 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
     }
 }
 
+/// A SYN dropped because the SYN queue neared tcp_max_syn_backlog with
+/// syncookies off (tcp_conn_request).
+pub fn syn_queue_verdict(max_syn_backlog: u32) -> Verdict {
+    Verdict {
+        name: LimitName::TcpMaxSynBacklog,
+        value: Some(max_syn_backlog.into()),
+        source: "net.ipv4.tcp_max_syn_backlog of the listener's network namespace, with net.ipv4.tcp_syncookies=0".into(),
+        fix: format!(
+            "sysctl -w net.ipv4.tcp_syncookies=1 (answers SYN floods without queueing), or raise net.ipv4.tcp_max_syn_backlog to {}",
+            max_syn_backlog.saturating_mul(4)
+        ),
+    }
+}
+
+/// A SYN dropped, with syncookies off, because the SYN queue held more than
+/// the backlog: the backlog is the limit, and cookies are the other way out.
+pub fn syn_queue_backlog_verdict(facts: &BacklogFacts) -> Verdict {
+    let mut verdict = backlog_verdict(facts);
+    verdict.fix.push_str(
+        "; or sysctl -w net.ipv4.tcp_syncookies=1 so a full SYN queue answers with cookies",
+    );
+    verdict
+}
+
 /// A refused connect whose listener droptrace could not find.
 pub fn unknown_listener_verdict() -> Verdict {
     Verdict {
@@ -199,6 +238,7 @@ mod tests {
         somaxconn: Option<u32>,
     ) -> BacklogFacts {
         BacklogFacts {
+            transport: Transport::Unix,
             owner_role: role,
             owner: "proc[42]".into(),
             effective,
@@ -286,6 +326,38 @@ mod tests {
     }
 
     #[test]
+    fn uwsgi_over_tcp_warns_that_nginx_shows_504_not_502() {
+        let mut f = facts(Role::UwsgiMaster, 100, Some(100), Some(4096));
+        f.transport = Transport::Tcp;
+        let v = backlog_verdict(&f);
+        assert_eq!(v.name, LimitName::UwsgiListen);
+        assert!(
+            v.fix
+                .ends_with("(over TCP, nginx shows 504 or 499 for these, not 502)"),
+            "{}",
+            v.fix
+        );
+    }
+
+    #[test]
+    fn syn_queue_drops_name_tcp_max_syn_backlog_or_the_backlog() {
+        let v = syn_queue_verdict(512);
+        assert_eq!((v.name, v.value), (LimitName::TcpMaxSynBacklog, Some(512)));
+        assert!(
+            v.fix.starts_with("sysctl -w net.ipv4.tcp_syncookies=1"),
+            "{}",
+            v.fix
+        );
+        let v = syn_queue_backlog_verdict(&facts(Role::Other, 2, Some(2), Some(4096)));
+        assert_eq!(v.name, LimitName::AppBacklog);
+        assert!(
+            v.fix.ends_with("so a full SYN queue answers with cookies"),
+            "{}",
+            v.fix
+        );
+    }
+
+    #[test]
     fn unknown_request_at_somaxconn_is_ambiguous_not_a_guess() {
         let v = backlog_verdict(&facts(Role::Other, 4096, None, Some(4096)));
         assert_eq!(v.name, LimitName::BacklogAmbiguous);
@@ -326,6 +398,7 @@ mod tests {
             LimitName::NginxListenBacklog,
             LimitName::AppBacklog,
             LimitName::BacklogAmbiguous,
+            LimitName::TcpMaxSynBacklog,
             LimitName::Unknown,
         ] {
             assert_eq!(serde_json::to_value(name).unwrap(), name.as_str());

@@ -7,23 +7,29 @@ use std::{
 };
 
 use anyhow::{anyhow, Result};
+use aya::maps::{MapData, PerCpuHashMap};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
 };
-use tracer_common::{ConnectFailure, ListenRecord, RecordKind, AF_UNIX};
+use tracer_common::{
+    stage, ConnectFailure, ListenRecord, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET,
+    AF_INET6, AF_UNIX,
+};
 
 use crate::{
     attribution::{
         address::UnixAddress,
         listeners::{Listener, Registry, Task},
-        process::{self, PidFilter, Role},
+        process::{self, PidFilter, Process, Role},
+        tcp::{Batch as TcpBatch, TcpListeners},
+        uwsgi::Setting,
     },
     cli::Args,
     drop::{Client, Drop, DropKind, ListenerView},
-    limits::{self, BacklogFacts},
+    limits::{self, BacklogFacts, Transport},
     probes,
-    sinks::{aggregate::Aggregator, Format, Sink},
+    sinks::{aggregate::Aggregator, Format, Reconciliation, Sink},
 };
 
 /// At most this many lines per second per (kind, listener, limit).
@@ -58,10 +64,56 @@ impl Clock {
 /// Everything that turns kernel records into drops.
 struct Attributor {
     registry: Registry,
+    tcp: TcpListeners,
     filter: PidFilter,
     clock: Clock,
     client_roles: HashMap<u32, Role>,
     queue_samples: HashMap<u64, (Instant, Option<u32>)>,
+    /// A TCP sample arrived: read the counters now rather than at the tick.
+    tcp_pending: bool,
+}
+
+/// The verdict inputs common to every listener.
+fn backlog_facts(
+    transport: Transport,
+    owner: Option<&Process>,
+    effective: u32,
+    requested: Option<u32>,
+    uwsgi_listen: Option<Setting>,
+    somaxconn: Option<u32>,
+) -> BacklogFacts {
+    BacklogFacts {
+        transport,
+        owner_role: owner.map_or(Role::Other, |o| o.role),
+        owner: owner.map_or_else(
+            || "the listener's owner".into(),
+            |o| format!("{}[{}]", o.comm, o.pid),
+        ),
+        effective,
+        requested,
+        uwsgi_listen,
+        somaxconn,
+    }
+}
+
+/// A listener as the sinks show it, before the family-specific fields.
+fn listener_view(
+    family: &'static str,
+    netns: Option<u32>,
+    owner: Option<&Process>,
+) -> ListenerView {
+    ListenerView {
+        family,
+        path: None,
+        addr: None,
+        port: None,
+        netns,
+        pid: owner.map(|o| o.pid),
+        comm: owner.map(|o| o.comm.clone()),
+        role: owner.map(|o| o.role),
+        queue: None,
+        backlog: None,
+    }
 }
 
 impl Attributor {
@@ -71,7 +123,12 @@ impl Attributor {
             .entry(pid)
             // An exited client cannot be placed in the process tree.
             .or_insert_with(|| process::inspect(pid).map_or(Role::Other, |p| p.role));
-        Client { pid, comm, role }
+        Client {
+            pid: Some(pid),
+            comm: Some(comm),
+            role: Some(role),
+            ..Client::default()
+        }
     }
 
     fn queue(&mut self, listener: &Listener) -> Option<u32> {
@@ -89,72 +146,110 @@ impl Attributor {
     fn unix_connect_refused(&mut self, record: &ConnectFailure) -> Option<Drop> {
         let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
         let address = UnixAddress::from_sun_path(raw)?;
-        let listener = self
-            .registry
-            .find(
-                Task {
-                    pid: record.pid,
-                    tid: record.tid,
-                    netns: record.netns,
-                },
-                &address,
-            )
-            .cloned();
-        let covered = self.filter.covers(record.pid)
-            || listener
-                .as_ref()
-                .and_then(|l| l.owner.as_ref())
-                .is_some_and(|owner| self.filter.covers(owner.pid));
-        if !covered {
+        let task = Task {
+            pid: record.pid,
+            tid: record.tid,
+            netns: record.netns,
+        };
+        let listener = self.registry.find(task, &address).cloned();
+        let owner = listener.as_ref().and_then(|l| l.owner.clone());
+        if !self.filter.covers(record.pid)
+            && !owner.as_ref().is_some_and(|o| self.filter.covers(o.pid))
+        {
             return None;
         }
         let client = self.client(record.pid, comm_of(&record.comm));
-        let (listener_view, limit) = match listener {
+        let mut view = listener_view("unix", None, owner.as_ref());
+        view.path = Some(address.to_string());
+        let limit = match &listener {
             Some(listener) => {
-                let queue = self.queue(&listener);
-                let owner = listener.owner.as_ref();
-                let facts = BacklogFacts {
-                    owner_role: owner.map_or(Role::Other, |o| o.role),
-                    owner: owner.map_or_else(
-                        || "the listener's owner".into(),
-                        |o| format!("{}[{}]", o.comm, o.pid),
-                    ),
-                    effective: listener.backlog,
-                    requested: listener.requested,
-                    uwsgi_listen: listener.uwsgi_listen.clone(),
-                    somaxconn: listener.somaxconn,
-                };
-                let view = ListenerView {
-                    family: "unix",
-                    path: address.to_string(),
-                    netns: Some(listener.netns),
-                    pid: owner.map(|o| o.pid),
-                    comm: owner.map(|o| o.comm.clone()),
-                    role: owner.map(|o| o.role),
-                    queue,
-                    backlog: Some(listener.backlog),
-                };
-                (view, limits::backlog_verdict(&facts))
+                view.netns = Some(listener.netns);
+                view.queue = self.queue(listener);
+                view.backlog = Some(listener.backlog);
+                limits::backlog_verdict(&backlog_facts(
+                    Transport::Unix,
+                    owner.as_ref(),
+                    listener.backlog,
+                    listener.requested,
+                    listener.uwsgi_listen.clone(),
+                    listener.somaxconn,
+                ))
             }
-            None => {
-                let view = ListenerView {
-                    family: "unix",
-                    path: address.to_string(),
-                    netns: None,
-                    pid: None,
-                    comm: None,
-                    role: None,
-                    queue: None,
-                    backlog: None,
-                };
-                (view, limits::unknown_listener_verdict())
-            }
+            None => limits::unknown_listener_verdict(),
         };
         Some(Drop {
             time: self.clock.wall(record.ktime_ns),
             kind: DropKind::UnixBacklog,
+            stage: None,
             client,
-            listener: listener_view,
+            listener: view,
+            limit,
+        })
+    }
+
+    /// New TCP drops from the kernel's counters, one Drop per listener and
+    /// stage with the number of drops it stands for.
+    fn tcp_drops(&mut self, totals: Vec<(TcpOverflowKey, u64)>) -> Vec<(Drop, u64)> {
+        self.tcp_pending = false;
+        let batches = self.tcp.poll(totals);
+        batches
+            .iter()
+            .filter_map(|batch| Some((self.tcp_drop(batch)?, batch.count)))
+            .collect()
+    }
+
+    fn tcp_drop(&mut self, batch: &TcpBatch) -> Option<Drop> {
+        let listener = &batch.listener;
+        let owner = listener.owner.as_ref();
+        // Remote clients have no pid: --pid selects TCP drops by owner.
+        if !self.filter.watches_everything() && !owner.is_some_and(|o| self.filter.covers(o.pid)) {
+            return None;
+        }
+        let (kind, stage_name) = match batch.stage {
+            stage::SYN => (DropKind::TcpAcceptQueue, "syn"),
+            stage::ACK => (DropKind::TcpAcceptQueue, "ack"),
+            stage::ACK_SYNCOOKIE => (DropKind::TcpAcceptQueue, "ack_syncookie"),
+            stage::SYN_QUEUE | stage::SYN_QUEUE_BACKLOG => (DropKind::TcpSynQueue, "syn"),
+            _ => return None,
+        };
+        let mut view = listener_view(listener.family(), listener.netns(), owner);
+        let mut client = Client::default();
+        if let Some((addr, port)) = listener.local() {
+            view.addr = Some(addr.to_string());
+            view.port = Some(port);
+        }
+        if let Some((addr, port)) = listener.last_peer() {
+            client.addr = Some(addr.to_string());
+            client.port = Some(port);
+        }
+        let (time, limit) = match listener.sample {
+            Some(sample) => {
+                view.queue = Some(sample.queue);
+                view.backlog = Some(sample.backlog);
+                let facts = backlog_facts(
+                    Transport::Tcp,
+                    owner,
+                    sample.backlog,
+                    listener.requested,
+                    listener.uwsgi_listen.clone(),
+                    Some(sample.somaxconn),
+                );
+                let limit = match batch.stage {
+                    stage::SYN_QUEUE => limits::syn_queue_verdict(sample.max_syn_backlog),
+                    stage::SYN_QUEUE_BACKLOG => limits::syn_queue_backlog_verdict(&facts),
+                    _ => limits::backlog_verdict(&facts),
+                };
+                (self.clock.wall(sample.ktime_ns), limit)
+            }
+            // Counted, but its details were never sampled (ring buffer full).
+            None => (SystemTime::now(), limits::unknown_listener_verdict()),
+        };
+        Some(Drop {
+            time,
+            kind,
+            stage: Some(stage_name),
+            client,
+            listener: view,
             limit,
         })
     }
@@ -169,13 +264,53 @@ impl Attributor {
             }
             RecordKind::Listen => {
                 let record: ListenRecord = read_record(bytes)?;
-                if record.family == AF_UNIX {
-                    self.registry.on_listen(&record);
+                match record.family {
+                    AF_UNIX => self.registry.on_listen(&record),
+                    AF_INET | AF_INET6 => self.tcp.on_listen(&record),
+                    _ => {}
                 }
+                None
+            }
+            RecordKind::TcpOverflow => {
+                let record: TcpOverflowRecord = read_record(bytes)?;
+                self.tcp.on_sample(&record);
+                self.tcp_pending = true;
                 None
             }
         }
     }
+
+    /// droptrace's accept-queue overflows next to the kernel's counter,
+    /// per namespace where either saw any.
+    fn reconcile(&mut self, baseline: &HashMap<u32, u64>) -> Vec<Reconciliation> {
+        let now = self.registry.listen_overflows();
+        let ours = self.tcp.accept_queue_overflows_by_netns();
+        let mut namespaces: Vec<u32> = now.keys().chain(ours.keys()).copied().collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        namespaces
+            .into_iter()
+            .map(|netns| Reconciliation {
+                netns,
+                droptrace: ours.get(&netns).copied().unwrap_or(0),
+                // A namespace created after droptrace started counted from 0.
+                kernel: now.get(&netns).copied().unwrap_or(0)
+                    - baseline.get(&netns).copied().unwrap_or(0),
+            })
+            .filter(|r| r.droptrace > 0 || r.kernel > 0)
+            .collect()
+    }
+}
+
+/// Current totals of the kernel's per-CPU TCP drop counters.
+fn counter_totals(
+    counters: &PerCpuHashMap<MapData, TcpOverflowKey, u64>,
+) -> Vec<(TcpOverflowKey, u64)> {
+    counters
+        .iter()
+        .filter_map(|entry| entry.ok())
+        .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
+        .collect()
 }
 
 fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -195,22 +330,40 @@ fn comm_of(raw: &[u8]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
+/// Count drops (each standing for `count`) and print the lines now due.
+fn show<W: Write>(
+    aggregator: &mut Aggregator,
+    sink: &mut Sink<W>,
+    drops: impl IntoIterator<Item = (Drop, u64)>,
+) -> std::io::Result<()> {
+    for (drop, count) in drops {
+        if let Some(line) = aggregator.add(drop, count, Instant::now()) {
+            sink.line(&line)?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(args: Args) -> Result<()> {
     let filter = PidFilter::new(&args.pids)?;
     let probes::Probes {
         ebpf: _attached,
         records,
         lost,
+        tcp_overflows,
     } = probes::load()?;
     let started = Instant::now();
     let mut registry = Registry::default();
     registry.rescan();
+    let baseline = registry.listen_overflows();
     let mut attributor = Attributor {
         registry,
+        tcp: TcpListeners::default(),
         filter,
         clock: Clock::new(),
         client_roles: HashMap::new(),
         queue_samples: HashMap::new(),
+        tcp_pending: false,
     };
     let format = if args.json {
         Format::Json
@@ -233,7 +386,9 @@ pub async fn run(args: Args) -> Result<()> {
     } else {
         format!("pids {:?} and their descendants", args.pids)
     };
-    tracing::info!("watching refused UNIX connects of {scope} (Ctrl-C for the summary)");
+    tracing::info!(
+        "watching refused UNIX connects and TCP listen-queue drops of {scope} (Ctrl-C for the summary)"
+    );
 
     loop {
         tokio::select! {
@@ -241,15 +396,16 @@ pub async fn run(args: Args) -> Result<()> {
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    if let Some(drop) = attributor.handle(&item) {
-                        if let Some(line) = aggregator.add(drop, Instant::now()) {
-                            sink.line(&line)?;
-                        }
-                    }
+                    let drop = attributor.handle(&item);
+                    show(&mut aggregator, &mut sink, drop.map(|d| (d, 1)))?;
                 }
                 guard.clear_ready();
+                if attributor.tcp_pending {
+                    show(&mut aggregator, &mut sink, attributor.tcp_drops(counter_totals(&tcp_overflows)))?;
+                }
             }
             _ = tick.tick() => {
+                show(&mut aggregator, &mut sink, attributor.tcp_drops(counter_totals(&tcp_overflows)))?;
                 for line in aggregator.due(Instant::now()) {
                     sink.line(&line)?;
                 }
@@ -260,19 +416,27 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
 
-    // What the kernel submitted before we stopped is still counted.
+    // What the kernel submitted or counted before we stopped still counts.
     let ring = records.get_mut();
     while let Some(item) = ring.next() {
-        if let Some(drop) = attributor.handle(&item) {
-            if let Some(line) = aggregator.add(drop, Instant::now()) {
-                sink.line(&line)?;
-            }
-        }
+        let drop = attributor.handle(&item);
+        show(&mut aggregator, &mut sink, drop.map(|d| (d, 1)))?;
     }
+    show(
+        &mut aggregator,
+        &mut sink,
+        attributor.tcp_drops(counter_totals(&tcp_overflows)),
+    )?;
     for line in aggregator.drain() {
         sink.line(&line)?;
     }
-    sink.summary(&aggregator.totals(), lost.read()?, started.elapsed())?;
+    let kernel = attributor.reconcile(&baseline);
+    sink.summary(
+        &aggregator.totals(),
+        lost.read()?,
+        &kernel,
+        started.elapsed(),
+    )?;
     std::io::stdout().flush()?;
     Ok(())
 }

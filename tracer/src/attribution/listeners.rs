@@ -18,8 +18,9 @@ use crate::limits::LISTEN_MAX_REQUEST;
 
 use super::{
     address::UnixAddress,
+    owners,
     process::{self, Process},
-    sock_diag::{self, FileId, NetnsView, UnixListenerEntry},
+    sock_diag::{self, FileId, Netns, NetnsView, UnixListenerEntry},
     uwsgi::{self, Setting},
 };
 
@@ -51,26 +52,63 @@ pub struct Registry {
     views: HashMap<u32, NetnsView>,
     last_rescan: Option<Instant>,
     last_owner_scan: Option<Instant>,
+    retired_overflows: HashMap<u32, u64>,
 }
 
 impl Registry {
+    /// TcpExtListenOverflows of every network namespace seen so far, by
+    /// namespace inode; for a namespace that went away, its last reading.
+    pub fn listen_overflows(&mut self) -> HashMap<u32, u64> {
+        for netns in sock_diag::namespaces() {
+            self.view_for(&netns);
+        }
+        let mut readings = self.retired_overflows.clone();
+        for (inode, view) in &self.views {
+            if let Some(count) = view.listen_overflows() {
+                readings.insert(*inode, count);
+            }
+        }
+        readings
+    }
+
+    /// The view of `netns`, opened on first use.
+    fn view_for(&mut self, netns: &Netns) -> Option<&NetnsView> {
+        match self.views.entry(netns.inode) {
+            Entry::Occupied(entry) => Some(entry.into_mut()),
+            Entry::Vacant(entry) => match NetnsView::open(netns) {
+                Ok(view) => Some(entry.insert(view)),
+                Err(err) => {
+                    tracing::warn!("skipping network namespace {}: {err:#}", netns.inode);
+                    None
+                }
+            },
+        }
+    }
+
     /// Scan every network namespace's socket table. Listeners that closed
-    /// and namespaces that went away are forgotten.
+    /// and namespaces that went away are forgotten (a gone namespace's last
+    /// ListenOverflows reading is kept).
     pub fn rescan(&mut self) {
         self.last_rescan = Some(Instant::now());
         let live = sock_diag::namespaces();
-        self.views
-            .retain(|inode, _| live.iter().any(|netns| netns.inode == *inode));
+        let gone: Vec<u32> = self
+            .views
+            .keys()
+            .filter(|inode| !live.iter().any(|netns| netns.inode == **inode))
+            .copied()
+            .collect();
+        for inode in gone {
+            if let Some(count) = self
+                .views
+                .remove(&inode)
+                .and_then(|view| view.listen_overflows())
+            {
+                self.retired_overflows.insert(inode, count);
+            }
+        }
         for netns in live {
-            let view = match self.views.entry(netns.inode) {
-                Entry::Occupied(entry) => entry.into_mut(),
-                Entry::Vacant(entry) => match NetnsView::open(&netns) {
-                    Ok(view) => entry.insert(view),
-                    Err(err) => {
-                        tracing::warn!("skipping network namespace {}: {err:#}", netns.inode);
-                        continue;
-                    }
-                },
+            let Some(view) = self.view_for(&netns) else {
+                continue;
             };
             let somaxconn = view.somaxconn;
             let entries = match view.unix_listeners() {
@@ -207,68 +245,26 @@ impl Registry {
             .map(|e| e.queue)
     }
 
-    /// Owners from /proc/*/fd, in one pass over every process (what `ss -p`
-    /// does), for every listener that has none yet.
+    /// Owners for every listener that has none yet (one pass over /proc).
     fn resolve_missing_owners(&mut self) {
         self.last_owner_scan = Some(Instant::now());
-        let wanted: HashMap<u64, ()> = self
+        let wanted: HashSet<u64> = self
             .listeners
             .values()
             .filter(|l| l.owner.is_none())
-            .map(|l| (l.inode, ()))
+            .map(|l| l.inode)
             .collect();
-        if wanted.is_empty() {
-            return;
-        }
-        let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
-        for pid in process::all_pids() {
-            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-                continue;
-            };
-            for fd in fds.flatten() {
-                let Ok(target) = fs::read_link(fd.path()) else {
-                    continue;
-                };
-                let Some(inode) = socket_inode(&target) else {
-                    continue;
-                };
-                if wanted.contains_key(&inode) {
-                    holders.entry(inode).or_default().push(pid);
-                }
+        for (inode, owner) in owners::owners_of(&wanted) {
+            if let Some(listener) = self.listeners.get_mut(&inode) {
+                listener.uwsgi_listen = uwsgi_setting(&owner);
+                listener.owner = Some(owner);
             }
-        }
-        for (inode, pids) in holders {
-            let Some(listener) = self.listeners.get_mut(&inode) else {
-                continue;
-            };
-            listener.owner = topmost(&pids).and_then(process::inspect);
-            listener.uwsgi_listen = listener.owner.as_ref().and_then(uwsgi_setting);
         }
     }
 }
 
-/// "socket:[12345]" -> 12345
-fn socket_inode(link: &Path) -> Option<u64> {
-    link.to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-/// Of the processes holding a socket, the one whose parent does not hold it
-/// (a master, not its forked workers); the lowest pid on a tie.
-fn topmost(pids: &[u32]) -> Option<u32> {
-    let mut roots: Vec<u32> = pids
-        .iter()
-        .copied()
-        .filter(|&pid| !process::parent_of(pid).is_some_and(|parent| pids.contains(&parent)))
-        .collect();
-    roots.sort_unstable();
-    roots.first().or(pids.iter().min()).copied()
-}
-
-fn uwsgi_setting(owner: &Process) -> Option<Setting> {
+/// uWSGI's configured `listen`, when `owner` is uWSGI.
+pub fn uwsgi_setting(owner: &Process) -> Option<Setting> {
     if !owner.role.is_uwsgi() {
         return None;
     }
@@ -308,12 +304,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn socket_links_parse() {
-        assert_eq!(socket_inode(Path::new("socket:[4242]")), Some(4242));
-        assert_eq!(socket_inode(Path::new("pipe:[4242]")), None);
-    }
-
-    #[test]
     fn paths_are_seen_through_the_process_root_and_cwd() {
         let task = Task {
             pid: 7,
@@ -328,13 +318,5 @@ mod tests {
             task.view_of(Path::new("a.sock")),
             PathBuf::from("/proc/7/task/9/cwd/a.sock")
         );
-    }
-
-    #[test]
-    fn the_owner_is_the_process_whose_parent_does_not_hold_the_socket() {
-        let me = std::process::id();
-        let parent = process::parent_of(me).unwrap();
-        assert_eq!(topmost(&[me, parent]), Some(parent));
-        assert_eq!(topmost(&[me]), Some(me));
     }
 }

@@ -1,6 +1,8 @@
 //! Who is involved in a drop: the listener, its owner, the refused client.
 pub mod address;
 pub mod listeners;
+pub mod owners;
 pub mod process;
 pub mod sock_diag;
+pub mod tcp;
 pub mod uwsgi;

@@ -98,11 +98,13 @@ pub fn netns_inode(handle: &std::path::Path) -> Option<u32> {
     fs::metadata(handle).ok().map(|m| m.ino() as u32)
 }
 
-/// A sock_diag socket bound to one network namespace, plus that
-/// namespace's net.core.somaxconn.
+/// A sock_diag socket bound to one network namespace, that namespace's
+/// net.core.somaxconn, and its /proc/net/netstat.
 pub struct NetnsView {
     socket: Socket,
     pub somaxconn: Option<u32>,
+    /// Opened inside the namespace: reads keep showing that namespace.
+    netstat: Option<File>,
 }
 
 impl NetnsView {
@@ -129,10 +131,25 @@ impl NetnsView {
             let somaxconn = fs::read_to_string("/proc/sys/net/core/somaxconn")
                 .ok()
                 .and_then(|s| s.trim().parse().ok());
-            Ok(Self { socket, somaxconn })
+            let netstat = File::open("/proc/thread-self/net/netstat").ok();
+            Ok(Self {
+                socket,
+                somaxconn,
+                netstat,
+            })
         })
         .join()
         .map_err(|_| anyhow!("netns thread panicked"))?
+    }
+
+    /// The namespace's TcpExtListenOverflows counter now (what `nstat` shows).
+    pub fn listen_overflows(&self) -> Option<u64> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = self.netstat.as_ref()?;
+        file.seek(SeekFrom::Start(0)).ok()?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).ok()?;
+        netstat_value(&text, "TcpExt", "ListenOverflows")
     }
 
     /// Every listening UNIX socket of this namespace.
@@ -183,6 +200,20 @@ impl NetnsView {
     }
 }
 
+/// A counter from /proc/net/netstat: pairs of lines, "Group: names..."
+/// then "Group: values...".
+pub fn netstat_value(text: &str, group: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let position = names.split_whitespace().position(|n| n == name);
+        if let Some(position) = position {
+            return values.split_whitespace().nth(position)?.parse().ok();
+        }
+    }
+    None
+}
+
 fn entry_from(response: &netlink_packet_sock_diag::unix::UnixResponse) -> UnixListenerEntry {
     let mut entry = UnixListenerEntry {
         inode: response.header.inode.into(),
@@ -223,6 +254,19 @@ fn entry_from(response: &netlink_packet_sock_diag::unix::UnixResponse) -> UnixLi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netstat_counters_are_found_by_group_and_name() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 13597 13600\nIpExt: InNoRoutes ListenOverflows\nIpExt: 1 99\n";
+        assert_eq!(
+            netstat_value(text, "TcpExt", "ListenOverflows"),
+            Some(13597)
+        );
+        assert_eq!(netstat_value(text, "TcpExt", "ListenDrops"), Some(13600));
+        assert_eq!(netstat_value(text, "IpExt", "ListenOverflows"), Some(99));
+        assert_eq!(netstat_value(text, "TcpExt", "Nope"), None);
+        assert_eq!(netstat_value("garbage", "TcpExt", "ListenOverflows"), None);
+    }
     use std::os::unix::net::UnixListener;
 
     /// Needs no root: our own namespace's table shows a listener we made.

@@ -6,11 +6,13 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
     Ebpf, EbpfLoader,
 };
-use tracer_common::{LOST_PENDING_FULL, LOST_RINGBUF_FULL};
+use tracer_common::{
+    DropReasons, TcpOverflowKey, LOST_COUNTERS_FULL, LOST_PENDING_FULL, LOST_RINGBUF_FULL,
+};
 
 /// The object built by `cargo xtask build-ebpf` (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf.o"));
@@ -30,6 +32,8 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub records: RingBuf<MapData>,
     pub lost: LostCounters,
+    /// Exact per-CPU drop counts of TCP listeners, by listener and stage.
+    pub tcp_overflows: PerCpuHashMap<MapData, TcpOverflowKey, u64>,
 }
 
 /// The kernel side's count of records userspace never saw.
@@ -40,11 +44,12 @@ pub struct LostCounters(PerCpuArray<MapData, u64>);
 pub struct Lost {
     pub ring_buffer_full: u64,
     pub pending_map_full: u64,
+    pub counter_map_full: u64,
 }
 
 impl Lost {
     pub fn total(&self) -> u64 {
-        self.ring_buffer_full + self.pending_map_full
+        self.ring_buffer_full + self.pending_map_full + self.counter_map_full
     }
 }
 
@@ -86,8 +91,10 @@ pub fn load() -> Result<Probes> {
     let kernel_offsets =
         offsets::resolve(&btf).context("this kernel's layout is not one droptrace can read")?;
     tracing::debug!(?kernel_offsets, "resolved kernel field offsets from BTF");
+    let drop_reasons = offsets::drop_reasons(&btf);
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
+        .override_global("DROP_REASONS", &drop_reasons, true)
         .load(EBPF_OBJECT)
         .context("the kernel refused droptrace's eBPF programs")?;
     for &(program, category, name) in TRACEPOINTS {
@@ -102,19 +109,101 @@ pub fn load() -> Result<Probes> {
             .attach(category, name)
             .with_context(|| format!("cannot attach to tracepoint {category}/{name}"))?;
     }
-    let records = RingBuf::try_from(
-        ebpf.take_map("EVENTS")
-            .ok_or_else(|| anyhow!("no EVENTS map"))?,
-    )?;
-    let lost = PerCpuArray::try_from(
-        ebpf.take_map("LOST")
-            .ok_or_else(|| anyhow!("no LOST map"))?,
-    )?;
+    if let Err(err) = attach_syn_time(&mut ebpf) {
+        tracing::warn!("TCP drops at SYN time will not be seen: {}", short(&err));
+    }
+    if let Err(err) = attach_ack_time(&mut ebpf, drop_reasons) {
+        tracing::warn!("TCP drops at ACK time will not be seen: {}", short(&err));
+    }
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("eBPF object lacks map {name}"))
+    };
+    let records = RingBuf::try_from(take("EVENTS")?)?;
+    let lost = LostCounters(PerCpuArray::try_from(take("LOST")?)?);
+    let tcp_overflows = PerCpuHashMap::try_from(take("TCP_OVERFLOWS")?)?;
     Ok(Probes {
         ebpf,
         records,
-        lost: LostCounters(lost),
+        lost,
+        tcp_overflows,
     })
+}
+
+/// An error in one line. A verifier refusal carries the whole verifier
+/// log; the operator needs its first line and the verifier's verdict (the
+/// last line before its statistics). The full log goes to debug.
+fn short(err: &anyhow::Error) -> String {
+    const STATISTICS: [&str; 4] = ["verification time", "stack depth", "processed", ":"];
+    let full = format!("{err:#}");
+    tracing::debug!("{full}");
+    let mut lines = full.lines().map(str::trim).filter(|line| !line.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let verdict = lines.rfind(|line| !STATISTICS.iter().any(|s| line.starts_with(s)));
+    match verdict {
+        Some(verdict) => format!("{first} ... {verdict} (RUST_LOG=debug shows the verifier log)"),
+        None => first.to_string(),
+    }
+}
+
+/// The cgroup v2 hierarchy's root, where one cgroup_skb program sees every
+/// socket of the machine (hybrid systems mount it at /sys/fs/cgroup/unified).
+fn cgroup2_root() -> Result<std::path::PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| std::path::PathBuf::from(path))
+        })
+        .min_by_key(|path| path.components().count())
+        .ok_or_else(|| {
+            anyhow!(
+                "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+            )
+        })
+}
+
+fn attach_syn_time(ebpf: &mut Ebpf) -> Result<()> {
+    let root = cgroup2_root()?;
+    let cgroup =
+        std::fs::File::open(&root).with_context(|| format!("cannot open {}", root.display()))?;
+    let program: &mut CgroupSkb = ebpf
+        .program_mut("tcp_syn_ingress")
+        .ok_or_else(|| anyhow!("eBPF object lacks program tcp_syn_ingress"))?
+        .try_into()?;
+    program
+        .load()
+        .context("cannot load the cgroup_skb program")?;
+    // aya attaches through a bpf_link (Linux 5.7+), which takes no flags
+    // and always joins the programs already there (BPF_F_ALLOW_MULTI): the
+    // root's other programs (systemd's) are neither displaced nor blocked.
+    program
+        .attach(
+            cgroup,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )
+        .with_context(|| format!("cannot attach cgroup_skb/ingress to {}", root.display()))?;
+    Ok(())
+}
+
+fn attach_ack_time(ebpf: &mut Ebpf, reasons: DropReasons) -> Result<()> {
+    if reasons.tcp_listen_overflow == u32::MAX {
+        bail!("this kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (kfree_skb's rx_sk needs Linux 6.11+)");
+    }
+    let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut("tcp_ack_drop")
+        .ok_or_else(|| anyhow!("eBPF object lacks program tcp_ack_drop"))?
+        .try_into()?;
+    program
+        .load("kfree_skb", &btf)
+        .context("cannot load tp_btf/kfree_skb")?;
+    program.attach().context("cannot attach tp_btf/kfree_skb")?;
+    Ok(())
 }
 
 impl LostCounters {
@@ -123,6 +212,7 @@ impl LostCounters {
         Ok(Lost {
             ring_buffer_full: sum(LOST_RINGBUF_FULL)?,
             pending_map_full: sum(LOST_PENDING_FULL)?,
+            counter_map_full: sum(LOST_COUNTERS_FULL)?,
         })
     }
 }

@@ -4,7 +4,7 @@
 //! the programs read fields at offsets we hand them in `KernelOffsets`.
 use anyhow::{anyhow, bail, Context, Result};
 use btf_rs::{Btf, Struct, Type};
-use tracer_common::KernelOffsets;
+use tracer_common::{DropReasons, KernelOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -34,7 +34,45 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         unix_sock_addr: at("unix_sock.addr")?,
         unix_address_len: at("unix_address.len")?,
         unix_address_name: at("unix_address.name")?,
+        sock_state: at("sock.__sk_common.skc_state")?,
+        sock_num: at("sock.__sk_common.skc_num")?,
+        sock_rcv_saddr: at("sock.__sk_common.skc_rcv_saddr")?,
+        sock_v6_rcv_saddr: at("sock.__sk_common.skc_v6_rcv_saddr")?,
+        sock_ack_backlog: at("sock.sk_ack_backlog")?,
+        sock_socket: at("sock.sk_socket")?,
+        socket_file: at("socket.file")?,
+        icsk_syn_qlen: at("inet_connection_sock.icsk_accept_queue.qlen")?,
+        net_max_syn_backlog: at("net.ipv4.sysctl_max_syn_backlog")?,
+        net_syncookies: at("net.ipv4.sysctl_tcp_syncookies")?,
+        skb_head: at("sk_buff.head")?,
+        skb_network_header: at("sk_buff.network_header")?,
+        skb_transport_header: at("sk_buff.transport_header")?,
     })
+}
+
+/// The running kernel's values of the drop reasons the programs match.
+/// Values differ between kernels, so they are never written as literals;
+/// a reason this kernel lacks becomes u32::MAX, which matches nothing.
+pub fn drop_reasons(btf: &Btf) -> DropReasons {
+    let value = |name: &str| enum_value(btf, "skb_drop_reason", name).unwrap_or(u32::MAX);
+    DropReasons {
+        tcp_listen_overflow: value("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"),
+        no_socket: value("SKB_DROP_REASON_NO_SOCKET"),
+    }
+}
+
+fn enum_value(btf: &Btf, enum_name: &str, member: &str) -> Option<u32> {
+    btf.resolve_types_by_name(enum_name)
+        .ok()?
+        .into_iter()
+        .find_map(|ty| match ty {
+            Type::Enum(e) => e
+                .members
+                .iter()
+                .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member))
+                .map(|m| m.val()),
+            _ => None,
+        })
 }
 
 /// Byte offset of `struct.field.subfield...` from the start of `struct`,
@@ -126,5 +164,19 @@ mod tests {
         assert_eq!(offsets.sock_family, 16);
         assert!(offsets.sock_max_ack_backlog > offsets.sock_net);
         assert!(offsets.unix_address_name > offsets.unix_address_len);
+    }
+
+    #[test]
+    fn drop_reasons_come_from_the_kernels_enum() {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            eprintln!("SKIPPED: {VMLINUX_BTF} missing (kernel without BTF)");
+            return;
+        }
+        let reasons = drop_reasons(&load_vmlinux_btf().unwrap());
+        // NO_SOCKET is the third reason since 5.17; TCP_LISTEN_OVERFLOW
+        // exists on this project's minimum kernel (6.11) and is not NO_SOCKET.
+        assert_eq!(reasons.no_socket, 3);
+        assert_ne!(reasons.tcp_listen_overflow, u32::MAX);
+        assert_ne!(reasons.tcp_listen_overflow, reasons.no_socket);
     }
 }

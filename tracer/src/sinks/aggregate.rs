@@ -12,7 +12,8 @@ use crate::{drop::Drop, drop::DropKind, limits::LimitName};
 pub struct Key {
     kind: DropKind,
     netns: Option<u32>,
-    path: String,
+    stage: Option<&'static str>,
+    listener: String,
     limit: LimitName,
 }
 
@@ -21,7 +22,8 @@ impl Key {
         Self {
             kind: drop.kind,
             netns: drop.listener.netns,
-            path: drop.listener.path.clone(),
+            stage: drop.stage,
+            listener: drop.listener.label(),
             limit: drop.limit.name,
         }
     }
@@ -39,7 +41,6 @@ pub struct Line {
 struct Batch {
     latest: Drop,
     pending: u64,
-    emitted_lines: u64,
     last_emit: Instant,
     total: u64,
 }
@@ -67,8 +68,8 @@ impl Aggregator {
         }
     }
 
-    /// Count a drop; returns a line when one is due now.
-    pub fn add(&mut self, drop: Drop, now: Instant) -> Option<Line> {
+    /// Count `count` drops like `drop`; returns a line when one is due now.
+    pub fn add(&mut self, drop: Drop, count: u64, now: Instant) -> Option<Line> {
         let key = Key::of(&drop);
         match self.batches.get_mut(&key) {
             None => {
@@ -78,20 +79,19 @@ impl Aggregator {
                     Batch {
                         latest: drop.clone(),
                         pending: 0,
-                        emitted_lines: 1,
                         last_emit: now,
-                        total: 1,
+                        total: count,
                     },
                 );
                 Some(Line {
                     drop,
-                    count: 1,
+                    count,
                     first: true,
                 })
             }
             Some(batch) => {
-                batch.total += 1;
-                batch.pending += 1;
+                batch.total += count;
+                batch.pending += count;
                 batch.latest = drop;
                 Self::take_if_due(batch, now, self.interval)
             }
@@ -108,7 +108,6 @@ impl Aggregator {
             first: false,
         };
         batch.pending = 0;
-        batch.emitted_lines += 1;
         batch.last_emit = now;
         Some(line)
     }
@@ -162,14 +161,18 @@ mod tests {
         Drop {
             time: SystemTime::now(),
             kind: DropKind::UnixBacklog,
+            stage: None,
             client: Client {
-                pid: 1,
-                comm: "nginx".into(),
-                role: Role::NginxWorker,
+                pid: Some(1),
+                comm: Some("nginx".into()),
+                role: Some(Role::NginxWorker),
+                ..Client::default()
             },
             listener: ListenerView {
                 family: "unix",
-                path: path.into(),
+                path: Some(path.into()),
+                addr: None,
+                port: None,
                 netns: Some(1),
                 pid: None,
                 comm: None,
@@ -196,7 +199,7 @@ mod tests {
         for i in 0..10_000u64 {
             let now = start + Duration::from_micros(i * 100);
             let path = if i % 2 == 0 { "/a" } else { "/b" };
-            if let Some(line) = agg.add(drop_at(path), now) {
+            if let Some(line) = agg.add(drop_at(path), 1, now) {
                 printed += line.count;
                 lines += 1;
             }
@@ -219,13 +222,23 @@ mod tests {
             totals.iter().map(|t| t.count).collect::<Vec<_>>(),
             vec![5_000, 5_000]
         );
-        assert_eq!(totals[0].drop.listener.path, "/a");
+        assert_eq!(totals[0].drop.listener.label(), "/a");
+    }
+
+    #[test]
+    fn batches_from_kernel_counters_count_as_many_drops() {
+        let mut agg = Aggregator::new(Duration::from_millis(250));
+        let start = Instant::now();
+        assert_eq!(agg.add(drop_at("/a"), 500, start).unwrap().count, 500);
+        assert!(agg.add(drop_at("/a"), 20, start).is_none());
+        assert_eq!(agg.drain()[0].count, 20);
+        assert_eq!(agg.totals()[0].count, 520);
     }
 
     #[test]
     fn a_single_drop_is_shown_at_once_and_not_again() {
         let mut agg = Aggregator::new(Duration::from_millis(250));
-        let line = agg.add(drop_at("/a"), Instant::now()).unwrap();
+        let line = agg.add(drop_at("/a"), 1, Instant::now()).unwrap();
         assert!(line.first);
         assert_eq!(line.count, 1);
         assert!(agg.drain().is_empty());

@@ -17,6 +17,16 @@ use crate::{
 };
 use aggregate::{Line, Total};
 
+/// droptrace's TCP accept-queue overflows next to the kernel's own
+/// counter, for one network namespace, over droptrace's run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Reconciliation {
+    pub netns: u32,
+    pub droptrace: u64,
+    /// Delta of TcpExtListenOverflows over the same window.
+    pub kernel: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Human,
@@ -35,6 +45,8 @@ struct DropLine<'a> {
     record: &'static str,
     time: String,
     kind: DropKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stage: Option<&'static str>,
     count: u64,
     client: &'a Client,
     listener: &'a ListenerView,
@@ -44,6 +56,8 @@ struct DropLine<'a> {
 #[derive(Serialize)]
 struct TotalLine<'a> {
     kind: DropKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stage: Option<&'static str>,
     listener: &'a ListenerView,
     limit: &'a Verdict,
     count: u64,
@@ -58,6 +72,14 @@ fn limit_label(limit: &Verdict) -> String {
     match limit.value {
         Some(value) => format!("{}={value} ({})", limit.name.as_str(), limit.source),
         None => format!("{} ({})", limit.name.as_str(), limit.source),
+    }
+}
+
+/// "tcp_accept_queue[syn]", "unix_backlog".
+fn kind_label(drop: &crate::drop::Drop) -> String {
+    match drop.stage {
+        Some(stage) => format!("{}[{stage}]", drop.kind.as_str()),
+        None => drop.kind.as_str().to_string(),
     }
 }
 
@@ -79,6 +101,7 @@ impl<W: Write> Sink<W> {
                     record: "drop",
                     time: rfc3339(drop.time),
                     kind: drop.kind,
+                    stage: drop.stage,
                     count: line.count,
                     client: &drop.client,
                     listener: &drop.listener,
@@ -97,15 +120,13 @@ impl<W: Write> Sink<W> {
                 };
                 writeln!(
                     self.out,
-                    "{clock} {kind} x{count} {path} {queue}, owner {owner}, refused {comm}[{pid}] {role}: {limit}{fix}",
-                    kind = drop.kind.as_str(),
+                    "{clock} {kind} x{count} {listener} {queue}, owner {owner}, refused {client}: {limit}{fix}",
+                    kind = kind_label(drop),
                     count = line.count,
-                    path = drop.listener.path,
+                    listener = drop.listener.label(),
                     queue = queue_label(&drop.listener),
                     owner = drop.listener.owner_label(),
-                    comm = drop.client.comm,
-                    pid = drop.client.pid,
-                    role = drop.client.role.as_str(),
+                    client = drop.client.label(),
                     limit = limit_label(&drop.limit),
                 )?;
             }
@@ -113,13 +134,20 @@ impl<W: Write> Sink<W> {
         self.out.flush()
     }
 
-    pub fn summary(&mut self, totals: &[Total], lost: Lost, elapsed: Duration) -> io::Result<()> {
+    pub fn summary(
+        &mut self,
+        totals: &[Total],
+        lost: Lost,
+        kernel: &[Reconciliation],
+        elapsed: Duration,
+    ) -> io::Result<()> {
         match self.format {
             Format::Json => {
                 let totals: Vec<TotalLine> = totals
                     .iter()
                     .map(|t| TotalLine {
                         kind: t.drop.kind,
+                        stage: t.drop.stage,
                         listener: &t.drop.listener,
                         limit: &t.drop.limit,
                         count: t.count,
@@ -132,7 +160,9 @@ impl<W: Write> Sink<W> {
                     "lost_by_cause": {
                         "ring_buffer_full": lost.ring_buffer_full,
                         "pending_map_full": lost.pending_map_full,
+                        "counter_map_full": lost.counter_map_full,
                     },
+                    "kernel_listen_overflows": kernel,
                     "duration_s": elapsed.as_secs_f64(),
                 });
                 serde_json::to_writer(&mut self.out, &record)?;
@@ -149,7 +179,7 @@ impl<W: Write> Sink<W> {
                 if !totals.is_empty() {
                     writeln!(
                         self.out,
-                        "{:>8}  {:<13} {:<28} {:<30} LIMIT",
+                        "{:>8}  {:<21} {:<28} {:<30} LIMIT",
                         "COUNT", "KIND", "LISTENER", "OWNER"
                     )?;
                 }
@@ -157,22 +187,35 @@ impl<W: Write> Sink<W> {
                     let drop = &total.drop;
                     writeln!(
                         self.out,
-                        "{:>8}  {:<13} {:<28} {:<30} {}",
+                        "{:>8}  {:<21} {:<28} {:<30} {}",
                         total.count,
-                        drop.kind.as_str(),
-                        drop.listener.path,
+                        kind_label(drop),
+                        drop.listener.label(),
                         drop.listener.owner_label(),
                         limit_label(&drop.limit)
                     )?;
                     writeln!(self.out, "{:>8}  fix: {}", "", drop.limit.fix)?;
                 }
+                for netns in kernel {
+                    let verdict = if netns.droptrace == netns.kernel {
+                        "match"
+                    } else {
+                        "MISMATCH"
+                    };
+                    writeln!(
+                        self.out,
+                        "TCP listen overflows in netns {}: droptrace {}, kernel TcpExtListenOverflows {} ({verdict})",
+                        netns.netns, netns.droptrace, netns.kernel
+                    )?;
+                }
                 if lost.total() > 0 {
                     writeln!(
                         self.out,
-                        "WARNING: {} drop events were lost before droptrace could read them (ring buffer full: {}, syscall table full: {}); the counts above are short by that much",
+                        "WARNING: {} drop events were lost before droptrace could read them (ring buffer full: {}, syscall table full: {}, counter table full: {}); the counts above are short by that much",
                         lost.total(),
                         lost.ring_buffer_full,
-                        lost.pending_map_full
+                        lost.pending_map_full,
+                        lost.counter_map_full
                     )?;
                 }
             }
@@ -190,14 +233,18 @@ mod tests {
         Drop {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
             kind: DropKind::UnixBacklog,
+            stage: None,
             client: Client {
-                pid: 3363,
-                comm: "nginx".into(),
-                role: Role::NginxWorker,
+                pid: Some(3363),
+                comm: Some("nginx".into()),
+                role: Some(Role::NginxWorker),
+                ..Client::default()
             },
             listener: ListenerView {
                 family: "unix",
-                path: "/run/app.sock".into(),
+                path: Some("/run/app.sock".into()),
+                addr: None,
+                port: None,
                 netns: Some(4026531840),
                 pid: Some(3300),
                 comm: Some("uwsgi".into()),
@@ -253,17 +300,70 @@ mod tests {
             Lost {
                 ring_buffer_full: 3,
                 pending_map_full: 1,
+                counter_map_full: 1,
             },
+            &[Reconciliation {
+                netns: 4026531840,
+                droptrace: 7,
+                kernel: 7,
+            }],
             Duration::from_secs(2),
         )
         .unwrap();
         let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
         assert_eq!(value["type"], "summary");
-        assert_eq!(value["lost"], 4);
+        assert_eq!(value["lost"], 5);
+        assert_eq!(
+            value["kernel_listen_overflows"],
+            json!([{"netns": 4026531840u64, "droptrace": 7, "kernel": 7}])
+        );
         assert_eq!(value["totals"][0]["count"], 1891);
         assert_eq!(value["totals"][0]["kind"], "unix_backlog");
         assert_eq!(value["totals"][0]["listener"]["path"], "/run/app.sock");
         assert_eq!(value["totals"][0]["limit"]["name"], "uwsgi_listen");
+    }
+
+    #[test]
+    fn tcp_lines_name_the_stage_the_address_and_the_peer() {
+        let mut drop = sample();
+        drop.kind = DropKind::TcpAcceptQueue;
+        drop.stage = Some("syn");
+        drop.listener.family = "tcp";
+        drop.listener.path = None;
+        drop.listener.addr = Some("127.0.0.1".into());
+        drop.listener.port = Some(19090);
+        drop.client = Client {
+            addr: Some("127.0.0.1".into()),
+            port: Some(40000),
+            ..Client::default()
+        };
+        let mut sink = Sink::new(Format::Json, Vec::new());
+        sink.line(&Line {
+            drop: drop.clone(),
+            count: 3,
+            first: true,
+        })
+        .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
+        assert_eq!(value["kind"], "tcp_accept_queue");
+        assert_eq!(value["stage"], "syn");
+        assert_eq!(value["client"], json!({"addr": "127.0.0.1", "port": 40000}));
+        assert_eq!(value["listener"]["addr"], "127.0.0.1");
+        assert_eq!(value["listener"]["port"], 19090);
+        assert!(value["listener"].get("path").is_none());
+
+        let mut sink = Sink::new(Format::Human, Vec::new());
+        sink.line(&Line {
+            drop,
+            count: 3,
+            first: false,
+        })
+        .unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        assert!(
+            text.starts_with("14:13:20.123 tcp_accept_queue[syn] x3 127.0.0.1:19090 queue 101/100, owner uwsgi[3300] uwsgi-master, refused 127.0.0.1:40000:"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -305,12 +405,22 @@ mod tests {
             Lost {
                 ring_buffer_full: 2,
                 pending_map_full: 0,
+                counter_map_full: 0,
             },
+            &[Reconciliation {
+                netns: 1,
+                droptrace: 3,
+                kernel: 4,
+            }],
             Duration::from_secs(1),
         )
         .unwrap();
         let text = String::from_utf8(sink.out).unwrap();
         assert!(text.contains("5 drops in 1.0 s, 2 lost"), "{text}");
+        assert!(
+            text.contains("TCP listen overflows in netns 1: droptrace 3, kernel TcpExtListenOverflows 4 (MISMATCH)"),
+            "{text}"
+        );
         assert!(text.contains("WARNING: 2 drop events were lost"), "{text}");
     }
 }

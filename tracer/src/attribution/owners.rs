@@ -1,0 +1,88 @@
+//! Which process owns a socket: found in /proc/*/fd, as `ss -p` does.
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    path::Path,
+};
+
+use super::process::{self, Process};
+
+/// The owner of each socket inode in `wanted` that some process holds, in
+/// one pass over every process's fds. Of the processes holding a socket the
+/// owner is the one whose parent does not hold it (a master, not the
+/// workers it forked).
+pub fn owners_of(wanted: &HashSet<u64>) -> HashMap<u64, Process> {
+    if wanted.is_empty() {
+        return HashMap::new();
+    }
+    let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
+    for pid in process::all_pids() {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            match socket_inode(&target) {
+                Some(inode) if wanted.contains(&inode) => {
+                    holders.entry(inode).or_default().push(pid)
+                }
+                _ => {}
+            }
+        }
+    }
+    holders
+        .into_iter()
+        .filter_map(|(inode, pids)| Some((inode, process::inspect(topmost(&pids)?)?)))
+        .collect()
+}
+
+/// "socket:[12345]" -> 12345
+fn socket_inode(link: &Path) -> Option<u64> {
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The holder whose parent does not hold the socket; the lowest pid on a tie.
+fn topmost(pids: &[u32]) -> Option<u32> {
+    let mut roots: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|&pid| !process::parent_of(pid).is_some_and(|parent| pids.contains(&parent)))
+        .collect();
+    roots.sort_unstable();
+    roots.first().or(pids.iter().min()).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_links_parse() {
+        assert_eq!(socket_inode(Path::new("socket:[4242]")), Some(4242));
+        assert_eq!(socket_inode(Path::new("pipe:[4242]")), None);
+    }
+
+    #[test]
+    fn the_owner_is_the_process_whose_parent_does_not_hold_the_socket() {
+        let me = std::process::id();
+        let parent = process::parent_of(me).unwrap();
+        assert_eq!(topmost(&[me, parent]), Some(parent));
+        assert_eq!(topmost(&[me]), Some(me));
+    }
+
+    #[test]
+    fn finds_the_owner_of_our_own_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        use std::os::fd::AsRawFd;
+        let link = fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
+        let inode = socket_inode(&link).unwrap();
+        let owners = owners_of(&HashSet::from([inode]));
+        assert_eq!(owners[&inode].pid, std::process::id());
+    }
+}

@@ -1,0 +1,264 @@
+//! TCP listeners that dropped connection attempts. Counts are exact: they
+//! come from the kernel's per-CPU counters (by listener inode and stage).
+//! Details come from the records the kernel samples (at most one per
+//! listener per 10 ms): address, queue, backlog, namespace, last peer.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use tracer_common::{stage, ListenRecord, TcpOverflowKey, TcpOverflowRecord, AF_INET6};
+
+use crate::limits::LISTEN_MAX_REQUEST;
+
+use super::{
+    listeners::uwsgi_setting,
+    owners,
+    process::{self, Process},
+    uwsgi::Setting,
+};
+
+const OWNER_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What we know of one TCP listener.
+#[derive(Clone, Debug)]
+pub struct TcpListener {
+    pub inode: u64,
+    /// None until a sampled record arrived (the count is known before).
+    pub sample: Option<TcpOverflowRecord>,
+    /// The listen() argument, when droptrace saw the call.
+    pub requested: Option<u32>,
+    pub owner: Option<Process>,
+    pub uwsgi_listen: Option<Setting>,
+}
+
+impl TcpListener {
+    pub fn family(&self) -> &'static str {
+        match self.sample {
+            Some(s) if s.family == AF_INET6 => "tcp6",
+            _ => "tcp",
+        }
+    }
+
+    pub fn netns(&self) -> Option<u32> {
+        self.sample.map(|s| s.netns)
+    }
+
+    pub fn local(&self) -> Option<(IpAddr, u16)> {
+        self.sample
+            .map(|s| (ip(s.family, &s.local_addr), s.local_port))
+    }
+
+    /// The peer of the latest sampled drop.
+    pub fn last_peer(&self) -> Option<(IpAddr, u16)> {
+        self.sample
+            .map(|s| (ip(s.family, &s.remote_addr), s.remote_port))
+    }
+}
+
+pub fn ip(family: u16, raw: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
+/// New drops of one listener at one stage since the last poll.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub listener: TcpListener,
+    pub stage: u32,
+    pub count: u64,
+}
+
+/// Stages that the kernel counts as TcpExtListenOverflows.
+pub fn is_accept_queue_stage(stage: u32) -> bool {
+    matches!(stage, stage::SYN | stage::ACK | stage::ACK_SYNCOOKIE)
+}
+
+#[derive(Default)]
+pub struct TcpListeners {
+    listeners: HashMap<u64, TcpListener>,
+    /// listen() calls seen: socket inode -> (requested backlog, pid).
+    listens: HashMap<u64, (u32, u32)>,
+    /// Counter totals already turned into batches.
+    reported: HashMap<TcpOverflowKey, u64>,
+    last_owner_scan: Option<Instant>,
+}
+
+impl TcpListeners {
+    pub fn on_listen(&mut self, record: &ListenRecord) {
+        if self.listens.len() > 65_536 {
+            self.listens.clear();
+        }
+        // listen() takes an int; a negative one means "as large as allowed".
+        let requested = record.requested_backlog.min(LISTEN_MAX_REQUEST);
+        self.listens
+            .insert(record.sock_inode, (requested, record.pid));
+    }
+
+    pub fn on_sample(&mut self, record: &TcpOverflowRecord) {
+        self.entry(record.inode).sample = Some(*record);
+    }
+
+    fn entry(&mut self, inode: u64) -> &mut TcpListener {
+        let listens = &self.listens;
+        self.listeners.entry(inode).or_insert_with(|| {
+            let listen = listens.get(&inode);
+            let owner = listen.and_then(|&(_, pid)| process::inspect(pid));
+            TcpListener {
+                inode,
+                sample: None,
+                requested: listen.map(|&(requested, _)| requested),
+                uwsgi_listen: owner.as_ref().and_then(uwsgi_setting),
+                owner,
+            }
+        })
+    }
+
+    /// Turn the kernel's counter totals into batches of new drops.
+    pub fn poll(&mut self, totals: impl IntoIterator<Item = (TcpOverflowKey, u64)>) -> Vec<Batch> {
+        let mut batches = Vec::new();
+        for (key, total) in totals {
+            let reported = self.reported.entry(key).or_insert(0);
+            if total <= *reported {
+                continue;
+            }
+            let count = total - *reported;
+            *reported = total;
+            let listener = self.entry(key.inode).clone();
+            batches.push(Batch {
+                listener,
+                stage: key.stage,
+                count,
+            });
+        }
+        if batches.iter().any(|b| b.listener.owner.is_none()) {
+            self.resolve_missing_owners();
+            for batch in &mut batches {
+                if let Some(known) = self.listeners.get(&batch.listener.inode) {
+                    batch.listener.owner = known.owner.clone();
+                    batch.listener.uwsgi_listen = known.uwsgi_listen.clone();
+                }
+            }
+        }
+        batches
+    }
+
+    fn resolve_missing_owners(&mut self) {
+        if self
+            .last_owner_scan
+            .is_some_and(|t| t.elapsed() < OWNER_SCAN_INTERVAL)
+        {
+            return;
+        }
+        self.last_owner_scan = Some(Instant::now());
+        let wanted: HashSet<u64> = self
+            .listeners
+            .values()
+            .filter(|l| l.owner.is_none())
+            .map(|l| l.inode)
+            .collect();
+        for (inode, owner) in owners::owners_of(&wanted) {
+            if let Some(listener) = self.listeners.get_mut(&inode) {
+                listener.uwsgi_listen = uwsgi_setting(&owner);
+                listener.owner = Some(owner);
+            }
+        }
+    }
+
+    /// Every accept-queue overflow counted so far, by network namespace,
+    /// whatever --pid says: what TcpExtListenOverflows counts too.
+    pub fn accept_queue_overflows_by_netns(&self) -> HashMap<u32, u64> {
+        let mut by_netns = HashMap::new();
+        for (key, total) in &self.reported {
+            if !is_accept_queue_stage(key.stage) {
+                continue;
+            }
+            let netns = self
+                .listeners
+                .get(&key.inode)
+                .and_then(TcpListener::netns)
+                .unwrap_or(0);
+            *by_netns.entry(netns).or_insert(0) += total;
+        }
+        by_netns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(inode: u64, stage: u32) -> TcpOverflowKey {
+        TcpOverflowKey {
+            inode,
+            stage,
+            _pad: 0,
+        }
+    }
+
+    fn sample(inode: u64, netns: u32) -> TcpOverflowRecord {
+        TcpOverflowRecord {
+            kind: 3,
+            stage: stage::SYN,
+            ktime_ns: 0,
+            inode,
+            netns,
+            family: tracer_common::AF_INET,
+            local_port: 19090,
+            remote_port: 40000,
+            syncookies: 1,
+            _pad0: 0,
+            backlog: 100,
+            queue: 101,
+            somaxconn: 4096,
+            syn_queue: 0,
+            max_syn_backlog: 512,
+            local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    #[test]
+    fn batches_carry_only_what_is_new_and_add_up_to_the_counters() {
+        let mut tcp = TcpListeners::default();
+        tcp.on_sample(&sample(7, 42));
+        let first = tcp.poll([(key(7, stage::SYN), 10), (key(7, stage::ACK), 3)]);
+        assert_eq!(first.iter().map(|b| b.count).sum::<u64>(), 13);
+        let second = tcp.poll([(key(7, stage::SYN), 15), (key(7, stage::ACK), 3)]);
+        assert_eq!(second.len(), 1);
+        assert_eq!((second[0].stage, second[0].count), (stage::SYN, 5));
+        assert_eq!(
+            second[0].listener.local(),
+            Some(("127.0.0.1".parse().unwrap(), 19090))
+        );
+        assert!(tcp.poll([(key(7, stage::SYN), 15)]).is_empty());
+    }
+
+    #[test]
+    fn reconciliation_counts_accept_queue_stages_per_namespace() {
+        let mut tcp = TcpListeners::default();
+        tcp.on_sample(&sample(1, 42));
+        tcp.on_sample(&sample(2, 43));
+        tcp.poll([
+            (key(1, stage::SYN), 10),
+            (key(1, stage::ACK_SYNCOOKIE), 4),
+            (key(1, stage::SYN_QUEUE), 100),
+            (key(2, stage::ACK), 2),
+        ]);
+        let by_netns = tcp.accept_queue_overflows_by_netns();
+        assert_eq!(by_netns[&42], 14, "SYN-queue drops are not ListenOverflows");
+        assert_eq!(by_netns[&43], 2);
+    }
+
+    #[test]
+    fn a_count_without_a_sample_is_still_a_drop() {
+        let mut tcp = TcpListeners::default();
+        let batches = tcp.poll([(key(9, stage::ACK), 1)]);
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].listener.local(), None);
+    }
+}
