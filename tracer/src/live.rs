@@ -21,9 +21,9 @@ use crate::{
     attribution::{
         address::UnixAddress,
         listeners::{Listener, Registry, Task},
-        process::{self, PidFilter, Process, Role},
+        owners::Owner,
+        process::{self, PidFilter, Role},
         tcp::{Batch as TcpBatch, TcpListeners},
-        uwsgi::Setting,
     },
     cli::Args,
     drop::{Client, Drop, DropKind, ListenerView},
@@ -76,32 +76,25 @@ struct Attributor {
 /// The verdict inputs common to every listener.
 fn backlog_facts(
     transport: Transport,
-    owner: Option<&Process>,
+    owner: Option<&Owner>,
     effective: u32,
     requested: Option<u32>,
-    uwsgi_listen: Option<Setting>,
     somaxconn: Option<u32>,
 ) -> BacklogFacts {
     BacklogFacts {
         transport,
-        owner_role: owner.map_or(Role::Other, |o| o.role),
-        owner: owner.map_or_else(
-            || "the listener's owner".into(),
-            |o| format!("{}[{}]", o.comm, o.pid),
-        ),
+        owner_role: owner.map_or(Role::Other, |o| o.process.role),
+        owner: owner.map_or_else(|| "the listener's owner".into(), Owner::label),
         effective,
         requested,
-        uwsgi_listen,
+        uwsgi_listen: owner.and_then(|o| o.uwsgi_listen.clone()),
         somaxconn,
     }
 }
 
 /// A listener as the sinks show it, before the family-specific fields.
-fn listener_view(
-    family: &'static str,
-    netns: Option<u32>,
-    owner: Option<&Process>,
-) -> ListenerView {
+fn listener_view(family: &'static str, netns: Option<u32>, owner: Option<&Owner>) -> ListenerView {
+    let owner = owner.map(|o| &o.process);
     ListenerView {
         family,
         path: None,
@@ -154,7 +147,9 @@ impl Attributor {
         let listener = self.registry.find(task, &address).cloned();
         let owner = listener.as_ref().and_then(|l| l.owner.clone());
         if !self.filter.covers(record.pid)
-            && !owner.as_ref().is_some_and(|o| self.filter.covers(o.pid))
+            && !owner
+                .as_ref()
+                .is_some_and(|o| self.filter.covers(o.process.pid))
         {
             return None;
         }
@@ -171,7 +166,6 @@ impl Attributor {
                     owner.as_ref(),
                     listener.backlog,
                     listener.requested,
-                    listener.uwsgi_listen.clone(),
                     listener.somaxconn,
                 ))
             }
@@ -202,7 +196,9 @@ impl Attributor {
         let listener = &batch.listener;
         let owner = listener.owner.as_ref();
         // Remote clients have no pid: --pid selects TCP drops by owner.
-        if !self.filter.watches_everything() && !owner.is_some_and(|o| self.filter.covers(o.pid)) {
+        if !self.filter.watches_everything()
+            && !owner.is_some_and(|o| self.filter.covers(o.process.pid))
+        {
             return None;
         }
         let (kind, stage_name) = match batch.stage {
@@ -231,7 +227,6 @@ impl Attributor {
                     owner,
                     sample.backlog,
                     listener.requested,
-                    listener.uwsgi_listen.clone(),
                     Some(sample.somaxconn),
                 );
                 let limit = match batch.stage {

@@ -7,7 +7,6 @@
 //! the listen() records of the eBPF side.
 use std::{
     collections::{hash_map::Entry, HashMap, HashSet},
-    fs,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -18,14 +17,13 @@ use crate::limits::LISTEN_MAX_REQUEST;
 
 use super::{
     address::UnixAddress,
-    owners,
-    process::{self, Process},
+    owners::{Owned, Owner, OwnerScans},
+    process,
     sock_diag::{self, FileId, Netns, NetnsView, UnixListenerEntry},
-    uwsgi::{self, Setting},
 };
 
-/// Rescans of every namespace on a lookup miss, and scans of every
-/// process's fds for owners, at most this often (drops come in storms).
+/// Rescans of every namespace on a lookup miss, at most this often (drops
+/// come in storms).
 const MISS_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
@@ -40,8 +38,7 @@ pub struct Listener {
     pub requested: Option<u32>,
     pub somaxconn: Option<u32>,
     /// The process that owns the socket (the topmost of those holding it).
-    pub owner: Option<Process>,
-    pub uwsgi_listen: Option<Setting>,
+    pub owner: Option<Owner>,
 }
 
 #[derive(Default)]
@@ -51,7 +48,7 @@ pub struct Registry {
     by_abstract: HashMap<(u32, Vec<u8>), u64>,
     views: HashMap<u32, NetnsView>,
     last_rescan: Option<Instant>,
-    last_owner_scan: Option<Instant>,
+    owner_scans: OwnerScans,
     retired_overflows: HashMap<u32, u64>,
 }
 
@@ -128,7 +125,7 @@ impl Registry {
                 self.upsert_from_diag(netns.inode, somaxconn, entry);
             }
         }
-        self.resolve_missing_owners();
+        self.owner_scans.fill(&mut self.listeners);
     }
 
     fn upsert_from_diag(&mut self, netns: u32, somaxconn: Option<u32>, entry: UnixListenerEntry) {
@@ -145,7 +142,6 @@ impl Registry {
                 requested: None,
                 somaxconn,
                 owner: None,
-                uwsgi_listen: None,
             });
         listener.backlog = entry.backlog;
         listener.file = listener.file.or(entry.file);
@@ -170,7 +166,7 @@ impl Registry {
             ),
             UnixAddress::Abstract(_) => None,
         };
-        let owner = process::inspect(record.pid);
+        let owner = process::inspect(record.pid).map(Owner::of);
         let listener = Listener {
             inode: record.sock_inode,
             netns: record.netns,
@@ -180,7 +176,6 @@ impl Registry {
             // listen() takes an int; a negative one means "as large as allowed".
             requested: Some(record.requested_backlog.min(LISTEN_MAX_REQUEST)),
             somaxconn: Some(record.somaxconn),
-            uwsgi_listen: owner.as_ref().and_then(uwsgi_setting),
             owner,
         };
         tracing::debug!(inode = listener.inode, address = %listener.address, backlog = listener.backlog, "new listener");
@@ -214,11 +209,8 @@ impl Registry {
             }
             None => return None,
         };
-        let owner_scan_due = self
-            .last_owner_scan
-            .is_none_or(|t| t.elapsed() >= MISS_RESCAN_INTERVAL);
-        if self.listeners.get(&inode)?.owner.is_none() && owner_scan_due {
-            self.resolve_missing_owners();
+        if self.listeners.get(&inode)?.owner.is_none() {
+            self.owner_scans.fill(&mut self.listeners);
         }
         self.listeners.get(&inode)
     }
@@ -244,36 +236,16 @@ impl Registry {
             .find(|e| e.inode == listener.inode)
             .map(|e| e.queue)
     }
-
-    /// Owners for every listener that has none yet (one pass over /proc).
-    fn resolve_missing_owners(&mut self) {
-        self.last_owner_scan = Some(Instant::now());
-        let wanted: HashSet<u64> = self
-            .listeners
-            .values()
-            .filter(|l| l.owner.is_none())
-            .map(|l| l.inode)
-            .collect();
-        for (inode, owner) in owners::owners_of(&wanted) {
-            if let Some(listener) = self.listeners.get_mut(&inode) {
-                listener.uwsgi_listen = uwsgi_setting(&owner);
-                listener.owner = Some(owner);
-            }
-        }
-    }
 }
 
-/// uWSGI's configured `listen`, when `owner` is uWSGI.
-pub fn uwsgi_setting(owner: &Process) -> Option<Setting> {
-    if !owner.role.is_uwsgi() {
-        return None;
+impl Owned for Listener {
+    fn inode(&self) -> u64 {
+        self.inode
     }
-    let cwd =
-        fs::read_link(format!("/proc/{}/cwd", owner.pid)).unwrap_or_else(|_| PathBuf::from("/"));
-    Some(uwsgi::listen_setting(
-        owner.cmdline.get(1..).unwrap_or_default(),
-        &cwd,
-    ))
+
+    fn owner_slot(&mut self) -> &mut Option<Owner> {
+        &mut self.owner
+    }
 }
 
 /// A thread, as the kernel records name it.

@@ -3,9 +3,80 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     path::Path,
+    time::{Duration, Instant},
 };
 
-use super::process::{self, Process};
+use super::{
+    process::{self, Process},
+    uwsgi::{self, Setting},
+};
+
+/// A pass over every process's fds costs milliseconds; drops come in
+/// storms. Owners are looked for at most this often.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The process that owns a listener, and what its configuration says
+/// about the listener.
+#[derive(Clone, Debug)]
+pub struct Owner {
+    pub process: Process,
+    /// uWSGI's configured `listen`, when the owner is uWSGI.
+    pub uwsgi_listen: Option<Setting>,
+}
+
+impl Owner {
+    pub fn of(process: Process) -> Self {
+        let uwsgi_listen = process.role.is_uwsgi().then(|| {
+            let cwd =
+                fs::read_link(format!("/proc/{}/cwd", process.pid)).unwrap_or_else(|_| "/".into());
+            uwsgi::listen_setting(process.cmdline.get(1..).unwrap_or_default(), &cwd)
+        });
+        Self {
+            process,
+            uwsgi_listen,
+        }
+    }
+
+    /// "uwsgi[4242]"
+    pub fn label(&self) -> String {
+        format!("{}[{}]", self.process.comm, self.process.pid)
+    }
+}
+
+/// A listener whose owner can be filled in.
+pub trait Owned {
+    fn inode(&self) -> u64;
+    fn owner_slot(&mut self) -> &mut Option<Owner>;
+}
+
+/// Rate-limited owner lookups for a table of listeners.
+#[derive(Default)]
+pub struct OwnerScans {
+    last: Option<Instant>,
+}
+
+impl OwnerScans {
+    /// Give every listener without an owner the one /proc shows, unless the
+    /// last pass was less than SCAN_INTERVAL ago.
+    pub fn fill<L: Owned>(&mut self, listeners: &mut HashMap<u64, L>) {
+        if self.last.is_some_and(|t| t.elapsed() < SCAN_INTERVAL) {
+            return;
+        }
+        let wanted: HashSet<u64> = listeners
+            .values_mut()
+            .filter_map(|l| l.owner_slot().is_none().then(|| l.inode()))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        self.last = Some(Instant::now());
+        for (inode, process) in owners_of(&wanted) {
+            if let Some(listener) = listeners.get_mut(&inode) {
+                *listener.owner_slot() = Some(Owner::of(process));
+            }
+        }
+    }
+}
 
 /// The owner of each socket inode in `wanted` that some process holds, in
 /// one pass over every process's fds. Of the processes holding a socket the

@@ -3,9 +3,8 @@
 //! Details come from the records the kernel samples (at most one per
 //! listener per 10 ms): address, queue, backlog, namespace, last peer.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, Instant},
 };
 
 use tracer_common::{stage, ListenRecord, TcpOverflowKey, TcpOverflowRecord, AF_INET6};
@@ -13,13 +12,9 @@ use tracer_common::{stage, ListenRecord, TcpOverflowKey, TcpOverflowRecord, AF_I
 use crate::limits::LISTEN_MAX_REQUEST;
 
 use super::{
-    listeners::uwsgi_setting,
-    owners,
-    process::{self, Process},
-    uwsgi::Setting,
+    owners::{Owned, Owner, OwnerScans},
+    process,
 };
-
-const OWNER_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What we know of one TCP listener.
 #[derive(Clone, Debug)]
@@ -29,8 +24,7 @@ pub struct TcpListener {
     pub sample: Option<TcpOverflowRecord>,
     /// The listen() argument, when droptrace saw the call.
     pub requested: Option<u32>,
-    pub owner: Option<Process>,
-    pub uwsgi_listen: Option<Setting>,
+    pub owner: Option<Owner>,
 }
 
 impl TcpListener {
@@ -54,6 +48,16 @@ impl TcpListener {
     pub fn last_peer(&self) -> Option<(IpAddr, u16)> {
         self.sample
             .map(|s| (ip(s.family, &s.remote_addr), s.remote_port))
+    }
+}
+
+impl Owned for TcpListener {
+    fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    fn owner_slot(&mut self) -> &mut Option<Owner> {
+        &mut self.owner
     }
 }
 
@@ -85,7 +89,7 @@ pub struct TcpListeners {
     listens: HashMap<u64, (u32, u32)>,
     /// Counter totals already turned into batches.
     reported: HashMap<TcpOverflowKey, u64>,
-    last_owner_scan: Option<Instant>,
+    owner_scans: OwnerScans,
 }
 
 impl TcpListeners {
@@ -107,12 +111,13 @@ impl TcpListeners {
         let listens = &self.listens;
         self.listeners.entry(inode).or_insert_with(|| {
             let listen = listens.get(&inode);
-            let owner = listen.and_then(|&(_, pid)| process::inspect(pid));
+            let owner = listen
+                .and_then(|&(_, pid)| process::inspect(pid))
+                .map(Owner::of);
             TcpListener {
                 inode,
                 sample: None,
                 requested: listen.map(|&(requested, _)| requested),
-                uwsgi_listen: owner.as_ref().and_then(uwsgi_setting),
                 owner,
             }
         })
@@ -136,37 +141,14 @@ impl TcpListeners {
             });
         }
         if batches.iter().any(|b| b.listener.owner.is_none()) {
-            self.resolve_missing_owners();
+            self.owner_scans.fill(&mut self.listeners);
             for batch in &mut batches {
                 if let Some(known) = self.listeners.get(&batch.listener.inode) {
                     batch.listener.owner = known.owner.clone();
-                    batch.listener.uwsgi_listen = known.uwsgi_listen.clone();
                 }
             }
         }
         batches
-    }
-
-    fn resolve_missing_owners(&mut self) {
-        if self
-            .last_owner_scan
-            .is_some_and(|t| t.elapsed() < OWNER_SCAN_INTERVAL)
-        {
-            return;
-        }
-        self.last_owner_scan = Some(Instant::now());
-        let wanted: HashSet<u64> = self
-            .listeners
-            .values()
-            .filter(|l| l.owner.is_none())
-            .map(|l| l.inode)
-            .collect();
-        for (inode, owner) in owners::owners_of(&wanted) {
-            if let Some(listener) = self.listeners.get_mut(&inode) {
-                listener.uwsgi_listen = uwsgi_setting(&owner);
-                listener.owner = Some(owner);
-            }
-        }
     }
 
     /// Every accept-queue overflow counted so far, by network namespace,
