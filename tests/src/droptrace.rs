@@ -149,6 +149,28 @@ impl Report {
             .sum()
     }
 
+    /// Drop lines about the TCP listener at `addr`:`port`.
+    pub fn tcp_drops_at(&self, addr: &str, port: u16) -> Vec<&Value> {
+        self.drops
+            .iter()
+            .filter(|d| d["listener"]["addr"] == addr && d["listener"]["port"] == port)
+            .collect()
+    }
+
+    /// The summary's TCP overflow totals for one namespace: (droptrace, kernel).
+    pub fn reconciliation(&self, netns: u64) -> (u64, u64) {
+        let entry = self.summary["kernel_listen_overflows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["netns"] == netns)
+            .unwrap_or_else(|| panic!("no reconciliation for netns {netns}: {}", self.summary));
+        (
+            entry["droptrace"].as_u64().unwrap(),
+            entry["kernel"].as_u64().unwrap(),
+        )
+    }
+
     pub fn lost(&self) -> u64 {
         self.summary["lost"].as_u64().unwrap()
     }

@@ -6,6 +6,7 @@ pub mod droptrace;
 pub mod http;
 pub mod netns;
 pub mod stack;
+pub mod tcp;
 pub mod unix;
 
 /// True when the test may touch the kernel; otherwise says loudly why not.

@@ -1,0 +1,143 @@
+//! Kernel integration: TCP listeners with tiny backlogs that never accept,
+//! in private network namespaces (so the kernel's TcpExtListenOverflows
+//! counts only this test's drops), and droptrace must count exactly what
+//! the kernel counts, at the right listener, with the right limit.
+use std::{net::SocketAddr, time::Duration};
+
+use droptrace_tests::{droptrace::Droptrace, netns::Netns, running_as_root, tcp};
+
+/// Flood a backlog-`backlog` listener at `addr` inside `netns` with `clients`
+/// connects, let their SYNs be retransmitted for `linger`, then close them
+/// all before droptrace stops, so both counts end together.
+fn flood(
+    netns: &Netns,
+    addr: SocketAddr,
+    backlog: i32,
+    clients: usize,
+    linger: Duration,
+) -> droptrace_tests::droptrace::Report {
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns.enter_on_this_thread();
+            let listener = tcp::listener(addr, backlog);
+            let fds = tcp::connect_many(addr, clients);
+            std::thread::sleep(linger);
+            tcp::close_all(fds);
+            drop(listener);
+        })
+        .join()
+        .unwrap()
+    });
+    // Let the last counted drops reach droptrace's next poll.
+    std::thread::sleep(Duration::from_millis(500));
+    tracer.stop()
+}
+
+fn assert_counted_like_the_kernel(
+    netns: &Netns,
+    report: &droptrace_tests::droptrace::Report,
+    addr: &str,
+    port: u16,
+    family: &str,
+) -> u64 {
+    let drops = report.tcp_drops_at(addr, port);
+    let counted: u64 = drops.iter().map(|d| d["count"].as_u64().unwrap()).sum();
+    let (ours, kernel) = report.reconciliation(netns.inode());
+    assert!(
+        kernel > 0,
+        "the flood overflowed nothing, so it proves nothing"
+    );
+    assert_eq!(
+        counted, kernel,
+        "droptrace's lines vs TcpExtListenOverflows: {drops:#?}"
+    );
+    assert_eq!(ours, kernel);
+    assert_eq!(report.lost(), 0);
+    let stages: Vec<&str> = drops.iter().map(|d| d["stage"].as_str().unwrap()).collect();
+    eprintln!("{addr}:{port}: droptrace {counted}, kernel TcpExtListenOverflows {kernel}, stages {stages:?}");
+    let me = u64::from(std::process::id());
+    for drop in &drops {
+        assert_eq!(drop["kind"], "tcp_accept_queue", "{drop}");
+        assert!(
+            ["syn", "ack", "ack_syncookie"].contains(&drop["stage"].as_str().unwrap()),
+            "{drop}"
+        );
+        assert_eq!(drop["listener"]["family"], family);
+        assert_eq!(drop["listener"]["netns"], netns.inode());
+        assert_eq!(drop["listener"]["pid"], me, "owner: {drop}");
+        assert_eq!(drop["client"]["addr"], addr, "{drop}");
+        assert!(drop["client"]["port"].as_u64().unwrap() > 0);
+    }
+    counted
+}
+
+#[test]
+fn a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it() {
+    if !running_as_root("a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it") {
+        return;
+    }
+    let netns = Netns::create("tcp4", &[]);
+    let report = flood(
+        &netns,
+        "127.0.0.1:19090".parse().unwrap(),
+        2,
+        20,
+        Duration::from_millis(2500),
+    );
+    assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
+    for drop in report.tcp_drops_at("127.0.0.1", 19090) {
+        assert_eq!(drop["listener"]["backlog"], 2);
+        assert_eq!(drop["limit"]["name"], "app_backlog", "{drop}");
+        assert_eq!(drop["limit"]["value"], 2);
+    }
+}
+
+#[test]
+fn a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it() {
+    if !running_as_root("a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it") {
+        return;
+    }
+    let netns = Netns::create("tcp6", &[]);
+    let report = flood(
+        &netns,
+        "[::1]:19090".parse().unwrap(),
+        2,
+        20,
+        Duration::from_millis(2500),
+    );
+    assert_counted_like_the_kernel(&netns, &report, "::1", 19090, "tcp6");
+    for drop in report.tcp_drops_at("::1", 19090) {
+        assert_eq!(drop["limit"]["name"], "app_backlog", "{drop}");
+        assert_eq!(drop["limit"]["value"], 2);
+    }
+}
+
+#[test]
+fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
+    if !running_as_root("a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn") {
+        return;
+    }
+    let netns = Netns::create("tcpclamp", &[("net.core.somaxconn", "4")]);
+    let report = flood(
+        &netns,
+        "127.0.0.1:19090".parse().unwrap(),
+        64,
+        30,
+        Duration::from_millis(2500),
+    );
+    assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
+    for drop in report.tcp_drops_at("127.0.0.1", 19090) {
+        assert_eq!(drop["listener"]["backlog"], 4);
+        assert_eq!(drop["limit"]["name"], "somaxconn", "{drop}");
+        assert_eq!(drop["limit"]["value"], 4);
+        assert!(
+            drop["limit"]["fix"]
+                .as_str()
+                .unwrap()
+                .starts_with("sysctl -w net.core.somaxconn=64"),
+            "{drop}"
+        );
+    }
+}
