@@ -36,7 +36,23 @@ pub struct StackConfig<'a> {
     pub netns: Option<&'a Netns>,
     /// uWSGI `--listen`; None leaves uWSGI's default (100).
     pub uwsgi_listen: Option<u32>,
+    /// uWSGI on 127.0.0.1:PORT instead of a UNIX socket.
+    pub uwsgi_tcp_port: Option<u16>,
+    /// nginx `listen ... backlog=N`; None leaves nginx's default (511).
+    pub nginx_backlog: Option<u32>,
     pub port: u16,
+}
+
+impl Default for StackConfig<'_> {
+    fn default() -> Self {
+        Self {
+            netns: None,
+            uwsgi_listen: None,
+            uwsgi_tcp_port: None,
+            nginx_backlog: None,
+            port: 18080,
+        }
+    }
 }
 
 pub struct Stack {
@@ -76,6 +92,14 @@ impl Stack {
         let d = dir.path();
         let socket = d.join("app.sock");
         fs::write(d.join("app.py"), APP).unwrap();
+        // What uWSGI listens on, as uWSGI and nginx each spell it.
+        let (uwsgi_socket, upstream) = match config.uwsgi_tcp_port {
+            Some(port) => (format!("127.0.0.1:{port}"), format!("127.0.0.1:{port}")),
+            None => (
+                socket.display().to_string(),
+                format!("unix:{}", socket.display()),
+            ),
+        };
 
         let mut uwsgi = command_in(config.netns, "uwsgi");
         uwsgi
@@ -88,8 +112,7 @@ impl Stack {
                 "--die-on-term",
                 "--chmod-socket=666",
             ])
-            .arg("--socket")
-            .arg(&socket)
+            .args(["--socket", &uwsgi_socket])
             .arg("--wsgi-file")
             .arg(d.join("app.py"))
             .arg("--logto")
@@ -101,19 +124,20 @@ impl Stack {
             .stdin(Stdio::null())
             .spawn()
             .expect("cannot start uwsgi");
-        wait_for("uWSGI's socket", Duration::from_secs(20), || {
-            socket.exists()
+        let uwsgi_log = d.join("uwsgi.log");
+        wait_for("uWSGI's workers", Duration::from_secs(20), || {
+            fs::read_to_string(&uwsgi_log).is_ok_and(|log| log.contains("spawned uWSGI worker 2"))
         });
 
         let conf = format!(
             "daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 16384;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n\
              client_body_temp_path {d}/client_body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n\
-             location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass unix:{sock}; }}\n  }}\n}}\n",
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port}{backlog};\n\
+             location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass {upstream}; uwsgi_connect_timeout 3s; }}\n  }}\n}}\n",
             d = d.display(),
             port = config.port,
-            sock = socket.display()
+            backlog = config.nginx_backlog.map_or(String::new(), |n| format!(" backlog={n}")),
         );
         fs::write(d.join("nginx.conf"), conf).unwrap();
         let nginx = command_in(config.netns, "nginx")

@@ -75,9 +75,8 @@ fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
     }
     let port = stack::free_port();
     let stack = Stack::start(StackConfig {
-        netns: None,
-        uwsgi_listen: None,
         port,
+        ..StackConfig::default()
     });
     // Started after the servers: the listener comes from the socket table
     // and its listen setting from uWSGI's command line.
@@ -113,7 +112,7 @@ fn in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_with_its_ceiling() {
     let stack = Stack::start(StackConfig {
         netns: Some(&netns),
         uwsgi_listen: Some(64),
-        port: 18080,
+        ..StackConfig::default()
     });
     let addr: SocketAddr = "127.0.0.1:18080".parse().unwrap();
     let outcomes = http::burst(addr, CONCURRENCY, REQUESTS, PER_REQUEST, Some(&netns));

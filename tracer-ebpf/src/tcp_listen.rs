@@ -12,8 +12,9 @@
 //!   covered by one attachment on the cgroup v2 root. The program always
 //!   lets the packet through.
 //! - ACK time: kfree_skb with reason TCP_LISTEN_OVERFLOW (rx_sk is the
-//!   listener), or NO_SOCKET with rx_sk a full listener when the ACK carried
-//!   a SYN cookie (cookie_v4_check). Reason values come from BTF.
+//!   listener), or NO_SOCKET with rx_sk a listener when the ACK carried a
+//!   SYN cookie and no child could be made (cookie_v4_check). Reason values
+//!   come from BTF.
 //!
 //! Counts are exact (per-CPU counters per listener and stage); a detailed
 //! record is sent for at most one drop per listener per SAMPLE_INTERVAL_NS.
@@ -154,9 +155,13 @@ pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
     };
     let rx_sk: u64 = ctx.arg(3);
     let Some(sock) = Sock::at(rx_sk as usize) else { return };
-    // NO_SOCKET is also every packet to a closed port: only a full
-    // listener's makes it an overflow.
-    if stage == stage::ACK_SYNCOOKIE && !(sock.is_listening() && sock.accept_queue_full()) {
+    // A packet to a closed port is dropped as NO_SOCKET with no rx_sk. With
+    // a listening rx_sk, NO_SOCKET comes from cookie_v4_check()/
+    // cookie_v6_check() when tcp_get_cookie_sock() fails: the accept queue
+    // was full (or, rarely, a child socket could not be allocated). Whether
+    // the queue is full is NOT re-checked here: the owner may have accepted
+    // in between, and the drop would be missed.
+    if stage == stage::ACK_SYNCOOKIE && !sock.is_listening() {
         return;
     }
     let skb: u64 = ctx.arg(0);
