@@ -17,6 +17,28 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// How far droptrace's TCP accept-queue count may be from the kernel's
+/// TcpExtListenOverflows. SYN-time drops are seen in the cgroup ingress
+/// filter, which applies tcp_conn_request()'s own test (accept queue full)
+/// a few microseconds before tcp_conn_request() does. An accept() or a
+/// handshake completing on the other core in between changes the answer for
+/// that one SYN. Measured here: 0 to 25 apart in 50 to 5,600 drops. The
+/// kernel keeps the exact count in a per-CPU MIB counter that BPF cannot
+/// reach on this machine (no fentry, no data symbols in kallsyms); the
+/// summary shows both numbers, so no difference is hidden.
+pub fn syn_race_allowance(kernel: u64) -> u64 {
+    kernel / 100 + 2
+}
+
+/// Panics unless `ours` is `kernel` give or take the SYN-time race.
+pub fn assert_agrees_with_kernel(ours: u64, kernel: u64, what: &str) {
+    let allowed = syn_race_allowance(kernel);
+    assert!(
+        ours.abs_diff(kernel) <= allowed,
+        "{what}: droptrace {ours} vs kernel TcpExtListenOverflows {kernel}, more than {allowed} apart"
+    );
+}
+
 pub struct Droptrace {
     child: Child,
     stderr: mpsc::Receiver<String>,

@@ -47,6 +47,7 @@ static LAST_SAMPLE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0)
 
 const SAMPLE_INTERVAL_NS: u64 = 10_000_000;
 
+const BPF_TCP_LISTEN: u32 = 10;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 const IPPROTO_TCP: u8 = 6;
@@ -98,7 +99,9 @@ fn parse(load: impl Fn(usize, &mut [u8]) -> bool, transport: Option<usize>) -> O
 pub fn on_ingress(ctx: &SkBuffContext) {
     // SAFETY: reading the context field the verifier rewrites to skb->sk.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    // Most packets belong to established connections: leave before any
+    // parsing (bpf_sock.state is a field the verifier lets us read).
+    if sk.is_null() || unsafe { (*sk).state } != BPF_TCP_LISTEN {
         return;
     }
     // Fixed-size loads: the verifier refuses a length that may be zero.

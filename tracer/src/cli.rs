@@ -6,15 +6,16 @@ use clap::Parser;
 ///
 /// Watches refused connects to UNIX stream sockets (nginx -> uWSGI
 /// "connect() ... failed (11: Resource temporarily unavailable)", the 502
-/// behind a full listen queue) and names the listener, its owner, the limit
-/// that was hit with its value and source, and the fix.
+/// behind a full listen queue) and TCP connection attempts dropped by a full
+/// accept or SYN queue (the silent 504s and 499s), and names the listener,
+/// its owner, the limit that was hit with its value and source, and the fix.
 ///
 /// Needs root (it loads eBPF programs). Stop it with Ctrl-C for a summary.
 #[derive(Debug, Parser)]
 #[command(name = "droptrace", version, after_help = EXAMPLES)]
 pub struct Args {
     /// Watch only this process and its descendants, on either side of a drop
-    /// (the refused client or the listener's owner). Repeat for several
+    /// (the refused client or the listener's owner; for TCP, the owner). Repeat for several
     /// processes, e.g. --pid $(cat /run/nginx.pid) --pid $(pgrep -o uwsgi).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,

@@ -23,6 +23,77 @@ fn connect_accept_cycles(path: &str, listener: RawFd, cycles: usize) -> Duration
     start.elapsed()
 }
 
+/// BPF_PROG_TYPE_CGROUP_SKB: droptrace's per-packet hook.
+const PROG_TYPE_CGROUP_SKB: u64 = 8;
+
+/// (run_time_ns, run_cnt) summed over `pid`'s BPF programs of `prog_type`,
+/// from /proc/PID/fdinfo (filled while kernel.bpf_stats_enabled=1).
+fn program_stats(pid: u32, prog_type: u64) -> (u64, u64) {
+    let mut totals = (0, 0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        };
+        if field("prog_type:") == Some(prog_type) {
+            totals.0 += field("run_time_ns:").unwrap_or(0);
+            totals.1 += field("run_cnt:").unwrap_or(0);
+        }
+    }
+    totals
+}
+
+/// Nanoseconds per run of droptrace's cgroup_skb program while `load` runs.
+fn ns_per_packet(pid: u32, load: impl FnOnce()) -> (f64, u64) {
+    let (time_before, runs_before) = program_stats(pid, PROG_TYPE_CGROUP_SKB);
+    load();
+    let (time_after, runs_after) = program_stats(pid, PROG_TYPE_CGROUP_SKB);
+    let runs = runs_after - runs_before;
+    ((time_after - time_before) as f64 / runs.max(1) as f64, runs)
+}
+
+/// The per-packet hook's cost: ordinary loopback connections (SYN, ACK,
+/// data, FIN: the common path), then a SYN flood against a full listener.
+fn tcp_hook_cost(me: &str) {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let previous = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(STATS, "1").expect("cannot enable kernel.bpf_stats_enabled");
+    let tracer = Droptrace::start(&["--pid", me]);
+    let roomy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let roomy_addr = roomy.local_addr().unwrap();
+    let (ordinary, ordinary_runs) = ns_per_packet(tracer.pid(), || {
+        for _ in 0..5_000 {
+            let mut client = std::net::TcpStream::connect(roomy_addr).unwrap();
+            let (mut server, _) = roomy.accept().unwrap();
+            std::io::Write::write_all(&mut client, b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            std::io::Read::read_exact(&mut server, &mut buf).unwrap();
+        }
+    });
+    let full = droptrace_tests::tcp::listener("127.0.0.1:0".parse().unwrap(), 1);
+    let full_addr = full.local_addr().unwrap();
+    let (flood, flood_runs) = ns_per_packet(tracer.pid(), || {
+        let fds = droptrace_tests::tcp::connect_many(full_addr, 2_000);
+        std::thread::sleep(Duration::from_millis(1500));
+        droptrace_tests::tcp::close_all(fds);
+    });
+    let report = tracer.stop();
+    std::fs::write(STATS, previous.trim()).unwrap();
+    let dropped = report
+        .tcp_drops_at("127.0.0.1", full_addr.port())
+        .iter()
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum::<u64>();
+    println!("cgroup_skb per packet         {ordinary:.0} ns on ordinary loopback traffic ({ordinary_runs} packets)");
+    println!("cgroup_skb per packet         {flood:.0} ns under a SYN flood on a full listener ({flood_runs} packets, {dropped} drops counted)");
+}
+
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -101,6 +172,7 @@ fn main() {
         "unaccounted                  {}",
         refused as i64 - delivered as i64 - lost as i64
     );
+    tcp_hook_cost(&me);
     println!(
         "successful connect+accept    median of {ROUNDS} rounds: {without:.0} ns without droptrace, {with:.0} ns with it ({:+.0} ns, {:+.1} %)",
         with - without,
