@@ -72,6 +72,10 @@ fn assert_counted_like_the_kernel(
         assert_eq!(drop["listener"]["netns"], netns.inode());
         assert_eq!(drop["listener"]["pid"], me, "owner: {drop}");
         assert_eq!(drop["client"]["addr"], addr, "{drop}");
+        // SYN-time drops find the sender's own socket: the local process.
+        if drop["stage"] == "syn" {
+            assert_eq!(drop["client"]["pid"], me, "refused client: {drop}");
+        }
         assert!(drop["client"]["port"].as_u64().unwrap() > 0);
     }
     counted

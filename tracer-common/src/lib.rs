@@ -148,6 +148,19 @@ pub struct TcpOverflowRecord {
     /// IPv4 addresses use the first 4 bytes.
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
+    /// The local process whose connect() sent the packet (0: not local, or
+    /// it connected before droptrace started).
+    pub client_pid: u32,
+    pub client_comm: [u8; COMM_LEN],
+    pub _pad1: [u8; 4],
+}
+
+/// Who called connect() on a TCP socket (keyed by the socket's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LocalClient {
+    pub pid: u32,
+    pub comm: [u8; COMM_LEN],
 }
 
 /// `enum skb_drop_reason` values of the running kernel, read from BTF
@@ -233,7 +246,7 @@ pub struct KernelOffsets {
 // Both records are exchanged byte for byte: keep them free of implicit padding.
 const _: () = assert!(core::mem::size_of::<ConnectFailure>() == 160);
 const _: () = assert!(core::mem::size_of::<ListenRecord>() == 184);
-const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 88);
+const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 112);
 
 impl KernelOffsets {
     /// All zero: the placeholder the eBPF object is compiled with.

@@ -57,6 +57,14 @@ pub fn tcp_ack_drop(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// tp_btf/inet_sock_set_state: local TCP clients entering SYN_SENT, so
+/// that a dropped SYN names the process that sent it.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tcp_client_connect(ctx: BtfTracePointContext) -> i32 {
+    tcp_listen::on_set_state(&ctx);
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -19,14 +19,18 @@
 //! Counts are exact (per-CPU counters per listener and stage); a detailed
 //! record is sent for at most one drop per listener per SAMPLE_INTERVAL_NS.
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf, generated::bpf_skc_to_tcp_sock},
+    bindings::BPF_F_CURRENT_NETNS,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+        generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_to_tcp_sock},
+    },
     macros::map,
     maps::{LruHashMap, PerCpuHashMap},
     programs::{BtfTracePointContext, SkBuffContext},
 };
 use tracer_common::{
-    stage, DropReasons, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET, AF_INET6,
-    LOST_COUNTERS_FULL,
+    stage, DropReasons, LocalClient, RecordKind, TcpOverflowKey, TcpOverflowRecord,
+    AF_INET, AF_INET6, LOST_COUNTERS_FULL,
 };
 
 use crate::{
@@ -40,6 +44,59 @@ static DROP_REASONS: DropReasons = DropReasons { tcp_listen_overflow: u32::MAX, 
 
 #[map]
 static TCP_OVERFLOWS: PerCpuHashMap<TcpOverflowKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Local TCP clients by socket address, from their connect().
+#[map]
+static LOCAL_CLIENTS: LruHashMap<u64, LocalClient> = LruHashMap::with_max_entries(65536, 0);
+
+const TCP_SYN_SENT: i32 = 2;
+
+/// tp_btf/inet_sock_set_state(sk, oldstate, newstate): a socket entering
+/// SYN_SENT is a local connect() (its port is not chosen yet: it is keyed
+/// by the socket itself). Remember who made it, so that a drop of its SYN
+/// names the process.
+pub fn on_set_state(ctx: &BtfTracePointContext) {
+    let newstate: i32 = ctx.arg(2);
+    if newstate != TCP_SYN_SENT {
+        return;
+    }
+    let sk: u64 = ctx.arg(0);
+    let client = LocalClient {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    let _ = LOCAL_CLIENTS.insert(&sk, &client, 0);
+}
+
+/// The local process that sent `packet`, found through its own socket: the
+/// one a packet from the listener back to the sender would be delivered to.
+#[inline(always)]
+fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<LocalClient> {
+    // struct bpf_sock_tuple: saddr, daddr, sport, dport (network order).
+    let mut tuple = [0u8; 36];
+    let size = if packet.family == AF_INET6 {
+        tuple[..16].copy_from_slice(&packet.local_addr);
+        tuple[16..32].copy_from_slice(&packet.remote_addr);
+        tuple[32..34].copy_from_slice(&packet.local_port.to_be_bytes());
+        tuple[34..36].copy_from_slice(&packet.remote_port.to_be_bytes());
+        36
+    } else {
+        tuple[..4].copy_from_slice(&packet.local_addr[..4]);
+        tuple[4..8].copy_from_slice(&packet.remote_addr[..4]);
+        tuple[8..10].copy_from_slice(&packet.local_port.to_be_bytes());
+        tuple[10..12].copy_from_slice(&packet.remote_port.to_be_bytes());
+        12
+    };
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(ctx.skb.skb.cast(), tuple.as_mut_ptr().cast(), size, BPF_F_CURRENT_NETNS as u64, 0)
+    };
+    if sk.is_null() {
+        return None;
+    }
+    let key = sk as u64;
+    unsafe { bpf_sk_release(sk.cast()) };
+    unsafe { LOCAL_CLIENTS.get(&key) }.copied()
+}
 
 /// Last detailed record per listener inode.
 #[map]
@@ -57,6 +114,9 @@ struct Packet {
     family: u16,
     remote_addr: [u8; 16],
     remote_port: u16,
+    /// The packet's destination (the listener as the client addressed it).
+    local_addr: [u8; 16],
+    local_port: u16,
     flags: u8,
 }
 
@@ -69,11 +129,13 @@ fn parse(load: impl Fn(usize, &mut [u8]) -> bool, transport: Option<usize>) -> O
     if !load(0, &mut ip[..20]) {
         return None;
     }
-    let mut packet = Packet { family: 0, remote_addr: [0; 16], remote_port: 0, flags: 0 };
+    let mut packet =
+        Packet { family: 0, remote_addr: [0; 16], remote_port: 0, local_addr: [0; 16], local_port: 0, flags: 0 };
     let tcp_at = match ip[0] >> 4 {
         4 if ip[9] == IPPROTO_TCP => {
             packet.family = AF_INET;
             packet.remote_addr[..4].copy_from_slice(&ip[12..16]);
+            packet.local_addr[..4].copy_from_slice(&ip[16..20]);
             transport.unwrap_or(((ip[0] & 0x0f) as usize) * 4)
         }
         6 => {
@@ -82,6 +144,7 @@ fn parse(load: impl Fn(usize, &mut [u8]) -> bool, transport: Option<usize>) -> O
             }
             packet.family = AF_INET6;
             packet.remote_addr.copy_from_slice(&ip[8..24]);
+            packet.local_addr.copy_from_slice(&ip[24..40]);
             transport.unwrap_or(40)
         }
         _ => return None,
@@ -91,6 +154,7 @@ fn parse(load: impl Fn(usize, &mut [u8]) -> bool, transport: Option<usize>) -> O
         return None;
     }
     packet.remote_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+    packet.local_port = u16::from_be_bytes([tcp[2], tcp[3]]);
     packet.flags = tcp[13];
     Some(packet)
 }
@@ -121,7 +185,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
         return;
     }
     if let Some(stage) = syn_drop_stage(&sock) {
-        count(&sock, stage, &packet);
+        count(&sock, stage, &packet, || local_client(ctx, &packet));
     }
 }
 
@@ -176,11 +240,12 @@ pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
     let load = |at: usize, buf: &mut [u8]| unsafe { bpf_probe_read_kernel_buf((ip + at) as *const u8, buf).is_ok() };
     let tcp_offset = (transport as usize).wrapping_sub(network as usize);
     let Some(packet) = parse(load, Some(tcp_offset)) else { return };
-    count(&sock, stage, &packet);
+    // No socket lookup helper here: ACK-time samples name the address only.
+    count(&sock, stage, &packet, || None);
 }
 
 #[inline(always)]
-fn count(sock: &Sock, stage: u32, packet: &Packet) {
+fn count(sock: &Sock, stage: u32, packet: &Packet, client: impl FnOnce() -> Option<LocalClient>) {
     let key = TcpOverflowKey { inode: sock.inode, stage, _pad: 0 };
     match TCP_OVERFLOWS.get_ptr_mut(&key) {
         // SAFETY: this CPU's slot.
@@ -218,7 +283,14 @@ fn count(sock: &Sock, stage: u32, packet: &Packet) {
         max_syn_backlog: sock.max_syn_backlog().unwrap_or(0),
         local_addr: [0; 16],
         remote_addr: packet.remote_addr,
+        client_pid: 0,
+        client_comm: [0; 16],
+        _pad1: [0; 4],
     };
     sock.local_addr(packet.family, &mut record.local_addr);
+    if let Some(client) = client() {
+        record.client_pid = client.pid;
+        record.client_comm = client.comm;
+    }
     emit(&record);
 }

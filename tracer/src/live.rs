@@ -23,7 +23,7 @@ use crate::{
         listeners::{Listener, Registry, Task},
         owners::Owner,
         process::{self, PidFilter, Role},
-        tcp::{Batch as TcpBatch, TcpListeners},
+        tcp::{self, Batch as TcpBatch, TcpListeners},
     },
     cli::Args,
     drop::{Client, Drop, DropKind, ListenerView},
@@ -209,16 +209,20 @@ impl Attributor {
             _ => return None,
         };
         let mut view = listener_view(listener.family(), listener.netns(), owner);
-        let mut client = Client::default();
         if let Some((addr, port)) = listener.local() {
             view.addr = Some(addr.to_string());
             view.port = Some(port);
         }
-        if let Some((addr, port)) = listener.last_peer() {
+        let mut client = Client::default();
+        if let Some(sample) = &batch.sample {
+            if let Some((pid, comm)) = tcp::local_client(sample) {
+                client = self.client(pid, comm);
+            }
+            let (addr, port) = tcp::peer(sample);
             client.addr = Some(addr.to_string());
             client.port = Some(port);
         }
-        let (time, limit) = match listener.sample {
+        let (time, limit) = match batch.sample {
             Some(sample) => {
                 view.queue = Some(sample.queue);
                 view.backlog = Some(sample.backlog);

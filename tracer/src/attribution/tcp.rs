@@ -20,8 +20,12 @@ use super::{
 #[derive(Clone, Debug)]
 pub struct TcpListener {
     pub inode: u64,
-    /// None until a sampled record arrived (the count is known before).
+    /// The latest sampled record, of any stage; None until one arrived
+    /// (the count can be known before).
     pub sample: Option<TcpOverflowRecord>,
+    /// The latest sampled record of each stage: a batch of SYN-time drops
+    /// is explained by a SYN-time record, not by an ACK that came later.
+    pub by_stage: HashMap<u32, TcpOverflowRecord>,
     /// The listen() argument, when droptrace saw the call.
     pub requested: Option<u32>,
     pub owner: Option<Owner>,
@@ -43,12 +47,6 @@ impl TcpListener {
         self.sample
             .map(|s| (ip(s.family, &s.local_addr), s.local_port))
     }
-
-    /// The peer of the latest sampled drop.
-    pub fn last_peer(&self) -> Option<(IpAddr, u16)> {
-        self.sample
-            .map(|s| (ip(s.family, &s.remote_addr), s.remote_port))
-    }
 }
 
 impl Owned for TcpListener {
@@ -59,6 +57,24 @@ impl Owned for TcpListener {
     fn owner_slot(&mut self) -> &mut Option<Owner> {
         &mut self.owner
     }
+}
+
+/// The peer of a sampled drop.
+pub fn peer(sample: &TcpOverflowRecord) -> (IpAddr, u16) {
+    (ip(sample.family, &sample.remote_addr), sample.remote_port)
+}
+
+/// The local process that sent a sampled dropped packet, when known.
+pub fn local_client(sample: &TcpOverflowRecord) -> Option<(u32, String)> {
+    if sample.client_pid == 0 {
+        return None;
+    }
+    let comm = &sample.client_comm;
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    Some((
+        sample.client_pid,
+        String::from_utf8_lossy(&comm[..end]).into_owned(),
+    ))
 }
 
 pub fn ip(family: u16, raw: &[u8; 16]) -> IpAddr {
@@ -75,6 +91,8 @@ pub struct Batch {
     pub listener: TcpListener,
     pub stage: u32,
     pub count: u64,
+    /// The record that explains them: the latest of their stage.
+    pub sample: Option<TcpOverflowRecord>,
 }
 
 /// Stages that the kernel counts as TcpExtListenOverflows.
@@ -104,7 +122,9 @@ impl TcpListeners {
     }
 
     pub fn on_sample(&mut self, record: &TcpOverflowRecord) {
-        self.entry(record.inode).sample = Some(*record);
+        let listener = self.entry(record.inode);
+        listener.sample = Some(*record);
+        listener.by_stage.insert(record.stage, *record);
     }
 
     fn entry(&mut self, inode: u64) -> &mut TcpListener {
@@ -117,6 +137,7 @@ impl TcpListeners {
             TcpListener {
                 inode,
                 sample: None,
+                by_stage: HashMap::new(),
                 requested: listen.map(|&(requested, _)| requested),
                 owner,
             }
@@ -134,10 +155,16 @@ impl TcpListeners {
             let count = total - *reported;
             *reported = total;
             let listener = self.entry(key.inode).clone();
+            let sample = listener
+                .by_stage
+                .get(&key.stage)
+                .copied()
+                .or(listener.sample);
             batches.push(Batch {
                 listener,
                 stage: key.stage,
                 count,
+                sample,
             });
         }
         if batches.iter().any(|b| b.listener.owner.is_none()) {
@@ -201,6 +228,9 @@ mod tests {
             max_syn_backlog: 512,
             local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            client_pid: 0,
+            client_comm: [0; 16],
+            _pad1: [0; 4],
         }
     }
 
@@ -234,6 +264,26 @@ mod tests {
         let by_netns = tcp.accept_queue_overflows_by_netns();
         assert_eq!(by_netns[&42], 14, "SYN-queue drops are not ListenOverflows");
         assert_eq!(by_netns[&43], 2);
+    }
+
+    #[test]
+    fn a_batch_is_explained_by_a_sample_of_its_own_stage() {
+        let mut tcp = TcpListeners::default();
+        let mut syn = sample(7, 42);
+        syn.client_pid = 4242;
+        syn.client_comm[..5].copy_from_slice(b"nginx");
+        let mut ack = sample(7, 42);
+        ack.stage = stage::ACK;
+        ack.remote_port = 50000;
+        tcp.on_sample(&syn);
+        tcp.on_sample(&ack);
+        let batches = tcp.poll([(key(7, stage::SYN), 3), (key(7, stage::ACK), 1)]);
+        let syn_batch = batches.iter().find(|b| b.stage == stage::SYN).unwrap();
+        let sample = syn_batch.sample.as_ref().unwrap();
+        assert_eq!(local_client(sample), Some((4242, "nginx".to_string())));
+        let ack_batch = batches.iter().find(|b| b.stage == stage::ACK).unwrap();
+        assert_eq!(peer(ack_batch.sample.as_ref().unwrap()).1, 50000);
+        assert_eq!(local_client(ack_batch.sample.as_ref().unwrap()), None);
     }
 
     #[test]

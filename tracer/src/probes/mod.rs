@@ -115,6 +115,12 @@ pub fn load() -> Result<Probes> {
     if let Err(err) = attach_ack_time(&mut ebpf, drop_reasons) {
         tracing::warn!("TCP drops at ACK time will not be seen: {}", short(&err));
     }
+    if let Err(err) = attach_local_clients(&mut ebpf) {
+        tracing::warn!(
+            "refused local TCP clients will be named by address only: {}",
+            short(&err)
+        );
+    }
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| anyhow!("eBPF object lacks map {name}"))
@@ -194,15 +200,27 @@ fn attach_ack_time(ebpf: &mut Ebpf, reasons: DropReasons) -> Result<()> {
     if reasons.tcp_listen_overflow == u32::MAX {
         bail!("this kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (kfree_skb's rx_sk needs Linux 6.11+)");
     }
+    attach_btf_tracepoint(ebpf, "tcp_ack_drop", "kfree_skb")
+}
+
+/// Local TCP clients (who sent a dropped SYN); without it drops name the
+/// client's address only.
+fn attach_local_clients(ebpf: &mut Ebpf) -> Result<()> {
+    attach_btf_tracepoint(ebpf, "tcp_client_connect", "inet_sock_set_state")
+}
+
+fn attach_btf_tracepoint(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
     let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
     let program: &mut BtfTracePoint = ebpf
-        .program_mut("tcp_ack_drop")
-        .ok_or_else(|| anyhow!("eBPF object lacks program tcp_ack_drop"))?
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("eBPF object lacks program {program}"))?
         .try_into()?;
     program
-        .load("kfree_skb", &btf)
-        .context("cannot load tp_btf/kfree_skb")?;
-    program.attach().context("cannot attach tp_btf/kfree_skb")?;
+        .load(tracepoint, &btf)
+        .with_context(|| format!("cannot load tp_btf/{tracepoint}"))?;
+    program
+        .attach()
+        .with_context(|| format!("cannot attach tp_btf/{tracepoint}"))?;
     Ok(())
 }
 
