@@ -21,7 +21,7 @@ fn flood(
     linger: Duration,
 ) -> droptrace_tests::droptrace::Report {
     let me = std::process::id().to_string();
-    let tracer = Droptrace::start(&["--pid", &me]);
+    let tracer = Droptrace::start_with_log(&["--pid", &me], "debug");
     std::thread::scope(|s| {
         s.spawn(|| {
             netns.enter_on_this_thread();
@@ -55,7 +55,8 @@ fn assert_counted_like_the_kernel(
     );
     assert_eq!(
         counted, ours,
-        "the drop lines add up to the summary's total"
+        "the drop lines add up to the summary's total; droptrace said:\n{}",
+        report.stderr
     );
     assert_agrees_with_kernel(ours, kernel, &format!("{addr}:{port}"));
     assert_eq!(report.lost(), 0);

@@ -241,6 +241,14 @@ pub struct KernelOffsets {
     pub skb_network_header: u32,
     /// sk_buff.transport_header (u16)
     pub skb_transport_header: u32,
+    /// bpf_array.pptrs (the per-CPU pointers of a per-CPU array map)
+    pub bpf_array_pptrs: u32,
+    /// net.mib.net_statistics (a per-CPU `struct linux_mib`)
+    pub net_mib_statistics: u32,
+    /// Indexes into linux_mib.mibs: LINUX_MIB_LISTENOVERFLOWS and
+    /// LINUX_MIB_LISTENDROPS (TcpExtListenOverflows, TcpExtListenDrops).
+    pub mib_listen_overflows: u32,
+    pub mib_listen_drops: u32,
 }
 
 // Both records are exchanged byte for byte: keep them free of implicit padding.

@@ -68,8 +68,6 @@ pub fn current_task_sock(fd: i32) -> Option<Sock> {
     Some(Sock { addr: sk, inode: ino })
 }
 
-const TCP_LISTEN: u8 = 10;
-
 impl Sock {
     /// A socket reached from a packet or a tracepoint argument.
     #[inline(always)]
@@ -82,10 +80,6 @@ impl Sock {
         let file = read_ptr(socket, off.socket_file)?;
         let inode = read_ptr(file, off.file_inode)?;
         Some(Sock { addr, inode: read(inode, off.inode_ino)? })
-    }
-
-    pub fn is_listening(&self) -> bool {
-        read::<u8>(self.addr, offsets().sock_state) == Some(TCP_LISTEN)
     }
 
     /// sk_ack_backlog: connections waiting in the accept queue.

@@ -42,7 +42,7 @@ pub fn listen_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// cgroup_skb/ingress on the cgroup v2 root: SYNs refused by a full
+/// cgroup_skb/ingress on the cgroup v2 root: a TCP packet reaches a
 /// listener. Always returns 1: the packet is never dropped here.
 #[cgroup_skb]
 pub fn tcp_syn_ingress(ctx: SkBuffContext) -> i32 {
@@ -50,10 +50,18 @@ pub fn tcp_syn_ingress(ctx: SkBuffContext) -> i32 {
     1
 }
 
-/// tp_btf/kfree_skb: final ACKs dropped by a full listener.
+/// tp_btf/kfree_skb: a packet a listener was processing was dropped.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn tcp_ack_drop(ctx: BtfTracePointContext) -> i32 {
     tcp_listen::on_kfree_skb(&ctx);
+    0
+}
+
+/// tp_btf/consume_skb: a packet a listener was processing was consumed
+/// (a refused SYN is consumed, not dropped).
+#[btf_tracepoint(function = "consume_skb")]
+pub fn tcp_syn_done(ctx: BtfTracePointContext) -> i32 {
+    tcp_listen::on_consume_skb(&ctx);
     0
 }
 

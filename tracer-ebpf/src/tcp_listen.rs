@@ -1,40 +1,42 @@
-//! TCP listen-queue overflows, at SYN time and at ACK time.
+//! TCP listen-queue drops, counted exactly as the kernel counts them.
 //!
-//! - SYN time: tcp_conn_request() consumes a SYN silently when the accept
-//!   queue is full (sk_acceptq_is_full), or when the SYN queue nears
-//!   tcp_max_syn_backlog with syncookies off. No drop reason, no kfree_skb
-//!   with the listener. We see the SYN just before, in the cgroup ingress
-//!   filter that tcp_v4_rcv()/tcp_v6_rcv() run on the listener
-//!   (tcp_filter -> BPF_CGROUP_RUN_PROG_INET_INGRESS), with skb->sk = the
-//!   listener, and apply the kernel's own test. Chosen over
-//!   tp_btf/netif_receive_skb because the listener comes with the packet:
-//!   no userspace registry lookup by port, and every network namespace is
-//!   covered by one attachment on the cgroup v2 root. The program always
-//!   lets the packet through.
-//! - ACK time: kfree_skb with reason TCP_LISTEN_OVERFLOW (rx_sk is the
-//!   listener), or NO_SOCKET with rx_sk a listener when the ACK carried a
-//!   SYN cookie and no child could be made (cookie_v4_check). Reason values
-//!   come from BTF.
+//! The kernel counts every listen-queue overflow in its per-CPU MIB
+//! (LINUX_MIB_LISTENOVERFLOWS, shown as TcpExtListenOverflows) and every
+//! listener drop in LINUX_MIB_LISTENDROPS, on the CPU that processes the
+//! packet, in the same softirq. So:
 //!
-//! Counts are exact (per-CPU counters per listener and stage); a detailed
-//! record is sent for at most one drop per listener per SAMPLE_INTERVAL_NS.
+//! 1. cgroup_skb/ingress on the cgroup v2 root sees each TCP packet that
+//!    reaches a listener (tcp_v4_rcv()/tcp_v6_rcv() run the cgroup filter
+//!    on the listener: tcp_filter -> BPF_CGROUP_RUN_PROG_INET_INGRESS) and
+//!    snapshots this CPU's two counters. The program always lets the packet
+//!    through.
+//! 2. tp_btf/consume_skb or tp_btf/kfree_skb of that same skb, on the same
+//!    CPU, reads them again: the difference is what this packet cost. A
+//!    SYN refused by a full accept queue is consumed (tcp_conn_request);
+//!    a final ACK with no room for the child is freed with reason
+//!    TCP_LISTEN_OVERFLOW, or NO_SOCKET when it carried a SYN cookie.
+//!
+//! Counts are exact; the stage and the limit come from the packet and the
+//! queue state. Counts live in per-CPU counters per listener and stage; a
+//! detailed record is sent for at most one drop per listener per 10 ms.
+//! Drop reason values come from BTF.
 use aya_ebpf::{
     bindings::BPF_F_CURRENT_NETNS,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_to_tcp_sock},
     },
     macros::map,
-    maps::{LruHashMap, PerCpuHashMap},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, SkBuffContext},
 };
 use tracer_common::{
-    stage, DropReasons, LocalClient, RecordKind, TcpOverflowKey, TcpOverflowRecord,
-    AF_INET, AF_INET6, LOST_COUNTERS_FULL,
+    stage, DropReasons, LocalClient, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET, AF_INET6,
+    LOST_COUNTERS_FULL,
 };
 
 use crate::{
-    kernel::{offsets, read, Sock},
+    kernel::{offsets, read, read_ptr, Sock},
     maps::{count_lost, emit},
 };
 
@@ -45,11 +47,249 @@ static DROP_REASONS: DropReasons = DropReasons { tcp_listen_overflow: u32::MAX, 
 #[map]
 static TCP_OVERFLOWS: PerCpuHashMap<TcpOverflowKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
+/// Last detailed record per listener inode.
+#[map]
+static LAST_SAMPLE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
 /// Local TCP clients by socket address, from their connect().
 #[map]
 static LOCAL_CLIENTS: LruHashMap<u64, LocalClient> = LruHashMap::with_max_entries(65536, 0);
 
+/// The packet a listener is processing on this CPU, from ingress to free.
+#[map]
+static IN_FLIGHT: PerCpuArray<InFlight> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's per-CPU offset, found once (see `this_cpu_offset`).
+#[map]
+static CPU_OFFSET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+const SAMPLE_INTERVAL_NS: u64 = 10_000_000;
+const BPF_TCP_LISTEN: u32 = 10;
 const TCP_SYN_SENT: i32 = 2;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const IPPROTO_TCP: u8 = 6;
+
+/// The IP and TCP headers of a packet that matter here.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Packet {
+    remote_addr: [u8; 16],
+    /// The destination: the listener as the client addressed it.
+    local_addr: [u8; 16],
+    family: u16,
+    remote_port: u16,
+    local_port: u16,
+    flags: u8,
+    _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct InFlight {
+    /// The sk_buff (0: nothing in flight).
+    skb: u64,
+    /// The listener (struct sock *) and its inode.
+    sk: u64,
+    inode: u64,
+    /// This CPU's LISTENOVERFLOWS and LISTENDROPS when the packet arrived.
+    overflows: u64,
+    drops: u64,
+    /// For a SYN, which SYN-queue limit would refuse it (a name, not a count).
+    syn_queue_stage: u32,
+    _pad: u32,
+    packet: Packet,
+    client: LocalClient,
+}
+
+/// Parse from a reader of the packet's bytes: `load(offset, buf)` from the
+/// IP header, asked for 20 or 14 bytes at a time.
+#[inline(always)]
+fn parse(load: impl Fn(usize, &mut [u8]) -> bool) -> Option<Packet> {
+    let mut ip = [0u8; 40];
+    if !load(0, &mut ip[..20]) {
+        return None;
+    }
+    let mut packet = Packet {
+        remote_addr: [0; 16],
+        local_addr: [0; 16],
+        family: 0,
+        remote_port: 0,
+        local_port: 0,
+        flags: 0,
+        _pad: 0,
+    };
+    let tcp_at = match ip[0] >> 4 {
+        4 if ip[9] == IPPROTO_TCP => {
+            packet.family = AF_INET;
+            packet.remote_addr[..4].copy_from_slice(&ip[12..16]);
+            packet.local_addr[..4].copy_from_slice(&ip[16..20]);
+            ((ip[0] & 0x0f) as usize) * 4
+        }
+        6 => {
+            if !load(20, &mut ip[20..40]) || ip[6] != IPPROTO_TCP {
+                return None;
+            }
+            packet.family = AF_INET6;
+            packet.remote_addr.copy_from_slice(&ip[8..24]);
+            packet.local_addr.copy_from_slice(&ip[24..40]);
+            40
+        }
+        _ => return None,
+    };
+    let mut tcp = [0u8; 14];
+    if !load(tcp_at & 0xff, &mut tcp) {
+        return None;
+    }
+    packet.remote_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+    packet.local_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    packet.flags = tcp[13];
+    Some(packet)
+}
+
+/// This CPU's per-CPU offset (`__per_cpu_offset[cpu]`), which BPF has no
+/// helper for here: the address of our own per-CPU array element on this
+/// CPU, minus the array's per-CPU base pointer (bpf_array.pptrs[0]).
+/// Pointers are turned into numbers by storing them in the map (root may).
+#[inline(always)]
+fn this_cpu_offset() -> Option<u64> {
+    let slot = CPU_OFFSET.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of our own map.
+    unsafe {
+        let known = core::ptr::read_volatile(slot);
+        if known != 0 {
+            return Some(known);
+        }
+        core::ptr::write_volatile(slot, slot as u64);
+        let element = core::ptr::read_volatile(slot);
+        core::ptr::write_volatile(slot, &CPU_OFFSET as *const _ as u64);
+        let map = core::ptr::read_volatile(slot);
+        let base: u64 = read(map as usize, offsets().bpf_array_pptrs)?;
+        let offset = element.wrapping_sub(base);
+        core::ptr::write_volatile(slot, offset);
+        Some(offset)
+    }
+}
+
+/// This CPU's (LISTENOVERFLOWS, LISTENDROPS) in the listener's namespace.
+#[inline(always)]
+fn listen_counters(sock: &Sock) -> Option<(u64, u64)> {
+    let off = offsets();
+    let net = read_ptr(sock.addr, off.sock_net)?;
+    let per_cpu: u64 = read(net, off.net_mib_statistics)?;
+    let mib = per_cpu.wrapping_add(this_cpu_offset()?) as usize;
+    Some((read(mib, off.mib_listen_overflows * 8)?, read(mib, off.mib_listen_drops * 8)?))
+}
+
+/// cgroup_skb/ingress: a TCP packet reaches a listener.
+pub fn on_ingress(ctx: &SkBuffContext) {
+    // SAFETY: reading the context field the verifier rewrites to skb->sk.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    // Most packets belong to established connections: leave before any
+    // parsing (bpf_sock.state is a field the verifier lets us read).
+    if sk.is_null() || unsafe { (*sk).state } != BPF_TCP_LISTEN {
+        return;
+    }
+    // Fixed-size loads: the verifier refuses a length that may be zero.
+    let load = |at: usize, buf: &mut [u8]| match buf.len() {
+        20 => ctx.load::<[u8; 20]>(at).map(|bytes| buf.copy_from_slice(&bytes)).is_ok(),
+        14 => ctx.load::<[u8; 14]>(at).map(|bytes| buf.copy_from_slice(&bytes)).is_ok(),
+        _ => false,
+    };
+    let Some(packet) = parse(load) else { return };
+    // A typed pointer we may read through with runtime offsets.
+    let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as usize;
+    let Some(sock) = Sock::at(tcp_sock) else { return };
+    let Some((overflows, drops)) = listen_counters(&sock) else { return };
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else { return };
+    let is_syn = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    let syn_queue_stage = if is_syn { syn_queue_stage(&sock) } else { 0 };
+    // The sender's process is looked up only when a drop is likely.
+    let client = if is_syn && (syn_queue_stage != 0 || sock.accept_queue_full()) {
+        local_client(ctx, &packet)
+    } else {
+        None
+    };
+    // SAFETY: this CPU's slot; storing the skb's address (root may).
+    unsafe {
+        *in_flight = InFlight {
+            skb: ctx.skb.skb as u64,
+            sk: sock.addr as u64,
+            inode: sock.inode,
+            overflows,
+            drops,
+            syn_queue_stage,
+            _pad: 0,
+            packet,
+            client: client.unwrap_or(LocalClient { pid: 0, comm: [0; 16] }),
+        };
+    }
+}
+
+/// Which SYN-queue test of tcp_conn_request() would refuse a SYN (0: none).
+/// With syncookies on, a full SYN queue is answered with a cookie.
+#[inline(always)]
+fn syn_queue_stage(sock: &Sock) -> u32 {
+    let (Some(cookies), Some(queued), Some(backlog), Some(max)) =
+        (sock.syncookies(), sock.syn_queue(), sock.max_ack_backlog(), sock.max_syn_backlog())
+    else {
+        return 0;
+    };
+    if cookies != 0 {
+        0
+    } else if queued > backlog {
+        stage::SYN_QUEUE_BACKLOG
+    } else if max.saturating_sub(queued) < (max >> 2) {
+        stage::SYN_QUEUE
+    } else {
+        0
+    }
+}
+
+/// tp_btf/consume_skb(skb, location): a packet the kernel is done with.
+pub fn on_consume_skb(ctx: &BtfTracePointContext) {
+    let skb: u64 = ctx.arg(0);
+    settle(skb, None);
+}
+
+/// tp_btf/kfree_skb(skb, location, reason, rx_sk): a packet dropped.
+pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
+    let skb: u64 = ctx.arg(0);
+    let reason: u64 = ctx.arg(2);
+    settle(skb, Some(reason as u32));
+}
+
+/// If `skb` is the packet in flight on this CPU, count what it cost.
+#[inline(always)]
+fn settle(skb: u64, reason: Option<u32>) {
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot.
+    let flight = unsafe { &mut *in_flight };
+    if flight.skb != skb || skb == 0 {
+        return;
+    }
+    flight.skb = 0;
+    let sock = Sock { addr: flight.sk as usize, inode: flight.inode };
+    let Some((overflows, drops)) = listen_counters(&sock) else { return };
+    let overflowed = overflows.wrapping_sub(flight.overflows);
+    let other_drops = drops.wrapping_sub(flight.drops).saturating_sub(overflowed);
+    let is_syn = flight.packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    if overflowed > 0 && overflowed < 1 << 20 {
+        let reasons = unsafe { core::ptr::read_volatile(&DROP_REASONS) };
+        let stage = if is_syn {
+            stage::SYN
+        } else if reason == Some(reasons.no_socket) {
+            stage::ACK_SYNCOOKIE
+        } else {
+            stage::ACK
+        };
+        count(&sock, stage, overflowed, flight);
+    }
+    if other_drops > 0 && other_drops < 1 << 20 && is_syn {
+        let stage = if flight.syn_queue_stage != 0 { flight.syn_queue_stage } else { stage::SYN_QUEUE };
+        count(&sock, stage, other_drops, flight);
+    }
+}
 
 /// tp_btf/inet_sock_set_state(sk, oldstate, newstate): a socket entering
 /// SYN_SENT is a local connect() (its port is not chosen yet: it is keyed
@@ -98,160 +338,15 @@ fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<LocalClient> {
     unsafe { LOCAL_CLIENTS.get(&key) }.copied()
 }
 
-/// Last detailed record per listener inode.
-#[map]
-static LAST_SAMPLE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
-
-const SAMPLE_INTERVAL_NS: u64 = 10_000_000;
-
-const BPF_TCP_LISTEN: u32 = 10;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
-const IPPROTO_TCP: u8 = 6;
-
-/// The IP and TCP headers of the dropped packet that matter here.
-struct Packet {
-    family: u16,
-    remote_addr: [u8; 16],
-    remote_port: u16,
-    /// The packet's destination (the listener as the client addressed it).
-    local_addr: [u8; 16],
-    local_port: u16,
-    flags: u8,
-}
-
-/// Parse from a reader of the packet's bytes: `load(offset, buf)` from the
-/// IP header, asked for 20 or 14 bytes at a time; `transport` is the TCP header's offset when the kernel knows
-/// it (sk_buff), else it is computed from the IP header.
+/// Add `n` drops of `sock` at `stage`; send the details when a sample is due.
 #[inline(always)]
-fn parse(load: impl Fn(usize, &mut [u8]) -> bool, transport: Option<usize>) -> Option<Packet> {
-    let mut ip = [0u8; 40];
-    if !load(0, &mut ip[..20]) {
-        return None;
-    }
-    let mut packet =
-        Packet { family: 0, remote_addr: [0; 16], remote_port: 0, local_addr: [0; 16], local_port: 0, flags: 0 };
-    let tcp_at = match ip[0] >> 4 {
-        4 if ip[9] == IPPROTO_TCP => {
-            packet.family = AF_INET;
-            packet.remote_addr[..4].copy_from_slice(&ip[12..16]);
-            packet.local_addr[..4].copy_from_slice(&ip[16..20]);
-            transport.unwrap_or(((ip[0] & 0x0f) as usize) * 4)
-        }
-        6 => {
-            if !load(20, &mut ip[20..40]) || ip[6] != IPPROTO_TCP {
-                return None;
-            }
-            packet.family = AF_INET6;
-            packet.remote_addr.copy_from_slice(&ip[8..24]);
-            packet.local_addr.copy_from_slice(&ip[24..40]);
-            transport.unwrap_or(40)
-        }
-        _ => return None,
-    };
-    let mut tcp = [0u8; 14];
-    if !load(tcp_at & 0xff, &mut tcp) {
-        return None;
-    }
-    packet.remote_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-    packet.local_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    packet.flags = tcp[13];
-    Some(packet)
-}
-
-/// cgroup_skb/ingress: a SYN about to be refused by a full listener.
-pub fn on_ingress(ctx: &SkBuffContext) {
-    // SAFETY: reading the context field the verifier rewrites to skb->sk.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    // Most packets belong to established connections: leave before any
-    // parsing (bpf_sock.state is a field the verifier lets us read).
-    if sk.is_null() || unsafe { (*sk).state } != BPF_TCP_LISTEN {
-        return;
-    }
-    // Fixed-size loads: the verifier refuses a length that may be zero.
-    let load = |at: usize, buf: &mut [u8]| match buf.len() {
-        20 => ctx.load::<[u8; 20]>(at).map(|bytes| buf.copy_from_slice(&bytes)).is_ok(),
-        14 => ctx.load::<[u8; 14]>(at).map(|bytes| buf.copy_from_slice(&bytes)).is_ok(),
-        _ => false,
-    };
-    let Some(packet) = parse(load, None) else { return };
-    if packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
-        return;
-    }
-    // A typed pointer we may read through with runtime offsets.
-    let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as usize;
-    let Some(sock) = Sock::at(tcp_sock) else { return };
-    if !sock.is_listening() {
-        return;
-    }
-    if let Some(stage) = syn_drop_stage(&sock) {
-        count(&sock, stage, &packet, || local_client(ctx, &packet));
-    }
-}
-
-/// tcp_conn_request()'s tests, in its order: with syncookies off a SYN
-/// queue longer than the backlog drops; then a full accept queue drops;
-/// then, with syncookies off, fewer than a quarter of tcp_max_syn_backlog
-/// left drops (unless the peer is proven by tcp_metrics, which a flood's
-/// peers are not). With syncookies on, a full SYN queue is answered.
-#[inline(always)]
-fn syn_drop_stage(sock: &Sock) -> Option<u32> {
-    let cookies_off = sock.syncookies()? == 0;
-    let syn_queued = sock.syn_queue()?;
-    if cookies_off && syn_queued > sock.max_ack_backlog()? {
-        return Some(stage::SYN_QUEUE_BACKLOG);
-    }
-    if sock.accept_queue_full() {
-        return Some(stage::SYN);
-    }
-    let max = sock.max_syn_backlog()?;
-    (cookies_off && max.saturating_sub(syn_queued) < (max >> 2)).then_some(stage::SYN_QUEUE)
-}
-
-/// tp_btf/kfree_skb(skb, location, reason, rx_sk).
-pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
-    let reasons = unsafe { core::ptr::read_volatile(&DROP_REASONS) };
-    let reason: u64 = ctx.arg(2);
-    let reason = reason as u32;
-    let stage = if reason == reasons.tcp_listen_overflow {
-        stage::ACK
-    } else if reason == reasons.no_socket {
-        stage::ACK_SYNCOOKIE
-    } else {
-        return;
-    };
-    let rx_sk: u64 = ctx.arg(3);
-    let Some(sock) = Sock::at(rx_sk as usize) else { return };
-    // A packet to a closed port is dropped as NO_SOCKET with no rx_sk. With
-    // a listening rx_sk, NO_SOCKET comes from cookie_v4_check()/
-    // cookie_v6_check() when tcp_get_cookie_sock() fails: the accept queue
-    // was full (or, rarely, a child socket could not be allocated). Whether
-    // the queue is full is NOT re-checked here: the owner may have accepted
-    // in between, and the drop would be missed.
-    if stage == stage::ACK_SYNCOOKIE && !sock.is_listening() {
-        return;
-    }
-    let skb: u64 = ctx.arg(0);
-    let off = offsets();
-    let Some(head) = read::<u64>(skb as usize, off.skb_head) else { return };
-    let Some(network) = read::<u16>(skb as usize, off.skb_network_header) else { return };
-    let Some(transport) = read::<u16>(skb as usize, off.skb_transport_header) else { return };
-    let ip = head as usize + network as usize;
-    let load = |at: usize, buf: &mut [u8]| unsafe { bpf_probe_read_kernel_buf((ip + at) as *const u8, buf).is_ok() };
-    let tcp_offset = (transport as usize).wrapping_sub(network as usize);
-    let Some(packet) = parse(load, Some(tcp_offset)) else { return };
-    // No socket lookup helper here: ACK-time samples name the address only.
-    count(&sock, stage, &packet, || None);
-}
-
-#[inline(always)]
-fn count(sock: &Sock, stage: u32, packet: &Packet, client: impl FnOnce() -> Option<LocalClient>) {
+fn count(sock: &Sock, stage: u32, n: u64, flight: &InFlight) {
     let key = TcpOverflowKey { inode: sock.inode, stage, _pad: 0 };
     match TCP_OVERFLOWS.get_ptr_mut(&key) {
         // SAFETY: this CPU's slot.
-        Some(counter) => unsafe { *counter += 1 },
+        Some(counter) => unsafe { *counter += n },
         None => {
-            if TCP_OVERFLOWS.insert(&key, &1, 0).is_err() {
+            if TCP_OVERFLOWS.insert(&key, &n, 0).is_err() {
                 count_lost(LOST_COUNTERS_FULL);
             }
         }
@@ -264,6 +359,7 @@ fn count(sock: &Sock, stage: u32, packet: &Packet, client: impl FnOnce() -> Opti
             let _ = LAST_SAMPLE.insert(&sock.inode, &now, 0);
         }
     }
+    let packet = &flight.packet;
     let (netns, somaxconn) = sock.netns().unwrap_or((0, 0));
     let mut record = TcpOverflowRecord {
         kind: RecordKind::TcpOverflow as u32,
@@ -283,14 +379,10 @@ fn count(sock: &Sock, stage: u32, packet: &Packet, client: impl FnOnce() -> Opti
         max_syn_backlog: sock.max_syn_backlog().unwrap_or(0),
         local_addr: [0; 16],
         remote_addr: packet.remote_addr,
-        client_pid: 0,
-        client_comm: [0; 16],
+        client_pid: flight.client.pid,
+        client_comm: flight.client.comm,
         _pad1: [0; 4],
     };
     sock.local_addr(packet.family, &mut record.local_addr);
-    if let Some(client) = client() {
-        record.client_pid = client.pid;
-        record.client_comm = client.comm;
-    }
     emit(&record);
 }

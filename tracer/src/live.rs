@@ -183,9 +183,10 @@ impl Attributor {
 
     /// New TCP drops from the kernel's counters, one Drop per listener and
     /// stage with the number of drops it stands for.
-    fn tcp_drops(&mut self, totals: Vec<(TcpOverflowKey, u64)>) -> Vec<(Drop, u64)> {
+    /// `last`: droptrace is stopping, show even counts whose record was lost.
+    fn tcp_drops(&mut self, totals: Vec<(TcpOverflowKey, u64)>, last: bool) -> Vec<(Drop, u64)> {
         self.tcp_pending = false;
-        let batches = self.tcp.poll(totals);
+        let batches = self.tcp.poll(totals, last);
         batches
             .iter()
             .filter_map(|batch| Some((self.tcp_drop(batch)?, batch.count)))
@@ -196,6 +197,14 @@ impl Attributor {
         let listener = &batch.listener;
         let owner = listener.owner.as_ref();
         // Remote clients have no pid: --pid selects TCP drops by owner.
+        tracing::debug!(
+            inode = listener.inode,
+            stage = batch.stage,
+            count = batch.count,
+            owner = ?owner.map(|o| o.process.pid),
+            sampled = batch.sample.is_some(),
+            "TCP drops"
+        );
         if !self.filter.watches_everything()
             && !owner.is_some_and(|o| self.filter.covers(o.process.pid))
         {
@@ -400,11 +409,11 @@ pub async fn run(args: Args) -> Result<()> {
                 }
                 guard.clear_ready();
                 if attributor.tcp_pending {
-                    show(&mut aggregator, &mut sink, attributor.tcp_drops(counter_totals(&tcp_overflows)))?;
+                    show(&mut aggregator, &mut sink, attributor.tcp_drops(counter_totals(&tcp_overflows), false))?;
                 }
             }
             _ = tick.tick() => {
-                show(&mut aggregator, &mut sink, attributor.tcp_drops(counter_totals(&tcp_overflows)))?;
+                show(&mut aggregator, &mut sink, attributor.tcp_drops(counter_totals(&tcp_overflows), false))?;
                 for line in aggregator.due(Instant::now()) {
                     sink.line(&line)?;
                 }
@@ -424,7 +433,7 @@ pub async fn run(args: Args) -> Result<()> {
     show(
         &mut aggregator,
         &mut sink,
-        attributor.tcp_drops(counter_totals(&tcp_overflows)),
+        attributor.tcp_drops(counter_totals(&tcp_overflows), true),
     )?;
     for line in aggregator.drain() {
         sink.line(&line)?;

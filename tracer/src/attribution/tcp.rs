@@ -145,9 +145,24 @@ impl TcpListeners {
     }
 
     /// Turn the kernel's counter totals into batches of new drops.
-    pub fn poll(&mut self, totals: impl IntoIterator<Item = (TcpOverflowKey, u64)>) -> Vec<Batch> {
+    ///
+    /// The kernel bumps a counter just before it sends the record that
+    /// explains it: counts of a listener not sampled yet wait for its record,
+    /// except on the `last` poll (its record was lost: shown unexplained).
+    pub fn poll(
+        &mut self,
+        totals: impl IntoIterator<Item = (TcpOverflowKey, u64)>,
+        last: bool,
+    ) -> Vec<Batch> {
         let mut batches = Vec::new();
         for (key, total) in totals {
+            let sampled = self
+                .listeners
+                .get(&key.inode)
+                .is_some_and(|l| l.sample.is_some());
+            if !sampled && !last {
+                continue;
+            }
             let reported = self.reported.entry(key).or_insert(0);
             if total <= *reported {
                 continue;
@@ -238,16 +253,16 @@ mod tests {
     fn batches_carry_only_what_is_new_and_add_up_to_the_counters() {
         let mut tcp = TcpListeners::default();
         tcp.on_sample(&sample(7, 42));
-        let first = tcp.poll([(key(7, stage::SYN), 10), (key(7, stage::ACK), 3)]);
+        let first = tcp.poll([(key(7, stage::SYN), 10), (key(7, stage::ACK), 3)], false);
         assert_eq!(first.iter().map(|b| b.count).sum::<u64>(), 13);
-        let second = tcp.poll([(key(7, stage::SYN), 15), (key(7, stage::ACK), 3)]);
+        let second = tcp.poll([(key(7, stage::SYN), 15), (key(7, stage::ACK), 3)], false);
         assert_eq!(second.len(), 1);
         assert_eq!((second[0].stage, second[0].count), (stage::SYN, 5));
         assert_eq!(
             second[0].listener.local(),
             Some(("127.0.0.1".parse().unwrap(), 19090))
         );
-        assert!(tcp.poll([(key(7, stage::SYN), 15)]).is_empty());
+        assert!(tcp.poll([(key(7, stage::SYN), 15)], false).is_empty());
     }
 
     #[test]
@@ -255,12 +270,15 @@ mod tests {
         let mut tcp = TcpListeners::default();
         tcp.on_sample(&sample(1, 42));
         tcp.on_sample(&sample(2, 43));
-        tcp.poll([
-            (key(1, stage::SYN), 10),
-            (key(1, stage::ACK_SYNCOOKIE), 4),
-            (key(1, stage::SYN_QUEUE), 100),
-            (key(2, stage::ACK), 2),
-        ]);
+        tcp.poll(
+            [
+                (key(1, stage::SYN), 10),
+                (key(1, stage::ACK_SYNCOOKIE), 4),
+                (key(1, stage::SYN_QUEUE), 100),
+                (key(2, stage::ACK), 2),
+            ],
+            false,
+        );
         let by_netns = tcp.accept_queue_overflows_by_netns();
         assert_eq!(by_netns[&42], 14, "SYN-queue drops are not ListenOverflows");
         assert_eq!(by_netns[&43], 2);
@@ -277,7 +295,7 @@ mod tests {
         ack.remote_port = 50000;
         tcp.on_sample(&syn);
         tcp.on_sample(&ack);
-        let batches = tcp.poll([(key(7, stage::SYN), 3), (key(7, stage::ACK), 1)]);
+        let batches = tcp.poll([(key(7, stage::SYN), 3), (key(7, stage::ACK), 1)], false);
         let syn_batch = batches.iter().find(|b| b.stage == stage::SYN).unwrap();
         let sample = syn_batch.sample.as_ref().unwrap();
         assert_eq!(local_client(sample), Some((4242, "nginx".to_string())));
@@ -287,9 +305,16 @@ mod tests {
     }
 
     #[test]
-    fn a_count_without_a_sample_is_still_a_drop() {
+    fn counts_wait_for_their_record_but_are_never_dropped() {
         let mut tcp = TcpListeners::default();
-        let batches = tcp.poll([(key(9, stage::ACK), 1)]);
+        // Counted before its record was read: it waits...
+        assert!(tcp.poll([(key(9, stage::SYN), 8)], false).is_empty());
+        tcp.on_sample(&sample(9, 42));
+        let batches = tcp.poll([(key(9, stage::SYN), 8)], false);
+        assert_eq!((batches.len(), batches[0].count), (1, 8));
+        assert!(batches[0].sample.is_some());
+        // ...and a record that never came is still shown at the end.
+        let batches = tcp.poll([(key(10, stage::ACK), 1)], true);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].listener.local(), None);
     }

@@ -109,11 +109,8 @@ pub fn load() -> Result<Probes> {
             .attach(category, name)
             .with_context(|| format!("cannot attach to tracepoint {category}/{name}"))?;
     }
-    if let Err(err) = attach_syn_time(&mut ebpf) {
-        tracing::warn!("TCP drops at SYN time will not be seen: {}", short(&err));
-    }
-    if let Err(err) = attach_ack_time(&mut ebpf, drop_reasons) {
-        tracing::warn!("TCP drops at ACK time will not be seen: {}", short(&err));
+    if let Err(err) = attach_tcp_listen_drops(&mut ebpf, drop_reasons) {
+        tracing::warn!("TCP listen-queue drops will not be seen: {}", short(&err));
     }
     if let Err(err) = attach_local_clients(&mut ebpf) {
         tracing::warn!(
@@ -172,7 +169,19 @@ fn cgroup2_root() -> Result<std::path::PathBuf> {
         })
 }
 
-fn attach_syn_time(ebpf: &mut Ebpf) -> Result<()> {
+/// TCP listen-queue drops need all three: the ingress filter snapshots the
+/// kernel's counters as a packet reaches a listener, consume_skb and
+/// kfree_skb read them again when the kernel is done with it.
+fn attach_tcp_listen_drops(ebpf: &mut Ebpf, reasons: DropReasons) -> Result<()> {
+    if reasons.tcp_listen_overflow == u32::MAX {
+        bail!("this kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (needs Linux 6.11+)");
+    }
+    attach_ingress_filter(ebpf)?;
+    attach_btf_tracepoint(ebpf, "tcp_syn_done", "consume_skb")?;
+    attach_btf_tracepoint(ebpf, "tcp_ack_drop", "kfree_skb")
+}
+
+fn attach_ingress_filter(ebpf: &mut Ebpf) -> Result<()> {
     let root = cgroup2_root()?;
     let cgroup =
         std::fs::File::open(&root).with_context(|| format!("cannot open {}", root.display()))?;
@@ -194,13 +203,6 @@ fn attach_syn_time(ebpf: &mut Ebpf) -> Result<()> {
         )
         .with_context(|| format!("cannot attach cgroup_skb/ingress to {}", root.display()))?;
     Ok(())
-}
-
-fn attach_ack_time(ebpf: &mut Ebpf, reasons: DropReasons) -> Result<()> {
-    if reasons.tcp_listen_overflow == u32::MAX {
-        bail!("this kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (kfree_skb's rx_sk needs Linux 6.11+)");
-    }
-    attach_btf_tracepoint(ebpf, "tcp_ack_drop", "kfree_skb")
 }
 
 /// Local TCP clients (who sent a dropped SYN); without it drops name the

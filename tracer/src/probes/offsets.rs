@@ -47,7 +47,15 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         skb_head: at("sk_buff.head")?,
         skb_network_header: at("sk_buff.network_header")?,
         skb_transport_header: at("sk_buff.transport_header")?,
+        bpf_array_pptrs: at("bpf_array.pptrs")?,
+        net_mib_statistics: at("net.mib.net_statistics")?,
+        mib_listen_overflows: mib_index(btf, "LINUX_MIB_LISTENOVERFLOWS")?,
+        mib_listen_drops: mib_index(btf, "LINUX_MIB_LISTENDROPS")?,
     })
+}
+
+fn mib_index(btf: &Btf, name: &str) -> Result<u32> {
+    any_enum_value(btf, name).ok_or_else(|| anyhow!("kernel BTF has no {name}"))
 }
 
 /// The running kernel's values of the drop reasons the programs match.
@@ -59,6 +67,20 @@ pub fn drop_reasons(btf: &Btf) -> DropReasons {
         tcp_listen_overflow: value("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"),
         no_socket: value("SKB_DROP_REASON_NO_SOCKET"),
     }
+}
+
+/// The value of enumerator `member`, in whichever enum (named or not) has it.
+pub fn any_enum_value(btf: &Btf, member: &str) -> Option<u32> {
+    (1..)
+        .map_while(|id| btf.resolve_type_by_id(id).ok())
+        .find_map(|ty| match ty {
+            Type::Enum(e) => e
+                .members
+                .iter()
+                .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member))
+                .map(|m| m.val()),
+            _ => None,
+        })
 }
 
 fn enum_value(btf: &Btf, enum_name: &str, member: &str) -> Option<u32> {
@@ -164,6 +186,19 @@ mod tests {
         assert_eq!(offsets.sock_family, 16);
         assert!(offsets.sock_max_ack_backlog > offsets.sock_net);
         assert!(offsets.unix_address_name > offsets.unix_address_len);
+    }
+
+    #[test]
+    fn listen_counters_are_found_in_the_kernels_mib_enum() {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            eprintln!("SKIPPED: {VMLINUX_BTF} missing (kernel without BTF)");
+            return;
+        }
+        let offsets = resolve(&load_vmlinux_btf().unwrap()).unwrap();
+        // /proc/net/netstat lists ListenOverflows right before ListenDrops,
+        // as the kernel's enum does.
+        assert_eq!(offsets.mib_listen_drops, offsets.mib_listen_overflows + 1);
+        assert!(offsets.mib_listen_overflows > 0);
     }
 
     #[test]
