@@ -73,28 +73,23 @@ pub fn drop_reasons(btf: &Btf) -> DropReasons {
 pub fn any_enum_value(btf: &Btf, member: &str) -> Option<u32> {
     (1..)
         .map_while(|id| btf.resolve_type_by_id(id).ok())
-        .find_map(|ty| match ty {
-            Type::Enum(e) => e
-                .members
-                .iter()
-                .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member))
-                .map(|m| m.val()),
-            _ => None,
-        })
+        .find_map(|ty| enumerator(btf, &ty, member))
 }
 
 fn enum_value(btf: &Btf, enum_name: &str, member: &str) -> Option<u32> {
     btf.resolve_types_by_name(enum_name)
         .ok()?
-        .into_iter()
-        .find_map(|ty| match ty {
-            Type::Enum(e) => e
-                .members
-                .iter()
-                .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member))
-                .map(|m| m.val()),
-            _ => None,
-        })
+        .iter()
+        .find_map(|ty| enumerator(btf, ty, member))
+}
+
+/// `member`'s value when `ty` is an enum that has it.
+fn enumerator(btf: &Btf, ty: &Type, member: &str) -> Option<u32> {
+    let Type::Enum(e) = ty else { return None };
+    e.members
+        .iter()
+        .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member))
+        .map(|m| m.val())
 }
 
 /// Byte offset of `struct.field.subfield...` from the start of `struct`,
