@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use droptrace_tests::{
-    droptrace::{assert_agrees_with_kernel_under_burst, Droptrace, Report},
+    droptrace::{assert_agrees_with_kernel, Droptrace, Report},
     http,
     netns::Netns,
     running_as_root,
@@ -58,7 +58,7 @@ fn burst_in_namespace(tag: &str, config: StackConfig) -> (Stack, Netns, Report) 
         ours,
         "every overflow droptrace counted is at nginx's or uWSGI's listener"
     );
-    assert_agrees_with_kernel_under_burst(ours, kernel, tag);
+    assert_agrees_with_kernel(ours, kernel, tag);
     assert_eq!(report.lost(), 0);
     (stack, netns, report)
 }

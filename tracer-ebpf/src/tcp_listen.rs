@@ -92,7 +92,8 @@ pub struct InFlight {
     /// The listener (struct sock *) and its inode.
     sk: u64,
     inode: u64,
-    /// This CPU's LISTENOVERFLOWS and LISTENDROPS when the packet arrived.
+    /// This CPU's LISTENOVERFLOWS and LISTENDROPS when the packet arrived,
+    /// then when it was last settled.
     overflows: u64,
     drops: u64,
     /// For a SYN, which SYN-queue limit would refuse it (a name, not a count).
@@ -200,8 +201,13 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     // A typed pointer we may read through with runtime offsets.
     let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as usize;
     let Some(sock) = Sock::at(tcp_sock) else { return };
-    let Some((overflows, drops)) = listen_counters(&sock) else { return };
     let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot.
+    let previous = unsafe { &mut *in_flight };
+    if previous.sk != 0 {
+        catch_up(previous, None);
+    }
+    let Some((overflows, drops)) = listen_counters(&sock) else { return };
     let is_syn = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let syn_queue_stage = if is_syn { syn_queue_stage(&sock) } else { 0 };
     // The sender's process is looked up only when a drop is likely.
@@ -269,11 +275,25 @@ fn settle(skb: u64, reason: Option<u32>) {
         return;
     }
     flight.skb = 0;
+    catch_up(flight, reason);
+}
+
+/// Count what this CPU's counters gained since `flight` last looked, and
+/// remember the new values. Called when the packet is freed, and again
+/// when the next packet reaches a listener on this CPU: an increment the
+/// first look missed (the packet left through a path without a free
+/// tracepoint) is still counted, charged to the packet most likely to
+/// have caused it.
+#[inline(always)]
+fn catch_up(flight: &mut InFlight, reason: Option<u32>) {
     let sock = Sock { addr: flight.sk as usize, inode: flight.inode };
     let Some((overflows, drops)) = listen_counters(&sock) else { return };
     let overflowed = overflows.wrapping_sub(flight.overflows);
     let other_drops = drops.wrapping_sub(flight.drops).saturating_sub(overflowed);
+    flight.overflows = overflows;
+    flight.drops = drops;
     let is_syn = flight.packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    // A freed listener read through a stale pointer gives nonsense: bound it.
     if overflowed > 0 && overflowed < 1 << 20 {
         let reasons = unsafe { core::ptr::read_volatile(&DROP_REASONS) };
         let stage = if is_syn {
