@@ -48,7 +48,18 @@ fn burst_in_namespace(tag: &str, config: StackConfig) -> (Stack, Netns, Report) 
             .entry(drop["stage"].as_str().unwrap_or("-").to_string())
             .or_insert(0) += drop["count"].as_u64().unwrap();
     }
-    eprintln!("{tag}: {outcomes:?}; kernel ListenOverflows {kernel}; droptrace {ours} = nginx {at_nginx} + uWSGI {at_uwsgi}; by stage {stages:?}");
+    let named: Vec<String> = report
+        .drops
+        .iter()
+        .map(|d| {
+            format!(
+                "{}:{}",
+                d["stage"].as_str().unwrap_or("-"),
+                d["client"]["role"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    eprintln!("{tag}: {outcomes:?}; kernel ListenOverflows {kernel}; droptrace {ours} = nginx {at_nginx} + uWSGI {at_uwsgi}; by stage {stages:?}; clients {named:?}");
     assert!(
         kernel > 0,
         "the burst overflowed nothing, so it proves nothing"

@@ -210,8 +210,10 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     let Some((overflows, drops)) = listen_counters(&sock) else { return };
     let is_syn = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let syn_queue_stage = if is_syn { syn_queue_stage(&sock) } else { 0 };
-    // The sender's process is looked up only when a drop is likely.
-    let client = if is_syn && (syn_queue_stage != 0 || sock.accept_queue_full()) {
+    // The sender's process is looked up only when a drop is likely: a SYN
+    // the SYN queue would refuse, or any packet to a full accept queue
+    // (the sender of a final ACK is ESTABLISHED by then, same socket).
+    let client = if syn_queue_stage != 0 || sock.accept_queue_full() {
         local_client(ctx, &packet)
     } else {
         None
