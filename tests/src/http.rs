@@ -45,15 +45,15 @@ async fn wait_listening(addr: SocketAddr) {
     panic!("nothing listens at {addr} after 10 s");
 }
 
-/// `total` GETs to `addr`, `concurrency` at a time, each bounded by
-/// `per_request`; run from inside `netns` when given.
-pub fn burst(
-    addr: SocketAddr,
-    concurrency: usize,
-    total: usize,
-    per_request: Duration,
-    netns: Option<&Netns>,
-) -> Outcomes {
+/// The end-to-end tests' burst: enough concurrent clients to fill uWSGI's
+/// and nginx's queues against a 100 ms app, bounded in count and time.
+pub const CONCURRENCY: usize = 1000;
+pub const REQUESTS: usize = 2000;
+pub const PER_REQUEST: Duration = Duration::from_secs(30);
+
+/// REQUESTS GETs to `addr`, CONCURRENCY at a time, each bounded by
+/// PER_REQUEST; run from inside `netns` when given.
+pub fn burst(addr: SocketAddr, netns: Option<&Netns>) -> Outcomes {
     raise_nofile_limit();
     std::thread::scope(|scope| {
         scope
@@ -67,12 +67,12 @@ pub fn burst(
                     .unwrap();
                 runtime.block_on(async {
                     wait_listening(addr).await;
-                    let permits = Arc::new(Semaphore::new(concurrency));
-                    let mut tasks = Vec::with_capacity(total);
-                    for _ in 0..total {
+                    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+                    let mut tasks = Vec::with_capacity(REQUESTS);
+                    for _ in 0..REQUESTS {
                         let permit = permits.clone().acquire_owned().await.unwrap();
                         tasks.push(tokio::spawn(async move {
-                            let outcome = tokio::time::timeout(per_request, one(addr))
+                            let outcome = tokio::time::timeout(PER_REQUEST, one(addr))
                                 .await
                                 .ok()
                                 .flatten();

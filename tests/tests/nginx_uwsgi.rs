@@ -1,7 +1,7 @@
 //! End to end: real nginx in front of real uWSGI on a UNIX socket, a bounded
 //! burst of requests, and droptrace's count must equal nginx's own record of
 //! the refusals: its "(11: Resource temporarily unavailable)" error lines.
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use droptrace_tests::{
     droptrace::{Droptrace, Report},
@@ -11,9 +11,6 @@ use droptrace_tests::{
     stack::{self, Stack, StackConfig},
 };
 
-const CONCURRENCY: usize = 1000;
-const REQUESTS: usize = 2000;
-const PER_REQUEST: Duration = Duration::from_secs(30);
 const EAGAIN_LINE: &str = "(11: Resource temporarily unavailable) while connecting to upstream";
 
 /// Every refusal nginx logged is one droptrace reported, with the right
@@ -83,7 +80,7 @@ fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
     let (nginx_pid, uwsgi_pid) = (stack.nginx.id().to_string(), stack.uwsgi.id().to_string());
     let tracer = Droptrace::start(&["--pid", &nginx_pid, "--pid", &uwsgi_pid]);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let outcomes = http::burst(addr, CONCURRENCY, REQUESTS, PER_REQUEST, None);
+    let outcomes = http::burst(addr, None);
     let report = tracer.stop();
     assert_matches_nginx(&stack, &report, &outcomes, 100);
     let drop = report.drops_at(&stack.socket_path())[0];
@@ -115,7 +112,7 @@ fn in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_with_its_ceiling() {
         ..StackConfig::default()
     });
     let addr: SocketAddr = "127.0.0.1:18080".parse().unwrap();
-    let outcomes = http::burst(addr, CONCURRENCY, REQUESTS, PER_REQUEST, Some(&netns));
+    let outcomes = http::burst(addr, Some(&netns));
     let report = tracer.stop();
     assert_matches_nginx(&stack, &report, &outcomes, 64);
     let drop = report.drops_at(&stack.socket_path())[0];

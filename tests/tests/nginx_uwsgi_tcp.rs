@@ -11,9 +11,6 @@ use droptrace_tests::{
     stack::{self, Stack, StackConfig},
 };
 
-const CONCURRENCY: usize = 1000;
-const REQUESTS: usize = 2000;
-const PER_REQUEST: Duration = Duration::from_secs(30);
 const NGINX_PORT: u16 = 18080;
 const UWSGI_PORT: u16 = 19090;
 
@@ -36,7 +33,7 @@ fn burst_in_namespace(tag: &str, config: StackConfig) -> (Stack, Netns, Report) 
         ..config
     });
     let addr: SocketAddr = format!("127.0.0.1:{NGINX_PORT}").parse().unwrap();
-    let outcomes = http::burst(addr, CONCURRENCY, REQUESTS, PER_REQUEST, Some(&netns));
+    let outcomes = http::burst(addr, Some(&netns));
     // Every client got its answer or gave up: no SYN is still in flight.
     std::thread::sleep(Duration::from_millis(500));
     let report = tracer.stop();

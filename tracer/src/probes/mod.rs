@@ -109,10 +109,12 @@ pub fn load() -> Result<Probes> {
             .attach(category, name)
             .with_context(|| format!("cannot attach to tracepoint {category}/{name}"))?;
     }
-    if let Err(err) = attach_tcp_listen_drops(&mut ebpf, drop_reasons) {
+    // aya parses the kernel's BTF for tp_btf programs: once is enough.
+    let aya_btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+    if let Err(err) = attach_tcp_listen_drops(&mut ebpf, &aya_btf, drop_reasons) {
         tracing::warn!("TCP listen-queue drops will not be seen: {}", short(&err));
     }
-    if let Err(err) = attach_local_clients(&mut ebpf) {
+    if let Err(err) = attach_local_clients(&mut ebpf, &aya_btf) {
         tracing::warn!(
             "refused local TCP clients will be named by address only: {}",
             short(&err)
@@ -172,13 +174,13 @@ fn cgroup2_root() -> Result<std::path::PathBuf> {
 /// TCP listen-queue drops need all three: the ingress filter snapshots the
 /// kernel's counters as a packet reaches a listener, consume_skb and
 /// kfree_skb read them again when the kernel is done with it.
-fn attach_tcp_listen_drops(ebpf: &mut Ebpf, reasons: DropReasons) -> Result<()> {
+fn attach_tcp_listen_drops(ebpf: &mut Ebpf, btf: &aya::Btf, reasons: DropReasons) -> Result<()> {
     if reasons.tcp_listen_overflow == u32::MAX {
         bail!("this kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (needs Linux 6.11+)");
     }
     attach_ingress_filter(ebpf)?;
-    attach_btf_tracepoint(ebpf, "tcp_syn_done", "consume_skb")?;
-    attach_btf_tracepoint(ebpf, "tcp_ack_drop", "kfree_skb")
+    attach_btf_tracepoint(ebpf, btf, "tcp_syn_done", "consume_skb")?;
+    attach_btf_tracepoint(ebpf, btf, "tcp_ack_drop", "kfree_skb")
 }
 
 fn attach_ingress_filter(ebpf: &mut Ebpf) -> Result<()> {
@@ -207,18 +209,22 @@ fn attach_ingress_filter(ebpf: &mut Ebpf) -> Result<()> {
 
 /// Local TCP clients (who sent a dropped SYN); without it drops name the
 /// client's address only.
-fn attach_local_clients(ebpf: &mut Ebpf) -> Result<()> {
-    attach_btf_tracepoint(ebpf, "tcp_client_connect", "inet_sock_set_state")
+fn attach_local_clients(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
+    attach_btf_tracepoint(ebpf, btf, "tcp_client_connect", "inet_sock_set_state")
 }
 
-fn attach_btf_tracepoint(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
-    let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<()> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("eBPF object lacks program {program}"))?
         .try_into()?;
     program
-        .load(tracepoint, &btf)
+        .load(tracepoint, btf)
         .with_context(|| format!("cannot load tp_btf/{tracepoint}"))?;
     program
         .attach()

@@ -15,6 +15,12 @@ pub fn load_vmlinux_btf() -> Result<Btf> {
 /// Resolve every offset the programs need; fails naming the missing field.
 pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
     let at = |path: &str| field_offset(btf, path);
+    // The MIB indexes live in one anonymous enum (uapi snmp.h): find it
+    // once, a scan of every type, then read both from it.
+    let mib = enum_having(btf, "LINUX_MIB_LISTENOVERFLOWS")
+        .ok_or_else(|| anyhow!("kernel BTF has no LINUX_MIB_LISTENOVERFLOWS"))?;
+    let mib_index =
+        |name: &str| enumerator(btf, &mib, name).ok_or_else(|| anyhow!("kernel BTF has no {name}"));
     Ok(KernelOffsets {
         task_files: at("task_struct.files")?,
         task_nsproxy: at("task_struct.nsproxy")?,
@@ -49,13 +55,9 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         skb_transport_header: at("sk_buff.transport_header")?,
         bpf_array_pptrs: at("bpf_array.pptrs")?,
         net_mib_statistics: at("net.mib.net_statistics")?,
-        mib_listen_overflows: mib_index(btf, "LINUX_MIB_LISTENOVERFLOWS")?,
-        mib_listen_drops: mib_index(btf, "LINUX_MIB_LISTENDROPS")?,
+        mib_listen_overflows: mib_index("LINUX_MIB_LISTENOVERFLOWS")?,
+        mib_listen_drops: mib_index("LINUX_MIB_LISTENDROPS")?,
     })
-}
-
-fn mib_index(btf: &Btf, name: &str) -> Result<u32> {
-    any_enum_value(btf, name).ok_or_else(|| anyhow!("kernel BTF has no {name}"))
 }
 
 /// The running kernel's values of the drop reasons the programs match.
@@ -69,11 +71,11 @@ pub fn drop_reasons(btf: &Btf) -> DropReasons {
     }
 }
 
-/// The value of enumerator `member`, in whichever enum (named or not) has it.
-pub fn any_enum_value(btf: &Btf, member: &str) -> Option<u32> {
+/// The enum (named or not) that has enumerator `member`.
+fn enum_having(btf: &Btf, member: &str) -> Option<Type> {
     (1..)
         .map_while(|id| btf.resolve_type_by_id(id).ok())
-        .find_map(|ty| enumerator(btf, &ty, member))
+        .find(|ty| enumerator(btf, ty, member).is_some())
 }
 
 fn enum_value(btf: &Btf, enum_name: &str, member: &str) -> Option<u32> {
