@@ -31,10 +31,11 @@ pub struct Droptrace {
     stderr: mpsc::Receiver<String>,
 }
 
-/// What droptrace printed: its drop lines and its closing summary.
+/// What droptrace printed: its drop lines, its notices and its closing summary.
 #[derive(Debug)]
 pub struct Report {
     pub drops: Vec<Value>,
+    pub notices: Vec<Value>,
     pub summary: Value,
     pub stderr: String,
 }
@@ -108,18 +109,23 @@ impl Droptrace {
                 serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
             })
             .collect();
-        let (summary, drops) = records
+        let (summary, lines) = records
             .split_last()
             .expect("droptrace printed nothing, not even its summary");
         assert_eq!(
             summary["type"], "summary",
             "the last line must be the summary: {summary}"
         );
-        for drop in drops {
-            assert_eq!(drop["type"], "drop", "{drop}");
+        let (drops, notices): (Vec<Value>, Vec<Value>) = lines
+            .iter()
+            .cloned()
+            .partition(|line| line["type"] == "drop");
+        for notice in &notices {
+            assert_eq!(notice["type"], "notice", "{notice}");
         }
         Report {
-            drops: drops.to_vec(),
+            drops,
+            notices,
             summary: summary.clone(),
             stderr,
         }
@@ -184,6 +190,31 @@ impl Report {
             entry["droptrace"].as_u64().unwrap(),
             entry["kernel"].as_u64().unwrap(),
         )
+    }
+
+    /// Drop lines of one kind ("nofile", "worker_connections", ...).
+    pub fn drops_of(&self, kind: &str) -> Vec<&Value> {
+        self.drops.iter().filter(|d| d["kind"] == kind).collect()
+    }
+
+    /// Sum of the `count` of the drop lines of `kind` that `select` keeps.
+    pub fn count_of(&self, kind: &str, select: impl Fn(&Value) -> bool) -> u64 {
+        self.drops_of(kind)
+            .into_iter()
+            .filter(|d| select(d))
+            .map(|d| d["count"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// The summary's total of one kind.
+    pub fn total_of(&self, kind: &str) -> u64 {
+        self.summary["totals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["kind"] == kind)
+            .map(|t| t["count"].as_u64().unwrap())
+            .sum()
     }
 
     pub fn lost(&self) -> u64 {

@@ -17,7 +17,11 @@ impl Netns {
     /// `ip netns add NAME` with loopback up and the given sysctls.
     pub fn create(tag: &str, sysctls: &[(&str, &str)]) -> Self {
         let name = format!("droptrace-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // A namespace left behind by a killed run of this test.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         ip(&["netns", "add", &name]);
         let netns = Self { name };
         ip(&["-n", &netns.name, "link", "set", "lo", "up"]);

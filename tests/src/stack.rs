@@ -40,6 +40,16 @@ pub struct StackConfig<'a> {
     pub uwsgi_tcp_port: Option<u16>,
     /// nginx `listen ... backlog=N`; None leaves nginx's default (511).
     pub nginx_backlog: Option<u32>,
+    /// nginx `worker_connections`.
+    pub worker_connections: u32,
+    /// nginx `listen ... deferred` (TCP_DEFER_ACCEPT): a connection is
+    /// accepted with its request already there, so nginx starts on it at
+    /// once instead of parking it as reusable.
+    pub deferred_accept: bool,
+    /// nginx `worker_rlimit_nofile`; None leaves the directive out.
+    pub worker_rlimit_nofile: Option<u32>,
+    /// Start nginx under `prlimit --nofile=N:N`.
+    pub prlimit_nofile: Option<u32>,
     pub port: u16,
 }
 
@@ -50,6 +60,10 @@ impl Default for StackConfig<'_> {
             uwsgi_listen: None,
             uwsgi_tcp_port: None,
             nginx_backlog: None,
+            worker_connections: 8192,
+            deferred_accept: false,
+            worker_rlimit_nofile: Some(16384),
+            prlimit_nofile: None,
             port: 18080,
         }
     }
@@ -130,17 +144,29 @@ impl Stack {
         });
 
         let conf = format!(
-            "daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 16384;\npid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n\
+            "daemon off;\nmaster_process on;\nworker_processes 2;\n{rlimit}pid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections {connections}; }}\nhttp {{\n  access_log off;\n\
              client_body_temp_path {d}/client_body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port}{backlog};\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port}{backlog}{deferred};\n\
              location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass {upstream}; uwsgi_connect_timeout 3s; }}\n  }}\n}}\n",
             d = d.display(),
             port = config.port,
             backlog = config.nginx_backlog.map_or(String::new(), |n| format!(" backlog={n}")),
+            rlimit = config.worker_rlimit_nofile.map_or(String::new(), |n| format!("worker_rlimit_nofile {n};\n")),
+            connections = config.worker_connections,
+            deferred = if config.deferred_accept { " deferred" } else { "" },
         );
         fs::write(d.join("nginx.conf"), conf).unwrap();
-        let nginx = command_in(config.netns, "nginx")
+        // prlimit sets the limit and execs nginx: the child's pid is nginx's.
+        let mut nginx = match config.prlimit_nofile {
+            Some(n) => {
+                let mut prlimit = command_in(config.netns, "prlimit");
+                prlimit.arg(format!("--nofile={n}:{n}")).arg("nginx");
+                prlimit
+            }
+            None => command_in(config.netns, "nginx"),
+        };
+        let nginx = nginx
             .arg("-p")
             .arg(d)
             .arg("-c")
@@ -167,10 +193,12 @@ impl Stack {
 
     /// Lines of nginx's error log that contain `needle`.
     pub fn error_lines_with(&self, needle: &str) -> usize {
-        self.error_log()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.error_lines_where(|l| l.contains(needle))
+    }
+
+    /// Lines of nginx's error log that `select` keeps.
+    pub fn error_lines_where(&self, select: impl Fn(&str) -> bool) -> usize {
+        self.error_log().lines().filter(|l| select(l)).count()
     }
 
     pub fn socket_path(&self) -> String {

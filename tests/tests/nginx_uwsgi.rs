@@ -98,8 +98,8 @@ fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
 }
 
 #[test]
-fn in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_with_its_ceiling() {
-    let test = "in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_with_its_ceiling";
+fn in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_and_nginx_clamp_is_noticed() {
+    let test = "in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_and_nginx_clamp_is_noticed";
     if !running_as_root(test) || !stack::available(test) {
         return;
     }
@@ -115,6 +115,29 @@ fn in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_with_its_ceiling() {
     let outcomes = http::burst(addr, Some(&netns));
     let report = tracer.stop();
     assert_matches_nginx(&stack, &report, &outcomes, 64);
+    // nginx's listen(511) was clamped to the namespace's somaxconn, and
+    // said so before any drop; uWSGI asked for 64, which fits.
+    let nginx_pid = u64::from(stack.nginx.id());
+    let clamped: Vec<_> = report
+        .notices
+        .iter()
+        .filter(|n| n["kind"] == "backlog_clamped")
+        .collect();
+    assert_eq!(clamped.len(), 1, "{clamped:#?}");
+    let notice = clamped[0];
+    assert_eq!(notice["listener"]["pid"], nginx_pid, "{notice}");
+    assert_eq!(notice["listener"]["role"], "nginx-master", "{notice}");
+    assert_eq!(notice["listener"]["addr"], "127.0.0.1", "{notice}");
+    assert_eq!(notice["listener"]["port"], 18080, "{notice}");
+    assert_eq!(notice["listener"]["netns"], netns.inode(), "{notice}");
+    assert_eq!(
+        (
+            notice["requested"].as_u64(),
+            notice["effective"].as_u64(),
+            notice["somaxconn"].as_u64()
+        ),
+        (Some(511), Some(64), Some(64))
+    );
     let drop = report.drops_at(&stack.socket_path())[0];
     assert_eq!(drop["listener"]["netns"], netns.inode());
     assert_eq!(

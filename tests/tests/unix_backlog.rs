@@ -178,6 +178,16 @@ fn a_backlog_clamped_by_somaxconn_blames_somaxconn() {
     assert_eq!(queued.len(), 5, "somaxconn 4 queues 5");
     assert_eq!(refused, 5);
     assert_eq!(report.count_at(&name), 5, "{:#?}", report.drops);
+    // Before the first refusal, listen() itself was reported as clamped.
+    assert_eq!(report.notices.len(), 1, "{:#?}", report.notices);
+    let notice = &report.notices[0];
+    assert_eq!(notice["kind"], "backlog_clamped");
+    assert_eq!(notice["listener"]["path"], name.as_str(), "{notice}");
+    assert_eq!(
+        (notice["requested"].as_u64(), notice["effective"].as_u64()),
+        (Some(64), Some(4)),
+        "{notice}"
+    );
     for drop in report.drops_at(&name) {
         assert_eq!(drop["listener"]["netns"], netns.inode(), "{drop}");
         assert_eq!(drop["listener"]["backlog"], 4);

@@ -24,6 +24,10 @@ pub enum RecordKind {
     Listen = 2,
     /// [`TcpOverflowRecord`]
     TcpOverflow = 3,
+    /// [`FdLimitRecord`]
+    FdLimit = 4,
+    /// [`NoConnectionRecord`]
+    NoConnection = 5,
 }
 
 impl RecordKind {
@@ -32,14 +36,16 @@ impl RecordKind {
             1 => Some(Self::ConnectFailure),
             2 => Some(Self::Listen),
             3 => Some(Self::TcpOverflow),
+            4 => Some(Self::FdLimit),
+            5 => Some(Self::NoConnection),
             _ => None,
         }
     }
 }
 
 /// A `connect()` that failed with an errno droptrace reports (only failures
-/// cross to userspace). Filled at `sys_exit_connect` from what
-/// `sys_enter_connect` saw.
+/// cross to userspace): EAGAIN to a UNIX socket (the listener's queue is
+/// full), EADDRNOTAVAIL to an IPv4/IPv6 address (no ephemeral port left).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectFailure {
@@ -52,14 +58,70 @@ pub struct ConnectFailure {
     /// CLOCK_MONOTONIC (bpf_ktime_get_ns) when connect() returned.
     pub ktime_ns: u64,
     pub family: u16,
-    /// Bytes of `path` that are meaningful (abstract names may hold NULs).
-    pub path_len: u16,
+    /// Bytes of `addr` that are meaningful (abstract names may hold NULs).
+    pub addr_len: u16,
     /// The caller's network namespace (inode), where abstract names live.
     pub netns: u32,
     pub comm: [u8; COMM_LEN],
-    /// `sun_path` as the caller passed it: a leading NUL means abstract.
-    pub path: [u8; UNIX_PATH_MAX],
+    /// The caller's sockaddr after its 2-byte family: `sun_path` for
+    /// AF_UNIX (a leading NUL means abstract), `sin_port` + `sin_addr` for
+    /// AF_INET, `sin6_port` + `sin6_flowinfo` + `sin6_addr` for AF_INET6.
+    pub addr: [u8; UNIX_PATH_MAX],
     pub _pad: [u8; 4],
+}
+
+/// The syscalls that need a new file descriptor and are watched for EMFILE
+/// and ENFILE (`FdLimitRecord::syscall`).
+pub mod fd_syscall {
+    pub const ACCEPT: u32 = 1;
+    pub const ACCEPT4: u32 = 2;
+    pub const SOCKET: u32 = 3;
+    pub const OPEN: u32 = 4;
+    pub const OPENAT: u32 = 5;
+
+    pub fn name(syscall: u32) -> &'static str {
+        match syscall {
+            ACCEPT => "accept",
+            ACCEPT4 => "accept4",
+            SOCKET => "socket",
+            OPEN => "open",
+            OPENAT => "openat",
+            _ => "unknown",
+        }
+    }
+}
+
+/// A syscall that needed a new file descriptor and failed with EMFILE (the
+/// process's RLIMIT_NOFILE was reached) or ENFILE (fs.file-max).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FdLimitRecord {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// -24 (EMFILE) or -23 (ENFILE).
+    pub ret: i32,
+    pub ktime_ns: u64,
+    /// One of [`fd_syscall`].
+    pub syscall: u32,
+    pub netns: u32,
+    /// RLIMIT_NOFILE of the process when the call failed.
+    pub nofile_soft: u64,
+    pub nofile_hard: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// nginx's `ngx_get_connection()` returned NULL: a worker had no free
+/// connection slot left (`worker_connections are not enough`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NoConnectionRecord {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    pub ktime_ns: u64,
+    pub comm: [u8; COMM_LEN],
 }
 
 /// A successful `listen()`: what the process asked for, and what the kernel
@@ -183,6 +245,10 @@ pub struct KernelOffsets {
     pub task_files: u32,
     /// task_struct.nsproxy
     pub task_nsproxy: u32,
+    /// task_struct.signal
+    pub task_signal: u32,
+    /// signal_struct.rlim (a `struct rlimit[RLIM_NLIMITS]`)
+    pub signal_rlim: u32,
     /// nsproxy.net_ns
     pub nsproxy_net_ns: u32,
     /// files_struct.fdt
@@ -251,10 +317,12 @@ pub struct KernelOffsets {
     pub mib_listen_drops: u32,
 }
 
-// Both records are exchanged byte for byte: keep them free of implicit padding.
+// Records are exchanged byte for byte: keep them free of implicit padding.
 const _: () = assert!(core::mem::size_of::<ConnectFailure>() == 160);
 const _: () = assert!(core::mem::size_of::<ListenRecord>() == 184);
 const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<FdLimitRecord>() == 64);
+const _: () = assert!(core::mem::size_of::<NoConnectionRecord>() == 40);
 
 impl KernelOffsets {
     /// All zero: the placeholder the eBPF object is compiled with.
@@ -279,6 +347,8 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::ConnectFailure {}
     unsafe impl aya::Pod for super::ListenRecord {}
+    unsafe impl aya::Pod for super::FdLimitRecord {}
+    unsafe impl aya::Pod for super::NoConnectionRecord {}
     unsafe impl aya::Pod for super::TcpOverflowKey {}
     unsafe impl aya::Pod for super::TcpOverflowRecord {}
     unsafe impl aya::Pod for super::DropReasons {}

@@ -3,28 +3,58 @@
 #![no_std]
 #![no_main]
 
+mod connect;
+mod fd_limits;
 mod kernel;
 mod listen;
 mod maps;
+mod nginx;
 mod tcp_listen;
-mod unix_connect;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_skb, tracepoint},
-    programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
+    macros::{btf_tracepoint, cgroup_skb, tracepoint, uretprobe},
+    programs::{BtfTracePointContext, RetProbeContext, SkBuffContext, TracePointContext},
 };
+use tracer_common::fd_syscall;
 
-/// syscalls/sys_enter_connect: remember the UNIX address being connected to.
+/// syscalls/sys_enter_connect: remember the address being connected to.
 #[tracepoint]
 pub fn connect_enter(ctx: TracePointContext) -> u32 {
-    unix_connect::on_enter(&ctx);
+    connect::on_enter(&ctx);
     0
 }
 
 /// syscalls/sys_exit_connect: report the connect if it was refused.
 #[tracepoint]
 pub fn connect_exit(ctx: TracePointContext) -> u32 {
-    unix_connect::on_exit(&ctx);
+    connect::on_exit(&ctx);
+    0
+}
+
+/// syscalls/sys_exit_{accept,accept4,socket,open,openat}: report calls that
+/// failed for lack of a file descriptor (EMFILE, ENFILE).
+macro_rules! fd_syscall_exit {
+    ($($program:ident => $syscall:expr),* $(,)?) => {$(
+        #[tracepoint]
+        pub fn $program(ctx: TracePointContext) -> u32 {
+            fd_limits::on_exit(&ctx, $syscall);
+            0
+        }
+    )*};
+}
+
+fd_syscall_exit! {
+    accept_exit => fd_syscall::ACCEPT,
+    accept4_exit => fd_syscall::ACCEPT4,
+    socket_exit => fd_syscall::SOCKET,
+    open_exit => fd_syscall::OPEN,
+    openat_exit => fd_syscall::OPENAT,
+}
+
+/// uretprobe on nginx's ngx_get_connection: a worker out of connections.
+#[uretprobe]
+pub fn nginx_get_connection(ctx: RetProbeContext) -> u32 {
+    nginx::on_get_connection_return(&ctx);
     0
 }
 

@@ -16,6 +16,14 @@ pub enum DropKind {
     TcpAcceptQueue,
     /// A SYN dropped because the SYN queue was full (syncookies off).
     TcpSynQueue,
+    /// accept/socket/open failed with EMFILE: the process's RLIMIT_NOFILE.
+    Nofile,
+    /// The same with ENFILE: fs.file-max, for the whole system.
+    FileMax,
+    /// nginx had no free connection slot ("worker_connections are not enough").
+    WorkerConnections,
+    /// connect() failed with EADDRNOTAVAIL: no ephemeral port left.
+    EphemeralPorts,
 }
 
 impl DropKind {
@@ -24,6 +32,10 @@ impl DropKind {
             Self::UnixBacklog => "unix_backlog",
             Self::TcpAcceptQueue => "tcp_accept_queue",
             Self::TcpSynQueue => "tcp_syn_queue",
+            Self::Nofile => "nofile",
+            Self::FileMax => "file_max",
+            Self::WorkerConnections => "worker_connections",
+            Self::EphemeralPorts => "ephemeral_ports",
         }
     }
 }
@@ -42,6 +54,9 @@ pub struct Client {
     pub addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// nofile and file_max: the syscall that failed ("accept4", "socket").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<&'static str>,
 }
 
 impl Client {
@@ -103,8 +118,43 @@ pub struct Drop {
     /// TCP: "syn", "ack" or "ack_syncookie".
     pub stage: Option<&'static str>,
     pub client: Client,
-    pub listener: ListenerView,
+    /// The socket whose queue was full; for ephemeral_ports the destination.
+    /// None for nofile, file_max and worker_connections.
+    pub listener: Option<ListenerView>,
     pub limit: Verdict,
+    /// An earlier drop that made this one happen: a listener overflows
+    /// while its owner, out of descriptors, stopped accepting.
+    pub caused_by: Option<Cause>,
+}
+
+/// The root cause of a drop, to fix first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Cause {
+    pub kind: DropKind,
+    pub time: String,
+    pub pid: u32,
+    pub comm: String,
+    pub syscall: Option<&'static str>,
+    pub limit: crate::limits::LimitName,
+    pub value: Option<u64>,
+}
+
+impl Drop {
+    /// What identifies a drop in a storm and in the summary: the listener,
+    /// or for drops without one, the process (by name and role) and syscall.
+    pub fn subject(&self) -> String {
+        match &self.listener {
+            Some(listener) => listener.label(),
+            None => format!(
+                "{} {}{}",
+                self.client.comm.as_deref().unwrap_or("?"),
+                self.client.role.map_or("other", Role::as_str),
+                self.client
+                    .syscall
+                    .map_or(String::new(), |s| format!(" {s}()"))
+            ),
+        }
+    }
 }
 
 impl ListenerView {
@@ -124,4 +174,24 @@ impl ListenerView {
             _ => "owner unknown".into(),
         }
     }
+}
+
+/// What an operator should know before any drop happens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// listen() asked for more than net.core.somaxconn; the kernel clamped it.
+    BacklogClamped,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Notice {
+    #[serde(skip)]
+    pub time: SystemTime,
+    pub kind: NoticeKind,
+    pub listener: ListenerView,
+    pub requested: u32,
+    pub effective: u32,
+    pub somaxconn: u32,
+    pub fix: String,
 }

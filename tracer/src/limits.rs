@@ -2,7 +2,7 @@
 //! fix. Pure logic: everything it needs arrives in `BacklogFacts`.
 use serde::Serialize;
 
-use crate::attribution::{process::Role, uwsgi::Setting};
+use crate::{attribution::process::Role, config::Setting};
 
 /// Limit names are part of the JSON contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -21,6 +21,14 @@ pub enum LimitName {
     BacklogAmbiguous,
     /// net.ipv4.tcp_max_syn_backlog, with syncookies off.
     TcpMaxSynBacklog,
+    /// RLIMIT_NOFILE of the process (EMFILE).
+    RlimitNofile,
+    /// fs.file-max, the system-wide open-file limit (ENFILE).
+    FileMax,
+    /// nginx's worker_connections.
+    WorkerConnections,
+    /// net.ipv4.ip_local_port_range: no ephemeral port left.
+    IpLocalPortRange,
     /// The listener could not be found (it closed before we looked).
     Unknown,
 }
@@ -34,6 +42,10 @@ impl LimitName {
             Self::AppBacklog => "app_backlog",
             Self::BacklogAmbiguous => "backlog_ambiguous",
             Self::TcpMaxSynBacklog => "tcp_max_syn_backlog",
+            Self::RlimitNofile => "rlimit_nofile",
+            Self::FileMax => "file_max",
+            Self::WorkerConnections => "worker_connections",
+            Self::IpLocalPortRange => "ip_local_port_range",
             Self::Unknown => "unknown",
         }
     }
@@ -44,6 +56,9 @@ pub struct Verdict {
     pub name: LimitName,
     /// The number that was hit.
     pub value: Option<u64>,
+    /// rlimit_nofile: the hard limit beside the soft one that was hit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hard: Option<u64>,
     /// Where that number came from.
     pub source: String,
     /// One line: what to change.
@@ -72,6 +87,8 @@ pub struct BacklogFacts {
     pub uwsgi_listen: Option<Setting>,
     /// net.core.somaxconn of the listener's network namespace.
     pub somaxconn: Option<u32>,
+    /// nginx's `listen ... backlog=` for this listener, from its config.
+    pub nginx_backlog: Option<Setting>,
 }
 
 /// What a negative listen() backlog becomes in `BacklogFacts::requested`.
@@ -111,6 +128,7 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
         return Verdict {
             name: LimitName::Somaxconn,
             value: Some(effective.into()),
+            hard: None,
             source: format!(
                 "net.core.somaxconn of the listener's network namespace: {} asked {asked}, the kernel clamped it to {effective}",
                 facts.owner
@@ -132,6 +150,7 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
         return Verdict {
             name: LimitName::UwsgiListen,
             value: Some(effective.into()),
+            hard: None,
             source: setting.source,
             fix: format!(
                 "uWSGI listen={effective}{default_note}: set \"listen = {target}\" in the uWSGI ini {}; more uWSGI workers if the queue stays full{}",
@@ -148,23 +167,26 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
         return Verdict {
             name: LimitName::BacklogAmbiguous,
             value: Some(effective.into()),
+            hard: None,
             source: format!("backlog {effective} equals net.core.somaxconn, and {} listened before droptrace started, so its requested backlog is unknown", facts.owner),
             fix: format!("raise net.core.somaxconn and the backlog {} asks for together, to {target}, then restart it", facts.owner),
         };
     }
     let target = suggested_backlog(effective);
     if facts.owner_role.is_nginx() {
-        let source = match facts.requested {
-            Some(r) => format!(
+        let source = match (facts.requested, &facts.nginx_backlog) {
+            (_, Some(configured)) if configured.value == effective => configured.source.clone(),
+            (Some(r), _) => format!(
                 "nginx called listen({r}) (backlog= on its listen directive, 511 by default)"
             ),
-            None => {
+            (None, _) => {
                 "nginx's listen socket (backlog= on its listen directive, 511 by default)".into()
             }
         };
         return Verdict {
             name: LimitName::NginxListenBacklog,
             value: Some(effective.into()),
+            hard: None,
             source,
             fix: format!(
                 "add \"backlog={target}\" to nginx's listen directive {} and reload nginx; more worker_processes if the queue stays full",
@@ -182,6 +204,7 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
     Verdict {
         name: LimitName::AppBacklog,
         value: Some(effective.into()),
+        hard: None,
         source,
         fix: format!(
             "raise the backlog {} passes to listen() to {target} (gunicorn --backlog, php-fpm listen.backlog, Python socket.listen(n)) {}; accept faster (more workers) if the queue stays full",
@@ -197,6 +220,7 @@ pub fn syn_queue_verdict(max_syn_backlog: u32) -> Verdict {
     Verdict {
         name: LimitName::TcpMaxSynBacklog,
         value: Some(max_syn_backlog.into()),
+        hard: None,
         source: "net.ipv4.tcp_max_syn_backlog of the listener's network namespace, with net.ipv4.tcp_syncookies=0".into(),
         fix: format!(
             "sysctl -w net.ipv4.tcp_syncookies=1 (answers SYN floods without queueing), or raise net.ipv4.tcp_max_syn_backlog to {}",
@@ -220,11 +244,151 @@ pub fn unknown_listener_verdict() -> Verdict {
     Verdict {
         name: LimitName::Unknown,
         value: None,
+        hard: None,
         source:
             "the listener was not in the socket table when droptrace looked (it may have closed)"
                 .into(),
         fix: "run `ss -xlp` to find the listening process and its backlog".into(),
     }
+}
+
+/// An open-file limit worth suggesting: four times the current one, at
+/// least 65536 (what busy proxies run with), a power of two.
+fn suggested_nofile(current: u64) -> u64 {
+    current.saturating_mul(4).max(65536).next_power_of_two()
+}
+
+/// What is known of a process that hit its RLIMIT_NOFILE.
+#[derive(Clone, Debug)]
+pub struct NofileFacts {
+    /// "nginx[4242]"
+    pub process: String,
+    pub role: Role,
+    pub soft: u64,
+    pub hard: u64,
+    /// Where the soft limit came from, in words (see attribution::rlimits).
+    pub source: String,
+    /// nginx: its worker_connections and configuration file.
+    pub nginx: Option<(Setting, std::path::PathBuf)>,
+}
+
+pub fn nofile_verdict(facts: &NofileFacts) -> Verdict {
+    let hard_note = |target: u64| {
+        if target > facts.hard {
+            format!("; the hard limit is {}: raise LimitNOFILE= (systemd) or `ulimit -Hn` where it starts", facts.hard)
+        } else {
+            String::new()
+        }
+    };
+    let fix = match (&facts.nginx, facts.role) {
+        (Some((connections, conf)), _) => {
+            // A proxied request holds two descriptors: client and upstream.
+            let target =
+                (u64::from(connections.value) * 2).max(suggested_nofile(facts.soft).min(65536));
+            format!(
+                "set \"worker_rlimit_nofile {target};\" in the main context of {} (at least 2 x worker_connections {}: a proxied request holds 2 descriptors) and reload nginx",
+                conf.display(),
+                connections.value
+            )
+        }
+        (None, role) if role.is_uwsgi() => {
+            let target = suggested_nofile(facts.soft);
+            format!(
+                "set \"max-fd = {target}\" in the uWSGI ini and restart it{}",
+                hard_note(target)
+            )
+        }
+        _ => {
+            let target = suggested_nofile(facts.soft);
+            format!(
+                "raise the open-file limit of {} to {target}: LimitNOFILE={target} in its systemd unit, or `ulimit -n {target}` in the script that starts it (nofile in /etc/security/limits.conf for login sessions), then restart it{}",
+                facts.process,
+                hard_note(target)
+            )
+        }
+    };
+    Verdict {
+        name: LimitName::RlimitNofile,
+        value: Some(facts.soft),
+        hard: Some(facts.hard),
+        source: facts.source.clone(),
+        fix,
+    }
+}
+
+/// ENFILE: the whole system ran out of file handles.
+pub fn file_max_verdict(file_max: Option<u64>, allocated: Option<u64>) -> Verdict {
+    let allocated = allocated.map_or(String::new(), |n| format!("; {n} allocated now"));
+    Verdict {
+        name: LimitName::FileMax,
+        value: file_max,
+        hard: None,
+        source: format!("fs.file-max, the system-wide limit on open files{allocated}"),
+        fix: format!(
+            "sysctl -w fs.file-max={} (persist it in /etc/sysctl.d/), and look for the process holding most descriptors (ls /proc/*/fd | wc -l per process)",
+            file_max.map_or(2_097_152, |n| n.saturating_mul(2))
+        ),
+    }
+}
+
+/// nginx's ngx_get_connection() found no free connection slot.
+pub fn worker_connections_verdict(
+    connections: Option<&Setting>,
+    conf: Option<&std::path::Path>,
+    method: &str,
+) -> Verdict {
+    let value = connections.map(|c| c.value);
+    let target = suggested_backlog(value.unwrap_or(512));
+    let conf = conf.map_or("nginx's configuration".to_string(), |c| {
+        c.display().to_string()
+    });
+    Verdict {
+        name: LimitName::WorkerConnections,
+        value: value.map(u64::from),
+        hard: None,
+        source: format!(
+            "{} (seen through {method})",
+            connections.map_or("worker_connections of this nginx (its configuration could not be read)", |c| c.source.as_str())
+        ),
+        fix: format!(
+            "raise worker_connections to {target} in the events block of {conf} (each proxied request holds 2: client and upstream) with worker_rlimit_nofile at least {}, and reload nginx",
+            u64::from(target) * 2
+        ),
+    }
+}
+
+/// connect() found no free local port for the destination.
+pub fn ephemeral_ports_verdict(
+    range: Option<(u32, u32)>,
+    netns: u32,
+    upstream_keepalive: Option<bool>,
+) -> Verdict {
+    let reuse = match upstream_keepalive {
+        Some(true) => "reuse upstream connections (the upstream block has keepalive: check proxy_http_version 1.1 and proxy_set_header Connection \"\" are set too)",
+        _ => "reuse upstream connections (nginx: \"keepalive 32;\" in the upstream block, with proxy_http_version 1.1 and proxy_set_header Connection \"\"; or a UNIX socket to the backend)",
+    };
+    let (value, source) = match range {
+        Some((low, high)) => (
+            Some(u64::from(high.saturating_sub(low)) + 1),
+            format!("net.ipv4.ip_local_port_range {low} {high} of netns {netns}: every port to that destination was in use (TIME-WAIT included)"),
+        ),
+        None => (None, format!("net.ipv4.ip_local_port_range of netns {netns} (could not be read)")),
+    };
+    Verdict {
+        name: LimitName::IpLocalPortRange,
+        value,
+        hard: None,
+        source,
+        fix: format!(
+            "{reuse}; or widen the range: sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\""
+        ),
+    }
+}
+
+/// A listen() the kernel clamped to net.core.somaxconn: a notice, before
+/// any drop.
+pub fn clamp_fix(owner: &str, requested: u32) -> String {
+    format!("sysctl -w net.core.somaxconn={requested} in that namespace (persist it in /etc/sysctl.d/), then restart {owner} so it listens again")
 }
 
 #[cfg(test)]
@@ -245,6 +409,7 @@ mod tests {
             requested,
             uwsgi_listen: None,
             somaxconn,
+            nginx_backlog: None,
         }
     }
 
@@ -399,9 +564,97 @@ mod tests {
             LimitName::AppBacklog,
             LimitName::BacklogAmbiguous,
             LimitName::TcpMaxSynBacklog,
+            LimitName::RlimitNofile,
+            LimitName::FileMax,
+            LimitName::WorkerConnections,
+            LimitName::IpLocalPortRange,
             LimitName::Unknown,
         ] {
             assert_eq!(serde_json::to_value(name).unwrap(), name.as_str());
         }
+    }
+
+    fn nofile(role: Role, soft: u64, hard: u64, nginx: Option<u32>) -> NofileFacts {
+        NofileFacts {
+            process: "proc[42]".into(),
+            role,
+            soft,
+            hard,
+            source: "somewhere".into(),
+            nginx: nginx.map(|n| {
+                (
+                    Setting::configured(n, "worker_connections"),
+                    "/etc/nginx/nginx.conf".into(),
+                )
+            }),
+        }
+    }
+
+    #[test]
+    fn nofile_names_the_soft_and_hard_values_and_the_knob_of_the_program() {
+        let v = nofile_verdict(&nofile(Role::NginxWorker, 64, 64, Some(1024)));
+        assert_eq!(
+            (v.name, v.value, v.hard),
+            (LimitName::RlimitNofile, Some(64), Some(64))
+        );
+        assert!(
+            v.fix.starts_with(
+                "set \"worker_rlimit_nofile 65536;\" in the main context of /etc/nginx/nginx.conf"
+            ),
+            "{}",
+            v.fix
+        );
+        let v = nofile_verdict(&nofile(Role::NginxWorker, 64, 64, Some(65536)));
+        assert!(
+            v.fix.starts_with("set \"worker_rlimit_nofile 131072;\""),
+            "{}",
+            v.fix
+        );
+        let v = nofile_verdict(&nofile(Role::UwsgiMaster, 1024, 4096, None));
+        assert!(
+            v.fix.starts_with("set \"max-fd = 65536\" in the uWSGI ini")
+                && v.fix.contains("the hard limit is 4096"),
+            "{}",
+            v.fix
+        );
+        let v = nofile_verdict(&nofile(Role::Other, 1024, 1_048_576, None));
+        assert!(
+            v.fix
+                .starts_with("raise the open-file limit of proc[42] to 65536: LimitNOFILE=65536"),
+            "{}",
+            v.fix
+        );
+        assert!(!v.fix.contains("hard limit"), "{}", v.fix);
+    }
+
+    #[test]
+    fn worker_connections_ephemeral_ports_and_file_max() {
+        let connections = Setting::configured(64, "worker_connections 64 at /t/nginx.conf:3");
+        let v = worker_connections_verdict(
+            Some(&connections),
+            Some(std::path::Path::new("/t/nginx.conf")),
+            "a uretprobe on ngx_get_connection",
+        );
+        assert_eq!(v.value, Some(64));
+        assert_eq!(v.source, "worker_connections 64 at /t/nginx.conf:3 (seen through a uretprobe on ngx_get_connection)");
+        assert!(
+            v.fix.starts_with(
+                "raise worker_connections to 1024 in the events block of /t/nginx.conf"
+            ),
+            "{}",
+            v.fix
+        );
+
+        let v = ephemeral_ports_verdict(Some((40000, 40001)), 7, None);
+        assert_eq!((v.name, v.value), (LimitName::IpLocalPortRange, Some(2)));
+        assert!(
+            v.fix.contains("keepalive 32;") && v.fix.contains("ip_local_port_range=\"1024 65535\""),
+            "{}",
+            v.fix
+        );
+
+        let v = file_max_verdict(Some(1000), Some(990));
+        assert_eq!((v.name, v.value), (LimitName::FileMax, Some(1000)));
+        assert!(v.fix.starts_with("sysctl -w fs.file-max=2000"), "{}", v.fix);
     }
 }

@@ -1,8 +1,9 @@
 //! The live view: read records from the kernel, attribute and classify
 //! them, print them, summarise at the end.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::Write,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -13,8 +14,8 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 use tracer_common::{
-    stage, ConnectFailure, ListenRecord, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET,
-    AF_INET6, AF_UNIX,
+    fd_syscall, stage, ConnectFailure, FdLimitRecord, ListenRecord, NoConnectionRecord, RecordKind,
+    TcpOverflowKey, TcpOverflowRecord, AF_INET, AF_INET6, AF_UNIX,
 };
 
 use crate::{
@@ -23,19 +24,29 @@ use crate::{
         listeners::{Listener, Registry, Task},
         owners::Owner,
         process::{self, PidFilter, Role},
+        rlimits,
         tcp::{self, Batch as TcpBatch, TcpListeners},
     },
     cli::Args,
-    drop::{Client, Drop, DropKind, ListenerView},
-    limits::{self, BacklogFacts, Transport},
+    config::{self, nginx::NginxConfig},
+    drop::{Cause, Client, Drop, DropKind, ListenerView, Notice, NoticeKind},
+    limits::{self, BacklogFacts, NofileFacts, Transport, Verdict, LISTEN_MAX_REQUEST},
     probes,
     sinks::{aggregate::Aggregator, Format, Reconciliation, Sink},
+    worker_connections::WorkerConnections,
 };
 
 /// At most this many lines per second per (kind, listener, limit).
 const LINE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a sampled queue length is reused under a storm.
 const QUEUE_SAMPLE_TTL: Duration = Duration::from_millis(100);
+/// After accept() fails with EMFILE or ENFILE nginx stops accepting for
+/// accept_mutex_delay (500 ms by default) and its listeners overflow: drops
+/// at a listener this soon after its owner's failed accept are its effect.
+const CAUSE_WINDOW: Duration = Duration::from_millis(1000);
+/// How long a nofile or worker_connections verdict is reused in a storm.
+const VERDICT_TTL: Duration = Duration::from_secs(5);
+const ENFILE: i32 = -23;
 
 /// Converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall-clock time.
 struct Clock {
@@ -71,6 +82,19 @@ struct Attributor {
     queue_samples: HashMap<u64, (Instant, Option<u32>)>,
     /// A TCP sample arrived: read the counters now rather than at the tick.
     tcp_pending: bool,
+    /// Sockets whose clamped backlog was already reported.
+    clamp_notices: HashSet<u64>,
+    /// The latest failed accept() of each process and of its parent.
+    accept_failures: HashMap<u32, (SystemTime, Cause)>,
+    /// nofile verdicts by (pid, soft, hard), worker_connections ones by pid.
+    verdicts: HashMap<(DropKind, u32, u64, u64), (Instant, Verdict)>,
+    worker_connections: WorkerConnections,
+}
+
+/// What a record becomes.
+enum Event {
+    Drop(Box<Drop>),
+    Notice(Notice),
 }
 
 /// The verdict inputs common to every listener.
@@ -87,8 +111,72 @@ fn backlog_facts(
         owner: owner.map_or_else(|| "the listener's owner".into(), Owner::label),
         effective,
         requested,
-        uwsgi_listen: owner.and_then(|o| o.uwsgi_listen.clone()),
+        uwsgi_listen: owner.and_then(Owner::uwsgi_listen),
         somaxconn,
+        nginx_backlog: None,
+    }
+}
+
+/// nginx's configured backlog for a listener, by its port or path.
+fn nginx_backlog(
+    owner: Option<&Owner>,
+    port: Option<u16>,
+    path: Option<&std::path::Path>,
+) -> Option<config::Setting> {
+    owner?.nginx.as_ref()?.listen_backlog(port, path).cloned()
+}
+
+/// The destination of a connect(): the sockaddr bytes after the family.
+fn destination(family: u16, addr: &[u8]) -> Option<(IpAddr, u16)> {
+    let port = u16::from_be_bytes(addr.get(..2)?.try_into().ok()?);
+    let ip = match family {
+        AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(addr.get(2..6)?).ok()?)),
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(addr.get(6..22)?).ok()?)),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+fn read_number(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Where a process's soft RLIMIT_NOFILE came from, in words.
+fn nofile_source(pid: u32, soft: u64, nginx: Option<&NginxConfig>) -> String {
+    if let Some(directive) = nginx.and_then(|c| c.worker_rlimit_nofile.as_ref()) {
+        if directive.value == soft {
+            return format!("{} (nginx sets it in each worker)", directive.source);
+        }
+    }
+    let no_directive = nginx.map_or(String::new(), |c| {
+        format!("; no worker_rlimit_nofile in {}", c.main_file.display())
+    });
+    let Some(setter) = rlimits::setter_of(pid, soft) else {
+        return format!(
+            "RLIMIT_NOFILE of pid {pid}, which exited before droptrace looked{no_directive}"
+        );
+    };
+    let who = format!("{}[{}]", setter.process.comm, setter.process.pid);
+    let inherited = if setter.process.pid != pid {
+        format!(", inherited by pid {pid}")
+    } else {
+        String::new()
+    };
+    match setter.parent {
+        Some((parent, _)) if parent.pid == 1 => match rlimits::systemd_unit(setter.process.pid) {
+            Some(unit) => format!("LimitNOFILE= of systemd unit {unit} ({who}{inherited}){no_directive}"),
+            None => format!("set on {who} when it was started (its parent is init){inherited}{no_directive}"),
+        },
+        Some((parent, limit)) => format!(
+            "set on {who} by prlimit, ulimit -n or setrlimit (its parent {}[{}] has {}){inherited}{no_directive}",
+            parent.comm, parent.pid, limit.soft
+        ),
+        None => format!("the system default, inherited from {who}{inherited}{no_directive}"),
     }
 }
 
@@ -137,7 +225,7 @@ impl Attributor {
     }
 
     fn unix_connect_refused(&mut self, record: &ConnectFailure) -> Option<Drop> {
-        let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
+        let raw = &record.addr[..(record.addr_len as usize).min(record.addr.len())];
         let address = UnixAddress::from_sun_path(raw)?;
         let task = Task {
             pid: record.pid,
@@ -161,23 +249,234 @@ impl Attributor {
                 view.netns = Some(listener.netns);
                 view.queue = self.queue(listener);
                 view.backlog = Some(listener.backlog);
-                limits::backlog_verdict(&backlog_facts(
+                let mut facts = backlog_facts(
                     Transport::Unix,
                     owner.as_ref(),
                     listener.backlog,
                     listener.requested,
                     listener.somaxconn,
-                ))
+                );
+                facts.nginx_backlog = nginx_backlog(owner.as_ref(), None, address.path());
+                limits::backlog_verdict(&facts)
             }
             None => limits::unknown_listener_verdict(),
         };
+        let time = self.clock.wall(record.ktime_ns);
         Some(Drop {
-            time: self.clock.wall(record.ktime_ns),
+            time,
             kind: DropKind::UnixBacklog,
             stage: None,
             client,
-            listener: view,
+            caused_by: owner
+                .as_ref()
+                .and_then(|o| self.cause_for(o.process.pid, time)),
+            listener: Some(view),
             limit,
+        })
+    }
+
+    /// A failed accept() of `owner` (or of one of its workers) shortly
+    /// before `time`: the reason its listener overflowed.
+    fn cause_for(&self, owner: u32, time: SystemTime) -> Option<Cause> {
+        let (at, cause) = self.accept_failures.get(&owner)?;
+        let age = time.duration_since(*at).ok()?;
+        (age <= CAUSE_WINDOW).then(|| cause.clone())
+    }
+
+    /// A verdict from the cache, or computed and cached.
+    fn cached_verdict(
+        &mut self,
+        key: (DropKind, u32, u64, u64),
+        compute: impl FnOnce() -> Verdict,
+    ) -> Verdict {
+        if let Some((at, verdict)) = self.verdicts.get(&key) {
+            if at.elapsed() < VERDICT_TTL {
+                return verdict.clone();
+            }
+        }
+        let verdict = compute();
+        self.verdicts.insert(key, (Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    /// accept/socket/open failed with EMFILE or ENFILE.
+    fn fd_limit(&mut self, record: &FdLimitRecord) -> Option<Drop> {
+        if !self.filter.covers(record.pid) {
+            return None;
+        }
+        let syscall = fd_syscall::name(record.syscall);
+        let time = self.clock.wall(record.ktime_ns);
+        let mut client = self.client(record.pid, comm_of(&record.comm));
+        client.syscall = Some(syscall);
+        let (kind, limit) = if record.ret == ENFILE {
+            let verdict = limits::file_max_verdict(
+                read_number("/proc/sys/fs/file-max"),
+                read_number("/proc/sys/fs/file-nr"),
+            );
+            (DropKind::FileMax, verdict)
+        } else {
+            let (pid, soft, hard) = (record.pid, record.nofile_soft, record.nofile_hard);
+            let key = (DropKind::Nofile, pid, soft, hard);
+            let verdict = self.cached_verdict(key, || {
+                let process = process::inspect(pid);
+                let nginx = process.as_ref().and_then(config::nginx_of);
+                limits::nofile_verdict(&NofileFacts {
+                    process: process
+                        .as_ref()
+                        .map_or(format!("pid {pid}"), |p| format!("{}[{pid}]", p.comm)),
+                    role: process.as_ref().map_or(Role::Other, |p| p.role),
+                    soft,
+                    hard,
+                    source: nofile_source(pid, soft, nginx.as_deref()),
+                    nginx: nginx.map(|c| (c.worker_connections.clone(), c.main_file.clone())),
+                })
+            });
+            (DropKind::Nofile, verdict)
+        };
+        if syscall.starts_with("accept") {
+            let cause = Cause {
+                kind,
+                time: crate::sinks::rfc3339(time),
+                pid: record.pid,
+                comm: comm_of(&record.comm),
+                syscall: Some(syscall),
+                limit: limit.name,
+                value: limit.value,
+            };
+            let parent = process::parent_of(record.pid);
+            for pid in std::iter::once(record.pid).chain(parent) {
+                self.accept_failures.insert(pid, (time, cause.clone()));
+            }
+        }
+        Some(Drop {
+            time,
+            kind,
+            stage: None,
+            client,
+            listener: None,
+            limit,
+            caused_by: None,
+        })
+    }
+
+    /// An nginx worker found no free connection slot.
+    fn no_connection(&mut self, pid: u32, comm: String, time: SystemTime) -> Option<Drop> {
+        if !self.filter.covers(pid) {
+            return None;
+        }
+        let client = self.client(pid, comm);
+        let process = process::inspect(pid);
+        let master = process.as_ref().and_then(config::nginx_master);
+        let method = master
+            .as_ref()
+            .and_then(|m| self.worker_connections.method_of(m.pid))
+            .map_or("a uretprobe on ngx_get_connection".to_string(), |m| {
+                m.describe()
+            });
+        let key = (
+            DropKind::WorkerConnections,
+            master.as_ref().map_or(pid, |m| m.pid),
+            0,
+            0,
+        );
+        let limit = self.cached_verdict(key, || {
+            let config = process.as_ref().and_then(config::nginx_of);
+            limits::worker_connections_verdict(
+                config.as_ref().map(|c| &c.worker_connections),
+                config.as_ref().map(|c| c.main_file.as_path()),
+                &method,
+            )
+        });
+        Some(Drop {
+            time,
+            kind: DropKind::WorkerConnections,
+            stage: None,
+            client,
+            listener: None,
+            limit,
+            caused_by: None,
+        })
+    }
+
+    /// connect() to an IPv4/IPv6 address found no free local port.
+    fn ephemeral_ports(&mut self, record: &ConnectFailure) -> Option<Drop> {
+        if !self.filter.covers(record.pid) {
+            return None;
+        }
+        let raw = &record.addr[..(record.addr_len as usize).min(record.addr.len())];
+        let (ip, port) = destination(record.family, raw)?;
+        let client = self.client(record.pid, comm_of(&record.comm));
+        let mut view = listener_view(
+            if ip.is_ipv4() { "tcp" } else { "tcp6" },
+            Some(record.netns),
+            None,
+        );
+        view.addr = Some(ip.to_string());
+        view.port = Some(port);
+        let server = crate::drop::socket_label(&ip.to_string(), port);
+        let keepalive = process::inspect(record.pid)
+            .as_ref()
+            .and_then(config::nginx_of)
+            .and_then(|c| {
+                c.upstreams
+                    .iter()
+                    .find(|u| u.server == server)
+                    .map(|u| u.keepalive.is_some())
+            });
+        let range = self.registry.ip_local_port_range(record.netns);
+        Some(Drop {
+            time: self.clock.wall(record.ktime_ns),
+            kind: DropKind::EphemeralPorts,
+            stage: None,
+            client,
+            listener: Some(view),
+            limit: limits::ephemeral_ports_verdict(range, record.netns, keepalive),
+            caused_by: None,
+        })
+    }
+
+    /// A listen() whose backlog the kernel clamped to somaxconn: a notice,
+    /// once per socket.
+    fn clamp_notice(&mut self, record: &ListenRecord) -> Option<Notice> {
+        let requested = record.requested_backlog;
+        let clamped = requested > record.effective_backlog
+            && record.effective_backlog == record.somaxconn
+            // listen(-1) asks for "as large as allowed": no surprise.
+            && requested < LISTEN_MAX_REQUEST;
+        if !clamped
+            || !self.filter.covers(record.pid)
+            || !self.clamp_notices.insert(record.sock_inode)
+        {
+            return None;
+        }
+        let owner = process::inspect(record.pid).map(Owner::of);
+        let family = match record.family {
+            AF_UNIX => "unix",
+            AF_INET6 => "tcp6",
+            _ => "tcp",
+        };
+        let mut view = listener_view(family, Some(record.netns), owner.as_ref());
+        view.backlog = Some(record.effective_backlog);
+        if record.family == AF_UNIX {
+            let raw = &record.path[..(record.path_len as usize).min(record.path.len())];
+            view.path = UnixAddress::from_sun_path(raw).map(|a| a.to_string());
+        } else if let Some((addr, port)) =
+            tcp::local_address_of(record.pid, record.tid, record.sock_inode)
+        {
+            view.addr = Some(addr.to_string());
+            view.port = Some(port);
+        }
+        let owner_label = owner
+            .as_ref()
+            .map_or(format!("pid {}", record.pid), Owner::label);
+        Some(Notice {
+            time: self.clock.wall(record.ktime_ns),
+            kind: NoticeKind::BacklogClamped,
+            listener: view,
+            requested,
+            effective: record.effective_backlog,
+            somaxconn: record.somaxconn,
+            fix: limits::clamp_fix(&owner_label, requested),
         })
     }
 
@@ -235,13 +534,14 @@ impl Attributor {
             Some(sample) => {
                 view.queue = Some(sample.queue);
                 view.backlog = Some(sample.backlog);
-                let facts = backlog_facts(
+                let mut facts = backlog_facts(
                     Transport::Tcp,
                     owner,
                     sample.backlog,
                     listener.requested,
                     Some(sample.somaxconn),
                 );
+                facts.nginx_backlog = nginx_backlog(owner, view.port, None);
                 let limit = match batch.stage {
                     stage::SYN_QUEUE => limits::syn_queue_verdict(sample.max_syn_backlog),
                     stage::SYN_QUEUE_BACKLOG => limits::syn_queue_backlog_verdict(&facts),
@@ -257,18 +557,23 @@ impl Attributor {
             kind,
             stage: Some(stage_name),
             client,
-            listener: view,
+            caused_by: owner.and_then(|o| self.cause_for(o.process.pid, time)),
+            listener: Some(view),
             limit,
         })
     }
 
-    /// Decode one ring-buffer record; returns a drop when it is one.
-    fn handle(&mut self, bytes: &[u8]) -> Option<Drop> {
+    /// Decode one ring-buffer record; returns what it means to the operator.
+    fn handle(&mut self, bytes: &[u8]) -> Option<Event> {
         let tag = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
         match RecordKind::from_u32(tag)? {
             RecordKind::ConnectFailure => {
                 let record: ConnectFailure = read_record(bytes)?;
-                (record.family == AF_UNIX).then(|| self.unix_connect_refused(&record))?
+                let drop = match record.family {
+                    AF_UNIX => self.unix_connect_refused(&record),
+                    _ => self.ephemeral_ports(&record),
+                };
+                drop.map(|d| Event::Drop(Box::new(d)))
             }
             RecordKind::Listen => {
                 let record: ListenRecord = read_record(bytes)?;
@@ -277,7 +582,7 @@ impl Attributor {
                     AF_INET | AF_INET6 => self.tcp.on_listen(&record),
                     _ => {}
                 }
-                None
+                self.clamp_notice(&record).map(Event::Notice)
             }
             RecordKind::TcpOverflow => {
                 let record: TcpOverflowRecord = read_record(bytes)?;
@@ -285,7 +590,29 @@ impl Attributor {
                 self.tcp_pending = true;
                 None
             }
+            RecordKind::FdLimit => {
+                let record: FdLimitRecord = read_record(bytes)?;
+                self.fd_limit(&record).map(|d| Event::Drop(Box::new(d)))
+            }
+            RecordKind::NoConnection => {
+                let record: NoConnectionRecord = read_record(bytes)?;
+                let time = self.clock.wall(record.ktime_ns);
+                self.no_connection(record.pid, comm_of(&record.comm), time)
+                    .map(|d| Event::Drop(Box::new(d)))
+            }
         }
+    }
+
+    /// worker_connections alerts read from nginx error logs (binaries
+    /// without the ngx_get_connection symbol).
+    fn logged_shortages(&mut self) -> Vec<(Drop, u64)> {
+        let pids = self.worker_connections.logged_alerts();
+        pids.into_iter()
+            .filter_map(|pid| {
+                let comm = process::inspect(pid).map_or_else(|| "nginx".into(), |p| p.comm);
+                Some((self.no_connection(pid, comm, SystemTime::now())?, 1))
+            })
+            .collect()
     }
 
     /// droptrace's accept-queue overflows next to the kernel's counter,
@@ -352,10 +679,22 @@ fn show<W: Write>(
     Ok(())
 }
 
+fn show_event<W: Write>(
+    aggregator: &mut Aggregator,
+    sink: &mut Sink<W>,
+    event: Option<Event>,
+) -> std::io::Result<()> {
+    match event {
+        Some(Event::Drop(drop)) => show(aggregator, sink, [(*drop, 1)]),
+        Some(Event::Notice(notice)) => sink.notice(&notice),
+        None => Ok(()),
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     let filter = PidFilter::new(&args.pids)?;
     let probes::Probes {
-        ebpf: _attached,
+        mut ebpf,
         records,
         lost,
         tcp_overflows,
@@ -372,7 +711,12 @@ pub async fn run(args: Args) -> Result<()> {
         client_roles: HashMap::new(),
         queue_samples: HashMap::new(),
         tcp_pending: false,
+        clamp_notices: HashSet::new(),
+        accept_failures: HashMap::new(),
+        verdicts: HashMap::new(),
+        worker_connections: WorkerConnections::default(),
     };
+    attributor.worker_connections.scan(&mut ebpf);
     let format = if args.json {
         Format::Json
     } else {
@@ -395,7 +739,7 @@ pub async fn run(args: Args) -> Result<()> {
         format!("pids {:?} and their descendants", args.pids)
     };
     tracing::info!(
-        "watching refused UNIX connects and TCP listen-queue drops of {scope} (Ctrl-C for the summary)"
+        "watching refused UNIX connects, TCP listen-queue drops, open-file limits, nginx worker_connections and ephemeral ports of {scope} (Ctrl-C for the summary)"
     );
 
     loop {
@@ -404,8 +748,8 @@ pub async fn run(args: Args) -> Result<()> {
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    let drop = attributor.handle(&item);
-                    show(&mut aggregator, &mut sink, drop.map(|d| (d, 1)))?;
+                    let event = attributor.handle(&item);
+                    show_event(&mut aggregator, &mut sink, event)?;
                 }
                 guard.clear_ready();
                 if attributor.tcp_pending {
@@ -414,6 +758,8 @@ pub async fn run(args: Args) -> Result<()> {
             }
             _ = tick.tick() => {
                 show(&mut aggregator, &mut sink, attributor.tcp_drops(counter_totals(&tcp_overflows), false))?;
+                attributor.worker_connections.scan(&mut ebpf);
+                show(&mut aggregator, &mut sink, attributor.logged_shortages())?;
                 for line in aggregator.due(Instant::now()) {
                     sink.line(&line)?;
                 }
@@ -427,9 +773,10 @@ pub async fn run(args: Args) -> Result<()> {
     // What the kernel submitted or counted before we stopped still counts.
     let ring = records.get_mut();
     while let Some(item) = ring.next() {
-        let drop = attributor.handle(&item);
-        show(&mut aggregator, &mut sink, drop.map(|d| (d, 1)))?;
+        let event = attributor.handle(&item);
+        show_event(&mut aggregator, &mut sink, event)?;
     }
+    show(&mut aggregator, &mut sink, attributor.logged_shortages())?;
     show(
         &mut aggregator,
         &mut sink,

@@ -5,11 +5,13 @@
 //! owner, client) -> limits (verdict and fix) -> sinks (terminal, JSON).
 mod attribution;
 mod cli;
+mod config;
 mod drop;
 mod limits;
 mod live;
 mod probes;
 mod sinks;
+mod worker_connections;
 
 use std::process::ExitCode;
 

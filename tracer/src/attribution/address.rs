@@ -26,6 +26,14 @@ impl UnixAddress {
             }
         }
     }
+
+    /// The filesystem path, for a path-bound address.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Path(path) => Some(path),
+            Self::Abstract(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for UnixAddress {

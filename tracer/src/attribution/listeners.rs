@@ -68,6 +68,17 @@ impl Registry {
         readings
     }
 
+    /// net.ipv4.ip_local_port_range of the namespace with inode `netns`.
+    pub fn ip_local_port_range(&mut self, netns: u32) -> Option<(u32, u32)> {
+        if !self.views.contains_key(&netns) {
+            let found = sock_diag::namespaces()
+                .into_iter()
+                .find(|n| n.inode == netns)?;
+            self.view_for(&found);
+        }
+        self.views.get(&netns)?.ip_local_port_range()
+    }
+
     /// The view of `netns`, opened on first use.
     fn view_for(&mut self, netns: &Netns) -> Option<&NetnsView> {
         match self.views.entry(netns.inode) {

@@ -3,6 +3,6 @@ pub mod address;
 pub mod listeners;
 pub mod owners;
 pub mod process;
+pub mod rlimits;
 pub mod sock_diag;
 pub mod tcp;
-pub mod uwsgi;

@@ -6,35 +6,39 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
-    process::{self, Process},
-    uwsgi::{self, Setting},
-};
+use std::sync::Arc;
+
+use super::process::{self, Process};
+use crate::config::{self, nginx::NginxConfig, uwsgi::UwsgiConfig, Setting};
 
 /// A pass over every process's fds costs milliseconds; drops come in
 /// storms. Owners are looked for at most this often.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The process that owns a listener, and what its configuration says
-/// about the listener.
+/// The process that owns a listener, and its configuration.
 #[derive(Clone, Debug)]
 pub struct Owner {
     pub process: Process,
-    /// uWSGI's configured `listen`, when the owner is uWSGI.
-    pub uwsgi_listen: Option<Setting>,
+    /// When the owner is uWSGI.
+    pub uwsgi: Option<UwsgiConfig>,
+    /// When the owner is nginx.
+    pub nginx: Option<Arc<NginxConfig>>,
 }
 
 impl Owner {
     pub fn of(process: Process) -> Self {
-        let uwsgi_listen = process.role.is_uwsgi().then(|| {
-            let cwd =
-                fs::read_link(format!("/proc/{}/cwd", process.pid)).unwrap_or_else(|_| "/".into());
-            uwsgi::listen_setting(process.cmdline.get(1..).unwrap_or_default(), &cwd)
-        });
+        let uwsgi = process.role.is_uwsgi().then(|| config::uwsgi_of(&process));
+        let nginx = config::nginx_of(&process);
         Self {
             process,
-            uwsgi_listen,
+            uwsgi,
+            nginx,
         }
+    }
+
+    /// uWSGI's configured `listen`, when the owner is uWSGI.
+    pub fn uwsgi_listen(&self) -> Option<Setting> {
+        self.uwsgi.as_ref().map(|c| c.listen.clone())
     }
 
     /// "uwsgi[4242]"

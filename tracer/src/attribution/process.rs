@@ -96,6 +96,15 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     after_comm.split(' ').nth(1)?.parse().ok()
 }
 
+/// When the process started (clock ticks after boot, /proc/PID/stat field
+/// 22): with the pid, it names a process even after pid reuse.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    // Field 3 (state) is the first after comm; field 22 is 19 further.
+    after_comm.split(' ').nth(19)?.parse().ok()
+}
+
 fn exe_name(pid: u32) -> Option<String> {
     let exe = fs::read_link(proc_path(pid, "exe")).ok()?;
     Some(

@@ -105,6 +105,7 @@ pub struct NetnsView {
     pub somaxconn: Option<u32>,
     /// Opened inside the namespace: reads keep showing that namespace.
     netstat: Option<File>,
+    port_range: Option<File>,
 }
 
 impl NetnsView {
@@ -132,10 +133,12 @@ impl NetnsView {
                 .ok()
                 .and_then(|s| s.trim().parse().ok());
             let netstat = File::open("/proc/thread-self/net/netstat").ok();
+            let port_range = File::open("/proc/sys/net/ipv4/ip_local_port_range").ok();
             Ok(Self {
                 socket,
                 somaxconn,
                 netstat,
+                port_range,
             })
         })
         .join()
@@ -150,6 +153,17 @@ impl NetnsView {
         let mut text = String::new();
         file.read_to_string(&mut text).ok()?;
         netstat_value(&text, "TcpExt", "ListenOverflows")
+    }
+
+    /// The namespace's net.ipv4.ip_local_port_range now: (low, high).
+    pub fn ip_local_port_range(&self) -> Option<(u32, u32)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = self.port_range.as_ref()?;
+        file.seek(SeekFrom::Start(0)).ok()?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).ok()?;
+        let mut numbers = text.split_whitespace().map(|n| n.parse().ok());
+        Some((numbers.next()??, numbers.next()??))
     }
 
     /// Every listening UNIX socket of this namespace.

@@ -7,7 +7,10 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+    programs::{
+        uprobe::UProbeScope, BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType,
+        TracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
@@ -25,7 +28,16 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("connect_exit", "syscalls", "sys_exit_connect"),
     ("listen_enter", "syscalls", "sys_enter_listen"),
     ("listen_exit", "syscalls", "sys_exit_listen"),
+    ("accept_exit", "syscalls", "sys_exit_accept"),
+    ("accept4_exit", "syscalls", "sys_exit_accept4"),
+    ("socket_exit", "syscalls", "sys_exit_socket"),
+    ("open_exit", "syscalls", "sys_exit_open"),
+    ("openat_exit", "syscalls", "sys_exit_openat"),
 ];
+
+/// The uretprobe on nginx's ngx_get_connection (see worker_connections.rs).
+const NGINX_PROGRAM: &str = "nginx_get_connection";
+const NGINX_SYMBOL: &str = "ngx_get_connection";
 
 pub struct Probes {
     /// Keeps the programs attached for as long as it lives.
@@ -229,6 +241,24 @@ fn attach_btf_tracepoint(
     program
         .attach()
         .with_context(|| format!("cannot attach tp_btf/{tracepoint}"))?;
+    Ok(())
+}
+
+/// Attach the uretprobe on ngx_get_connection to the nginx binary at
+/// `exe`, for every process running it (loading the program on first use).
+pub fn attach_nginx_get_connection(ebpf: &mut Ebpf, exe: &Path) -> Result<()> {
+    let program: &mut UProbe = ebpf
+        .program_mut(NGINX_PROGRAM)
+        .ok_or_else(|| anyhow!("eBPF object lacks program {NGINX_PROGRAM}"))?
+        .try_into()?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .context("cannot load the uretprobe program")?;
+    }
+    program
+        .attach(NGINX_SYMBOL, exe, UProbeScope::AllProcesses)
+        .with_context(|| format!("cannot attach a uretprobe to {NGINX_SYMBOL}"))?;
     Ok(())
 }
 

@@ -24,6 +24,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
     Ok(KernelOffsets {
         task_files: at("task_struct.files")?,
         task_nsproxy: at("task_struct.nsproxy")?,
+        task_signal: at("task_struct.signal")?,
+        signal_rlim: at("signal_struct.rlim")?,
         nsproxy_net_ns: at("nsproxy.net_ns")?,
         files_fdt: at("files_struct.fdt")?,
         fdtable_fd: at("fdtable.fd")?,

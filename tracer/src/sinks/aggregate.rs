@@ -21,9 +21,9 @@ impl Key {
     fn of(drop: &Drop) -> Self {
         Self {
             kind: drop.kind,
-            netns: drop.listener.netns,
+            netns: drop.listener.as_ref().and_then(|l| l.netns),
             stage: drop.stage,
-            listener: drop.listener.label(),
+            listener: drop.subject(),
             limit: drop.limit.name,
         }
     }
@@ -168,7 +168,7 @@ mod tests {
                 role: Some(Role::NginxWorker),
                 ..Client::default()
             },
-            listener: ListenerView {
+            listener: Some(ListenerView {
                 family: "unix",
                 path: Some(path.into()),
                 addr: None,
@@ -179,13 +179,15 @@ mod tests {
                 role: None,
                 queue: None,
                 backlog: Some(100),
-            },
+            }),
             limit: Verdict {
                 name: LimitName::UwsgiListen,
                 value: Some(100),
+                hard: None,
                 source: String::new(),
                 fix: String::new(),
             },
+            caused_by: None,
         }
     }
 
@@ -222,7 +224,7 @@ mod tests {
             totals.iter().map(|t| t.count).collect::<Vec<_>>(),
             vec![5_000, 5_000]
         );
-        assert_eq!(totals[0].drop.listener.label(), "/a");
+        assert_eq!(totals[0].drop.subject(), "/a");
     }
 
     #[test]

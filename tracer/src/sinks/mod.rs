@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
-    drop::{Client, DropKind, ListenerView},
+    drop::{Cause, Client, DropKind, ListenerView, Notice},
     limits::Verdict,
     probes::Lost,
 };
@@ -49,8 +49,11 @@ struct DropLine<'a> {
     stage: Option<&'static str>,
     count: u64,
     client: &'a Client,
-    listener: &'a ListenerView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listener: Option<&'a ListenerView>,
     limit: &'a Verdict,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    caused_by: Option<&'a Cause>,
 }
 
 #[derive(Serialize)]
@@ -58,21 +61,61 @@ struct TotalLine<'a> {
     kind: DropKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     stage: Option<&'static str>,
-    listener: &'a ListenerView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listener: Option<&'a ListenerView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a Client>,
     limit: &'a Verdict,
     count: u64,
 }
 
-fn rfc3339(time: SystemTime) -> String {
+pub fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
 /// "value (source)" of a limit, as the terminal shows it.
 fn limit_label(limit: &Verdict) -> String {
+    let hard = limit.hard.map_or(String::new(), |h| format!(" hard {h}"));
     match limit.value {
-        Some(value) => format!("{}={value} ({})", limit.name.as_str(), limit.source),
+        Some(value) => format!("{}={value}{hard} ({})", limit.name.as_str(), limit.source),
         None => format!("{} ({})", limit.name.as_str(), limit.source),
     }
+}
+
+/// What a drop was: "/run/app.sock queue 101/100, owner uwsgi[1] uwsgi-master,
+/// refused nginx[2] nginx-worker", or "nginx[2] nginx-worker socket() failed".
+fn what_label(drop: &crate::drop::Drop) -> String {
+    match (&drop.listener, drop.kind) {
+        (Some(listener), DropKind::EphemeralPorts) => format!(
+            "{} connect() to {} failed",
+            drop.client.label(),
+            listener.label()
+        ),
+        (Some(listener), _) => format!(
+            "{} {}, owner {}, refused {}",
+            listener.label(),
+            queue_label(listener),
+            listener.owner_label(),
+            drop.client.label()
+        ),
+        (None, _) => match drop.client.syscall {
+            Some(syscall) => format!("{} {syscall}() failed", drop.client.label()),
+            None => format!("{} refused a connection", drop.client.label()),
+        },
+    }
+}
+
+fn cause_label(cause: &Cause) -> String {
+    format!(
+        " [caused by {} at {}: {}[{}] {}hit {}{}; fix that first]",
+        cause.kind.as_str(),
+        cause.time.get(11..23).unwrap_or(&cause.time),
+        cause.comm,
+        cause.pid,
+        cause.syscall.map_or(String::new(), |s| format!("{s}() ")),
+        cause.limit.as_str(),
+        cause.value.map_or(String::new(), |v| format!("={v}"))
+    )
 }
 
 /// "tcp_accept_queue[syn]", "unix_backlog".
@@ -104,8 +147,9 @@ impl<W: Write> Sink<W> {
                     stage: drop.stage,
                     count: line.count,
                     client: &drop.client,
-                    listener: &drop.listener,
+                    listener: drop.listener.as_ref(),
                     limit: &drop.limit,
+                    caused_by: drop.caused_by.as_ref(),
                 };
                 serde_json::to_writer(&mut self.out, &record)?;
                 writeln!(self.out)?;
@@ -120,14 +164,40 @@ impl<W: Write> Sink<W> {
                 };
                 writeln!(
                     self.out,
-                    "{clock} {kind} x{count} {listener} {queue}, owner {owner}, refused {client}: {limit}{fix}",
+                    "{clock} {kind} x{count} {what}: {limit}{cause}{fix}",
                     kind = kind_label(drop),
                     count = line.count,
-                    listener = drop.listener.label(),
-                    queue = queue_label(&drop.listener),
-                    owner = drop.listener.owner_label(),
-                    client = drop.client.label(),
+                    what = what_label(drop),
                     limit = limit_label(&drop.limit),
+                    cause = drop.caused_by.as_ref().map_or(String::new(), cause_label),
+                )?;
+            }
+        }
+        self.out.flush()
+    }
+
+    pub fn notice(&mut self, notice: &Notice) -> io::Result<()> {
+        match self.format {
+            Format::Json => {
+                let mut value = serde_json::to_value(notice)?;
+                value["type"] = json!("notice");
+                value["time"] = json!(rfc3339(notice.time));
+                serde_json::to_writer(&mut self.out, &value)?;
+                writeln!(self.out)?;
+            }
+            Format::Human => {
+                let time = rfc3339(notice.time);
+                writeln!(
+                    self.out,
+                    "{clock} NOTICE backlog_clamped {listener}, owner {owner}: listen({requested}) was clamped to {effective} by net.core.somaxconn={somaxconn} (netns {netns}); fix: {fix}",
+                    clock = time.get(11..23).unwrap_or(&time),
+                    listener = notice.listener.label(),
+                    owner = notice.listener.owner_label(),
+                    requested = notice.requested,
+                    effective = notice.effective,
+                    somaxconn = notice.somaxconn,
+                    netns = notice.listener.netns.map_or("?".into(), |n| n.to_string()),
+                    fix = notice.fix,
                 )?;
             }
         }
@@ -148,7 +218,9 @@ impl<W: Write> Sink<W> {
                     .map(|t| TotalLine {
                         kind: t.drop.kind,
                         stage: t.drop.stage,
-                        listener: &t.drop.listener,
+                        listener: t.drop.listener.as_ref(),
+                        // Drops without a listener are told apart by process.
+                        client: t.drop.listener.is_none().then_some(&t.drop.client),
                         limit: &t.drop.limit,
                         count: t.count,
                     })
@@ -180,18 +252,24 @@ impl<W: Write> Sink<W> {
                     writeln!(
                         self.out,
                         "{:>8}  {:<21} {:<28} {:<30} LIMIT",
-                        "COUNT", "KIND", "LISTENER", "OWNER"
+                        "COUNT", "KIND", "LISTENER OR PROCESS", "OWNER OR CLIENT"
                     )?;
                 }
                 for total in totals {
                     let drop = &total.drop;
+                    let owner = match &drop.listener {
+                        Some(listener) if drop.kind != DropKind::EphemeralPorts => {
+                            listener.owner_label()
+                        }
+                        _ => drop.client.label(),
+                    };
                     writeln!(
                         self.out,
                         "{:>8}  {:<21} {:<28} {:<30} {}",
                         total.count,
                         kind_label(drop),
-                        drop.listener.label(),
-                        drop.listener.owner_label(),
+                        drop.subject(),
+                        owner,
                         limit_label(&drop.limit)
                     )?;
                     writeln!(self.out, "{:>8}  fix: {}", "", drop.limit.fix)?;
@@ -240,7 +318,7 @@ mod tests {
                 role: Some(Role::NginxWorker),
                 ..Client::default()
             },
-            listener: ListenerView {
+            listener: Some(ListenerView {
                 family: "unix",
                 path: Some("/run/app.sock".into()),
                 addr: None,
@@ -251,13 +329,15 @@ mod tests {
                 role: Some(Role::UwsgiMaster),
                 queue: Some(101),
                 backlog: Some(100),
-            },
+            }),
             limit: Verdict {
                 name: LimitName::UwsgiListen,
                 value: Some(100),
+                hard: None,
                 source: "uWSGI default, no listen option set".into(),
                 fix: "set listen".into(),
             },
+            caused_by: None,
         }
     }
 
@@ -328,10 +408,11 @@ mod tests {
         let mut drop = sample();
         drop.kind = DropKind::TcpAcceptQueue;
         drop.stage = Some("syn");
-        drop.listener.family = "tcp";
-        drop.listener.path = None;
-        drop.listener.addr = Some("127.0.0.1".into());
-        drop.listener.port = Some(19090);
+        let listener = drop.listener.as_mut().unwrap();
+        listener.family = "tcp";
+        listener.path = None;
+        listener.addr = Some("127.0.0.1".into());
+        listener.port = Some(19090);
         drop.client = Client {
             addr: Some("127.0.0.1".into()),
             port: Some(40000),

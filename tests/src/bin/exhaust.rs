@@ -1,0 +1,93 @@
+//! Makes the kernel refuse a process for lack of a resource, and prints
+//! what the process itself saw, as `syscall=count` words, for the tests to
+//! compare with droptrace:
+//!
+//!   exhaust nofile N   RLIMIT_NOFILE = N, then one socket(), one accept4()
+//!                      and one openat() that fail with EMFILE
+//!   exhaust ports N    N connects to a listener on 127.0.0.1:18094, which
+//!                      fail with EADDRNOTAVAIL once the ephemeral ports are
+//!                      used up (run it in a netns with a tiny
+//!                      ip_local_port_range)
+use std::{
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd,
+};
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn nofile(limit: u64) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let rlimit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: a valid rlimit for this process.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) }, 0);
+    let mut held = Vec::new();
+    let (mut socket, mut accept4, mut openat) = (0, 0, 0);
+    loop {
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            held.push(fd);
+            continue;
+        }
+        assert_eq!(errno(), libc::EMFILE, "socket() failed otherwise");
+        socket += 1;
+        break;
+    }
+    // SAFETY: plain syscall on our listener; the client waits in its queue.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    assert!(
+        fd < 0 && errno() == libc::EMFILE,
+        "accept4() should fail with EMFILE"
+    );
+    accept4 += 1;
+    if std::fs::File::open("/proc/self/status").is_err() && errno() == libc::EMFILE {
+        openat += 1;
+    }
+    println!("socket={socket} accept4={accept4} openat={openat}");
+}
+
+fn ports(attempts: usize) {
+    // A fixed port: port 0 would take one of the few ephemeral ones.
+    let listener = TcpListener::bind("127.0.0.1:18094").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..attempts {
+        match TcpStream::connect(addr) {
+            Ok(stream) => held.push(stream),
+            Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => refused += 1,
+            Err(err) => panic!("connect: {err}"),
+        }
+    }
+    println!(
+        "connected={} connect={refused} port={}",
+        held.len(),
+        addr.port()
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(16);
+    match args.get(1).map(String::as_str) {
+        Some("nofile") => nofile(n),
+        Some("ports") => ports(n as usize),
+        _ => {
+            eprintln!("usage: exhaust nofile N | exhaust ports N");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Kernel integration: a process refused for lack of a resource (open
+//! files, ephemeral ports) or a listener clamped by somaxconn, made to
+//! happen for real, and droptrace must report exactly what happened.
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use droptrace_tests::{
+    droptrace::{Droptrace, Report},
+    netns::Netns,
+    running_as_root,
+};
+
+/// `word=N` in the helper's output line.
+fn count_in(line: &str, word: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{word}=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {word}= in {line:?}"))
+}
+
+/// Run `command` (the exhaust helper), read its one line of counts, keep it
+/// alive until droptrace has stopped (so droptrace can still look at it).
+fn run_helper(mut command: Command, tracer: Droptrace) -> (u32, String, Report) {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot start the exhaust helper");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // Let droptrace read the records while the helper still lives.
+    std::thread::sleep(Duration::from_millis(500));
+    let report = tracer.stop();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success(), "helper failed: {line}");
+    (child.id(), line, report)
+}
+
+#[test]
+fn emfile_is_counted_per_syscall_with_the_limit_and_who_set_it() {
+    let test = "emfile_is_counted_per_syscall_with_the_limit_and_who_set_it";
+    if !running_as_root(test) {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let mut helper = Command::new(env!("CARGO_BIN_EXE_exhaust"));
+    helper.args(["nofile", "16"]);
+    let (pid, line, report) = run_helper(helper, tracer);
+    eprintln!("helper: {line}");
+    for syscall in ["socket", "accept4", "openat"] {
+        let expected = count_in(&line, syscall);
+        assert!(
+            expected > 0,
+            "the helper saw no EMFILE from {syscall}: {line}"
+        );
+        let counted = report.count_of("nofile", |d| d["client"]["syscall"] == syscall);
+        assert_eq!(counted, expected, "{syscall}: {:#?}", report.drops);
+    }
+    assert_eq!(
+        report.total_of("nofile"),
+        report.count_of("nofile", |_| true)
+    );
+    assert_eq!(report.lost(), 0);
+    for drop in report.drops_of("nofile") {
+        assert_eq!(drop["client"]["pid"], pid, "{drop}");
+        assert_eq!(drop["client"]["comm"], "exhaust", "{drop}");
+        assert!(drop.get("listener").is_none(), "{drop}");
+        assert_eq!(drop["limit"]["name"], "rlimit_nofile", "{drop}");
+        assert_eq!(drop["limit"]["value"], 16, "{drop}");
+        assert_eq!(drop["limit"]["hard"], 16, "{drop}");
+        let source = drop["limit"]["source"].as_str().unwrap();
+        assert!(
+            source.starts_with(&format!(
+                "set on exhaust[{pid}] by prlimit, ulimit -n or setrlimit (its parent "
+            )),
+            "{source}"
+        );
+        assert!(
+            drop["limit"]["fix"]
+                .as_str()
+                .unwrap()
+                .contains("LimitNOFILE="),
+            "{drop}"
+        );
+    }
+}
+
+#[test]
+fn eaddrnotavail_is_counted_and_names_the_port_range() {
+    let test = "eaddrnotavail_is_counted_and_names_the_port_range";
+    if !running_as_root(test) {
+        return;
+    }
+    let netns = Netns::create("ports", &[("net.ipv4.ip_local_port_range", "40000 40003")]);
+    let tracer = Droptrace::start(&[]);
+    let mut helper = netns.command(env!("CARGO_BIN_EXE_exhaust"));
+    helper.args(["ports", "10"]);
+    let (pid, line, report) = run_helper(helper, tracer);
+    eprintln!("helper: {line}");
+    assert_eq!(count_in(&line, "connected"), 4, "4 ports, 4 connections");
+    let refused = count_in(&line, "connect");
+    assert_eq!(refused, 6);
+    let port = count_in(&line, "port");
+    let mine = |d: &serde_json::Value| d["client"]["pid"] == pid;
+    assert_eq!(
+        report.count_of("ephemeral_ports", mine),
+        refused,
+        "{:#?}",
+        report.drops
+    );
+    for drop in report
+        .drops_of("ephemeral_ports")
+        .into_iter()
+        .filter(|d| mine(d))
+    {
+        assert_eq!(drop["listener"]["addr"], "127.0.0.1", "{drop}");
+        assert_eq!(drop["listener"]["port"], port, "{drop}");
+        assert_eq!(drop["listener"]["netns"], netns.inode(), "{drop}");
+        assert_eq!(drop["limit"]["name"], "ip_local_port_range", "{drop}");
+        assert_eq!(drop["limit"]["value"], 4, "{drop}");
+        assert!(
+            drop["limit"]["source"]
+                .as_str()
+                .unwrap()
+                .starts_with("net.ipv4.ip_local_port_range 40000 40003 of netns"),
+            "{drop}"
+        );
+        assert!(
+            drop["limit"]["fix"].as_str().unwrap().contains("keepalive"),
+            "{drop}"
+        );
+    }
+}
+
+/// socket + bind + listen(backlog) on 127.0.0.1:port, by hand (std's
+/// TcpListener would listen() once on its own first).
+fn raw_listener(port: u16, backlogs: &[i32]) -> std::net::TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; the fd is handed to a TcpListener that owns it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        for &backlog in backlogs {
+            assert_eq!(libc::listen(fd, backlog), 0);
+        }
+        std::net::TcpListener::from_raw_fd(fd)
+    }
+}
+
+#[test]
+fn a_backlog_clamped_by_somaxconn_is_noticed_once_before_any_drop() {
+    let test = "a_backlog_clamped_by_somaxconn_is_noticed_once_before_any_drop";
+    if !running_as_root(test) {
+        return;
+    }
+    let netns = Netns::create("clamp", &[("net.core.somaxconn", "8")]);
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let (clamped_port, inode) = std::thread::scope(|s| {
+        s.spawn(|| {
+            netns.enter_on_this_thread();
+            // Clamped, and listen() twice on one socket as nginx does.
+            let clamped = raw_listener(18091, &[64, 64]);
+            // Not clamped: within somaxconn, and "as large as allowed".
+            let small = raw_listener(18092, &[4]);
+            let max = raw_listener(18093, &[-1]);
+            let link =
+                std::fs::read_link(format!("/proc/self/fd/{}", clamped.as_raw_fd())).unwrap();
+            // Let droptrace look at the sockets while they are open.
+            std::thread::sleep(Duration::from_millis(500));
+            drop((small, max));
+            let port = clamped.local_addr().map(|a: SocketAddr| a.port()).unwrap();
+            (port, link.display().to_string())
+        })
+        .join()
+        .unwrap()
+    });
+    let report = tracer.stop();
+    assert_eq!(report.notices.len(), 1, "{:#?}\n{inode}", report.notices);
+    let notice = &report.notices[0];
+    assert_eq!(notice["kind"], "backlog_clamped");
+    assert_eq!(notice["requested"], 64);
+    assert_eq!(notice["effective"], 8);
+    assert_eq!(notice["somaxconn"], 8);
+    assert_eq!(notice["listener"]["addr"], "127.0.0.1", "{notice}");
+    assert_eq!(notice["listener"]["port"], clamped_port, "{notice}");
+    assert_eq!(notice["listener"]["netns"], netns.inode(), "{notice}");
+    assert_eq!(notice["listener"]["pid"], std::process::id(), "{notice}");
+    assert!(
+        notice["fix"]
+            .as_str()
+            .unwrap()
+            .starts_with("sysctl -w net.core.somaxconn=64 in that namespace"),
+        "{notice}"
+    );
+    assert!(
+        report.drops.is_empty(),
+        "no drop happened: {:#?}",
+        report.drops
+    );
+}

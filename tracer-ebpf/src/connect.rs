@@ -1,0 +1,97 @@
+//! Refused connects: a full UNIX listener, or no ephemeral port left.
+//!
+//! - unix_stream_connect() returns -EAGAIN to a non-blocking caller when the
+//!   listener's queue is full (`unix_recvq_full_lockless`: queue > backlog).
+//!   Nothing else in the kernel records it: no drop reason, no counter. The
+//!   listener is not reachable from here either, so we send the path the
+//!   caller asked for and userspace finds the listener.
+//! - inet_hash_connect() returns -EADDRNOTAVAIL when every port of
+//!   net.ipv4.ip_local_port_range is in use towards that destination.
+//!
+//! Only failures cross to userspace; any other connect costs one hash
+//! insert and delete. The address is read from the caller's memory at exit,
+//! when the kernel has just copied it (so it is resident), and only then.
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf},
+    macros::map,
+    maps::HashMap,
+    programs::TracePointContext,
+};
+use tracer_common::{ConnectFailure, RecordKind, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, LOST_PENDING_FULL, UNIX_PATH_MAX};
+
+use crate::{
+    kernel::current_netns,
+    maps::{count_lost, emit},
+};
+
+const EAGAIN: i64 = 11;
+const EADDRNOTAVAIL: i64 = 99;
+
+/// The caller's sockaddr, kept by thread id from sys_enter_connect to
+/// sys_exit_connect.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingConnect {
+    uservaddr: u64,
+    addrlen: u64,
+}
+
+#[map]
+static PENDING_CONNECT: HashMap<u32, PendingConnect> = HashMap::with_max_entries(16384, 0);
+
+// Offsets of the syscall tracepoint arguments (stable ABI, see
+// /sys/kernel/tracing/events/syscalls/sys_enter_connect/format).
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+
+pub fn on_enter(ctx: &TracePointContext) {
+    let Ok(uservaddr) = (unsafe { ctx.read_at::<u64>(ARG1) }) else { return };
+    let Ok(addrlen) = (unsafe { ctx.read_at::<u64>(ARG2) }) else { return };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if PENDING_CONNECT.insert(&tid, &PendingConnect { uservaddr, addrlen }, 0).is_err() {
+        count_lost(LOST_PENDING_FULL);
+    }
+}
+
+pub fn on_exit(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(pending) = (unsafe { PENDING_CONNECT.get(&tid) }).copied() else { return };
+    let _ = PENDING_CONNECT.remove(&tid);
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG0) }) else { return };
+    if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
+        return;
+    }
+    let Ok(family) = (unsafe { bpf_probe_read_user(pending.uservaddr as *const u16) }) else { return };
+    let reported = match family {
+        AF_UNIX => ret == -EAGAIN,
+        AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL,
+        _ => false,
+    };
+    if !reported {
+        return;
+    }
+    let mut record = ConnectFailure {
+        kind: RecordKind::ConnectFailure as u32,
+        pid: (pid_tgid >> 32) as u32,
+        tid,
+        ret: ret as i32,
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        family,
+        addr_len: 0,
+        netns: current_netns().unwrap_or(0),
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        addr: [0; UNIX_PATH_MAX],
+        _pad: [0; 4],
+    };
+    // The address follows the 2-byte family; addrlen bounds it.
+    let addr_len = (pending.addrlen as usize).saturating_sub(2).min(UNIX_PATH_MAX);
+    let src = (pending.uservaddr + 2) as *const u8;
+    if unsafe { bpf_probe_read_user_buf(src, &mut record.addr) }.is_err() {
+        // The address may end near the end of a mapping: read only what was given.
+        let _ = unsafe { bpf_probe_read_user_buf(src, &mut record.addr[..addr_len]) };
+    }
+    record.addr_len = addr_len as u16;
+    emit(&record);
+}

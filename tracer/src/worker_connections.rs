@@ -1,0 +1,269 @@
+//! nginx running out of connection slots ("worker_connections are not
+//! enough"). No kernel event marks it: accept4() succeeded and nginx closes
+//! the socket itself. Two ways to see it, the first one that works per binary:
+//! - a uretprobe on `ngx_get_connection` (an exported symbol of Debian's and
+//!   most distributions' nginx) returning NULL: exact, and live;
+//! - nginx's own error log, for stripped or static builds: the `[alert]`
+//!   lines, read as they are written.
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io::{BufRead, BufReader, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::Ebpf;
+
+use crate::{
+    attribution::{
+        process::{self, Role},
+        sock_diag::FileId,
+    },
+    config, probes,
+};
+
+/// nginx processes started after droptrace are looked for this often.
+const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+const ALERT: &str = "worker_connections are not enough";
+
+/// How shortages of one nginx master are seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Method {
+    Uretprobe {
+        exe: PathBuf,
+    },
+    ErrorLog {
+        path: PathBuf,
+    },
+    /// Neither: the symbol is missing and the config names no error log file.
+    None {
+        why: String,
+    },
+}
+
+impl Method {
+    pub fn describe(&self) -> String {
+        match self {
+            Method::Uretprobe { exe } => {
+                format!("a uretprobe on ngx_get_connection in {}", exe.display())
+            }
+            Method::ErrorLog { path } => format!("nginx's error log {}", path.display()),
+            Method::None { why } => format!("nothing ({why})"),
+        }
+    }
+}
+
+/// An error log read from where it ended when droptrace started.
+struct LogTail {
+    reader: BufReader<File>,
+    partial: String,
+}
+
+impl LogTail {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let mut file = File::open(path)?;
+        file.seek(SeekFrom::End(0))?;
+        Ok(Self {
+            reader: BufReader::new(file),
+            partial: String::new(),
+        })
+    }
+
+    /// Pids of the alert lines written since the last call.
+    fn alerts(&mut self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if !line.ends_with('\n') => {
+                    // Half-written: keep it for next time.
+                    self.partial.push_str(&line);
+                    break;
+                }
+                Ok(_) => {
+                    let line = std::mem::take(&mut self.partial) + &line;
+                    if let Some(pid) = alert_pid(&line) {
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+        pids
+    }
+}
+
+/// "2026/11/26 10:00:00 [alert] 1234#1234: *5 64 worker_connections are
+/// not enough ..." -> 1234
+fn alert_pid(line: &str) -> Option<u32> {
+    // "[warn] ... are not enough, reusing connections" is not a refusal.
+    if !line.contains("[alert]") || !line.contains(ALERT) {
+        return None;
+    }
+    let after = line.split_once("] ")?.1;
+    after.split('#').next()?.trim().parse().ok()
+}
+
+#[derive(Default)]
+pub struct WorkerConnections {
+    /// nginx binaries with the uretprobe attached, by file identity.
+    probed: HashSet<FileId>,
+    /// Binaries without the symbol.
+    unprobeable: HashSet<FileId>,
+    tails: HashMap<PathBuf, LogTail>,
+    methods: HashMap<u32, Method>,
+    last_scan: Option<Instant>,
+}
+
+impl WorkerConnections {
+    /// Find nginx masters not seen yet and start watching them.
+    pub fn scan(&mut self, ebpf: &mut Ebpf) {
+        if self.last_scan.is_some_and(|t| t.elapsed() < SCAN_INTERVAL) {
+            return;
+        }
+        self.last_scan = Some(Instant::now());
+        self.methods
+            .retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
+        for pid in process::all_pids() {
+            if self.methods.contains_key(&pid) || !is_nginx_exe(pid) {
+                continue;
+            }
+            let Some(master) = process::inspect(pid).filter(|p| p.role == Role::NginxMaster) else {
+                continue;
+            };
+            let method = self.watch(ebpf, &master);
+            tracing::info!(
+                "nginx[{}]: worker_connections shortages are seen through {}",
+                master.pid,
+                method.describe()
+            );
+            self.methods.insert(master.pid, method);
+        }
+    }
+
+    fn watch(&mut self, ebpf: &mut Ebpf, master: &process::Process) -> Method {
+        let exe_link = PathBuf::from(format!("/proc/{}/exe", master.pid));
+        let exe = std::fs::read_link(&exe_link).unwrap_or_else(|_| exe_link.clone());
+        let id = FileId::of(&exe_link);
+        if let Some(id) = id {
+            if self.probed.contains(&id) {
+                return Method::Uretprobe { exe };
+            }
+            if !self.unprobeable.contains(&id) {
+                // The /proc link reaches the binary in any mount namespace.
+                match probes::attach_nginx_get_connection(ebpf, &exe_link) {
+                    Ok(()) => {
+                        self.probed.insert(id);
+                        return Method::Uretprobe { exe };
+                    }
+                    Err(err) => {
+                        tracing::info!(
+                            "nginx[{}]: no uretprobe on {}: {err:#}; falling back to its error log",
+                            master.pid,
+                            exe.display()
+                        );
+                        self.unprobeable.insert(id);
+                    }
+                }
+            }
+        }
+        let Some(config) = config::nginx_of(master) else {
+            return Method::None {
+                why: "its configuration could not be read".into(),
+            };
+        };
+        let Some(path) = config.error_logs.first() else {
+            return Method::None {
+                why: "ngx_get_connection is not exported and no error_log file is configured"
+                    .into(),
+            };
+        };
+        let real = PathBuf::from(format!("/proc/{}/root", master.pid))
+            .join(path.strip_prefix("/").unwrap_or(path));
+        if !self.tails.contains_key(path) {
+            match LogTail::open(&real) {
+                Ok(tail) => {
+                    self.tails.insert(path.clone(), tail);
+                }
+                Err(err) => {
+                    return Method::None {
+                        why: format!("cannot read {}: {err}", path.display()),
+                    }
+                }
+            }
+        }
+        Method::ErrorLog { path: path.clone() }
+    }
+
+    /// How shortages of `master`'s workers are seen.
+    pub fn method_of(&self, master: u32) -> Option<&Method> {
+        self.methods.get(&master)
+    }
+
+    /// Worker pids of the alert lines written since the last call.
+    pub fn logged_alerts(&mut self) -> Vec<u32> {
+        self.tails.values_mut().flat_map(LogTail::alerts).collect()
+    }
+}
+
+fn is_nginx_exe(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|exe| Some(exe.file_name()?.to_str()?.starts_with("nginx")))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn alert_lines_name_the_worker() {
+        assert_eq!(
+            alert_pid("2026/11/26 10:00:00 [alert] 1234#1234: *5 64 worker_connections are not enough while connecting to upstream, client: 127.0.0.1"),
+            Some(1234)
+        );
+        assert_eq!(
+            alert_pid("2026/11/26 10:00:00 [alert] 77#0: 64 worker_connections are not enough\n"),
+            Some(77)
+        );
+        assert_eq!(alert_pid("2026/11/26 10:00:00 [warn] 77#0: 64 worker_connections are not enough, reusing connections"), None);
+        assert_eq!(
+            alert_pid(
+                "2026/11/26 10:00:00 [crit] 77#0: accept4() failed (24: Too many open files)"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_tail_sees_only_lines_written_after_it_opened() {
+        let path = std::env::temp_dir().join(format!("droptrace-tail-{}.log", std::process::id()));
+        let mut log = File::create(&path).unwrap();
+        writeln!(
+            log,
+            "2026/11/26 10:00:00 [alert] 1#1: 8 worker_connections are not enough"
+        )
+        .unwrap();
+        let mut tail = LogTail::open(&path).unwrap();
+        assert!(tail.alerts().is_empty());
+        writeln!(
+            log,
+            "2026/11/26 10:00:01 [alert] 2#2: 8 worker_connections are not enough"
+        )
+        .unwrap();
+        write!(
+            log,
+            "2026/11/26 10:00:01 [alert] 3#3: 8 worker_connections are not"
+        )
+        .unwrap();
+        log.flush().unwrap();
+        assert_eq!(tail.alerts(), vec![2]);
+        writeln!(log, " enough").unwrap();
+        log.flush().unwrap();
+        assert_eq!(tail.alerts(), vec![3]);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
