@@ -28,6 +28,8 @@ pub fn assert_agrees_with_kernel(ours: u64, kernel: u64, what: &str) {
 
 pub struct Droptrace {
     child: Child,
+    /// What it said on stderr while starting.
+    startup: Vec<String>,
     stderr: mpsc::Receiver<String>,
 }
 
@@ -71,7 +73,10 @@ impl Droptrace {
         let mut seen = Vec::new();
         loop {
             match stderr.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.contains("watching") => break,
+                Ok(line) if line.contains("watching") => {
+                    seen.push(line);
+                    break;
+                }
                 Ok(line) => seen.push(line),
                 Err(_) => panic!(
                     "droptrace did not start within 30 s; it said:\n{}",
@@ -79,7 +84,11 @@ impl Droptrace {
                 ),
             }
         }
-        Self { child, stderr }
+        Self {
+            child,
+            startup: seen,
+            stderr,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -97,7 +106,11 @@ impl Droptrace {
             .read_to_string(&mut stdout)
             .unwrap();
         let status = self.child.wait().unwrap();
-        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        let stderr: Vec<String> = self
+            .startup
+            .drain(..)
+            .chain(self.stderr.try_iter())
+            .collect();
         let stderr = stderr.join("\n");
         assert!(
             status.success(),

@@ -50,6 +50,9 @@ pub struct StackConfig<'a> {
     pub worker_rlimit_nofile: Option<u32>,
     /// Start nginx under `prlimit --nofile=N:N`.
     pub prlimit_nofile: Option<u32>,
+    /// Run a copy of nginx whose ngx_get_connection symbol is hidden, as
+    /// in a stripped or static build.
+    pub nginx_without_symbol: bool,
     pub port: u16,
 }
 
@@ -64,6 +67,7 @@ impl Default for StackConfig<'_> {
             deferred_accept: false,
             worker_rlimit_nofile: Some(16384),
             prlimit_nofile: None,
+            nginx_without_symbol: false,
             port: 18080,
         }
     }
@@ -157,14 +161,19 @@ impl Stack {
             deferred = if config.deferred_accept { " deferred" } else { "" },
         );
         fs::write(d.join("nginx.conf"), conf).unwrap();
+        let binary = if config.nginx_without_symbol {
+            nginx_without_symbol(d).display().to_string()
+        } else {
+            "nginx".to_string()
+        };
         // prlimit sets the limit and execs nginx: the child's pid is nginx's.
         let mut nginx = match config.prlimit_nofile {
             Some(n) => {
                 let mut prlimit = command_in(config.netns, "prlimit");
-                prlimit.arg(format!("--nofile={n}:{n}")).arg("nginx");
+                prlimit.arg(format!("--nofile={n}:{n}")).arg(&binary);
                 prlimit
             }
-            None => command_in(config.netns, "nginx"),
+            None => command_in(config.netns, &binary),
         };
         let nginx = nginx
             .arg("-p")
@@ -221,6 +230,32 @@ impl Drop for Stack {
             }
         }
     }
+}
+
+/// A copy of Debian's nginx in `dir` whose exported ngx_get_connection is
+/// renamed in its dynamic string table (same length, so nothing moves).
+/// nginx never looks itself up by name; only dynamic modules would, and the
+/// tests load none. Debian strips .symtab, so the symbol is gone.
+fn nginx_without_symbol(dir: &Path) -> PathBuf {
+    const NAME: &[u8] = b"\0ngx_get_connection\0";
+    const HIDDEN: &[u8] = b"\0ngx_get_connectioX\0";
+    let mut binary = fs::read("/usr/sbin/nginx").unwrap();
+    let at: Vec<usize> = binary
+        .windows(NAME.len())
+        .enumerate()
+        .filter(|(_, w)| *w == NAME)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        at.len(),
+        1,
+        "expected one ngx_get_connection in nginx's string table"
+    );
+    binary[at[0]..at[0] + HIDDEN.len()].copy_from_slice(HIDDEN);
+    let path = dir.join("nginx-nosym");
+    fs::write(&path, binary).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
 }
 
 /// A free TCP port on 127.0.0.1.

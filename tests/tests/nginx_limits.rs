@@ -27,23 +27,13 @@ fn conf(stack: &Stack) -> String {
     stack.dir.path().join("nginx.conf").display().to_string()
 }
 
-#[test]
-fn worker_connections_shortages_equal_nginx_alerts() {
-    let test = "worker_connections_shortages_equal_nginx_alerts";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
-    let stack = Stack::start(StackConfig {
-        port: stack::free_port(),
-        worker_connections: 64,
-        // Without it nginx parks each new connection until its request is
-        // read, and when it runs short it closes those parked ones
-        // ("reusing connections") rather than failing: a worker only runs
-        // out when every connection is busy with a request.
-        deferred_accept: true,
-        ..StackConfig::default()
-    });
-    let (outcomes, report) = burst_through(&stack);
+/// A burst through nginx with `worker_connections 64`: droptrace's
+/// shortages equal nginx's alerts; returns the drops' limit source.
+fn assert_shortages_match_nginx(
+    stack: &Stack,
+    report: &Report,
+    outcomes: &http::Outcomes,
+) -> String {
     // "[warn] ... are not enough, reusing connections" is not a refusal.
     let alerts = stack.error_lines_where(|l| l.contains("[alert]") && l.contains(SHORTAGE)) as u64;
     let counted = report.count_of("worker_connections", |_| true);
@@ -68,17 +58,14 @@ fn worker_connections_shortages_equal_nginx_alerts() {
         report.summary
     );
     assert_eq!(report.lost(), 0);
+    let mut sources = Vec::new();
     for drop in report.drops_of("worker_connections") {
         assert_eq!(drop["client"]["role"], "nginx-worker", "{drop}");
         assert_eq!(drop["limit"]["name"], "worker_connections", "{drop}");
         assert_eq!(drop["limit"]["value"], 64, "{drop}");
         let source = drop["limit"]["source"].as_str().unwrap();
         assert!(
-            source.starts_with(&format!("worker_connections 64 at {}:", conf(&stack))),
-            "{source}"
-        );
-        assert!(
-            source.ends_with("(seen through a uretprobe on ngx_get_connection in /usr/sbin/nginx)"),
+            source.starts_with(&format!("worker_connections 64 at {}:", conf(stack))),
             "{source}"
         );
         assert!(
@@ -88,7 +75,64 @@ fn worker_connections_shortages_equal_nginx_alerts() {
                 .starts_with("raise worker_connections to 1024"),
             "{drop}"
         );
+        sources.push(source.to_string());
     }
+    sources.dedup();
+    assert_eq!(sources.len(), 1, "{sources:?}");
+    sources.remove(0)
+}
+
+fn short_of_connections(nginx_without_symbol: bool) -> Stack {
+    Stack::start(StackConfig {
+        port: stack::free_port(),
+        worker_connections: 64,
+        // Without it nginx parks each new connection until its request is
+        // read, and when it runs short it closes those parked ones
+        // ("reusing connections") rather than failing: a worker only runs
+        // out when every connection is busy with a request.
+        deferred_accept: true,
+        nginx_without_symbol,
+        ..StackConfig::default()
+    })
+}
+
+#[test]
+fn worker_connections_shortages_equal_nginx_alerts() {
+    let test = "worker_connections_shortages_equal_nginx_alerts";
+    if !running_as_root(test) || !stack::available(test) {
+        return;
+    }
+    let stack = short_of_connections(false);
+    let (outcomes, report) = burst_through(&stack);
+    let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
+    assert!(
+        source.ends_with("(seen through a uretprobe on ngx_get_connection in /usr/sbin/nginx)"),
+        "{source}"
+    );
+}
+
+#[test]
+fn without_the_symbol_shortages_are_read_from_nginx_error_log() {
+    let test = "without_the_symbol_shortages_are_read_from_nginx_error_log";
+    if !running_as_root(test) || !stack::available(test) {
+        return;
+    }
+    let stack = short_of_connections(true);
+    let (outcomes, report) = burst_through(&stack);
+    let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
+    let log = stack.dir.path().join("error.log");
+    assert!(
+        source.ends_with(&format!(
+            "(seen through nginx's error log {})",
+            log.display()
+        )),
+        "{source}"
+    );
+    assert!(
+        report.stderr.contains("falling back to its error log"),
+        "{}",
+        report.stderr
+    );
 }
 
 /// nofile drops equal nginx's "(24: Too many open files)" lines, syscall by

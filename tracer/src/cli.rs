@@ -6,9 +6,14 @@ use clap::Parser;
 ///
 /// Watches refused connects to UNIX stream sockets (nginx -> uWSGI
 /// "connect() ... failed (11: Resource temporarily unavailable)", the 502
-/// behind a full listen queue) and TCP connection attempts dropped by a full
-/// accept or SYN queue (the silent 504s and 499s), and names the listener,
-/// its owner, the limit that was hit with its value and source, and the fix.
+/// behind a full listen queue), TCP connection attempts dropped by a full
+/// accept or SYN queue (the silent 504s and 499s), processes out of file
+/// descriptors ("Too many open files": RLIMIT_NOFILE, fs.file-max), nginx
+/// out of worker_connections, and connects out of ephemeral ports. It names
+/// the listener, its owner, the limit that was hit with its value and where
+/// that value was set (nginx and uWSGI configs, the process's launcher), and
+/// the fix; listen() backlogs clamped by net.core.somaxconn are reported
+/// before any drop.
 ///
 /// Needs root (it loads eBPF programs). Stop it with Ctrl-C for a summary.
 #[derive(Debug, Parser)]
@@ -37,7 +42,8 @@ Examples:
   sudo droptrace --json > drops.jsonl     for jq and dashboards
 
 Output: one line per refused connection (identical ones are grouped, with a
-count), then a summary per listener and limit with the fix. Progress and
+count), NOTICE lines for clamped backlogs, then a summary per listener (or
+process) and limit with the fix. Progress and
 diagnostics go to stderr (RUST_LOG=debug for more).";
 
 #[cfg(test)]

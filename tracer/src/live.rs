@@ -47,6 +47,9 @@ const CAUSE_WINDOW: Duration = Duration::from_millis(1000);
 /// How long a nofile or worker_connections verdict is reused in a storm.
 const VERDICT_TTL: Duration = Duration::from_secs(5);
 const ENFILE: i32 = -23;
+/// Verdicts and failed accepts kept for reuse: beyond this many, the stale
+/// ones are forgotten (a long run sees many short-lived processes).
+const MAX_REMEMBERED: usize = 4096;
 
 /// Converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall-clock time.
 struct Clock {
@@ -295,6 +298,10 @@ impl Attributor {
             }
         }
         let verdict = compute();
+        if self.verdicts.len() >= MAX_REMEMBERED {
+            self.verdicts
+                .retain(|_, (at, _)| at.elapsed() < VERDICT_TTL);
+        }
         self.verdicts.insert(key, (Instant::now(), verdict.clone()));
         verdict
     }
@@ -343,6 +350,12 @@ impl Attributor {
                 limit: limit.name,
                 value: limit.value,
             };
+            if self.accept_failures.len() >= MAX_REMEMBERED {
+                self.accept_failures.retain(|_, (at, _)| {
+                    time.duration_since(*at)
+                        .is_ok_and(|age| age <= CAUSE_WINDOW)
+                });
+            }
             let parent = process::parent_of(record.pid);
             for pid in std::iter::once(record.pid).chain(parent) {
                 self.accept_failures.insert(pid, (time, cause.clone()));

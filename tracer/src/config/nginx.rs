@@ -757,40 +757,62 @@ pub fn of_master(pid: u32, cmdline: &[String]) -> NginxConfig {
             .or(defaults.conf_path)
             .unwrap_or_else(|| "/etc/nginx/nginx.conf".into()),
     );
+    let mut config = read_config(pid, &exe, &args, &prefix, &conf);
+    // Without an error_log directive, -e (or the built-in path) is the log.
+    if config.error_logs.is_empty() {
+        if let Some(log) = args.error_log.filter(|log| log != "stderr") {
+            config.error_logs.push(prefix.join(log));
+        }
+    }
+    config
+}
+
+/// Through `nginx -T` when the master shares our root, else from disk.
+fn read_config(
+    pid: u32,
+    exe: &Path,
+    args: &CommandLine,
+    prefix: &Path,
+    conf: &Path,
+) -> NginxConfig {
     let mut problems = Vec::new();
     if same_root(pid) {
-        let mut dump = Command::new(&exe);
-        dump.arg("-T").arg("-p").arg(&prefix).arg("-c").arg(&conf);
+        let mut dump = Command::new(exe);
+        dump.arg("-T").arg("-p").arg(prefix).arg("-c").arg(conf);
         if let Some(globals) = &args.globals {
             dump.arg("-g").arg(globals);
         }
-        match run(&mut dump, DUMP_TIMEOUT).map(|text| Dump::parse(&text)) {
+        let why = match run(&mut dump, DUMP_TIMEOUT).map(|text| Dump::parse(&text)) {
             Ok(files) if !files.is_empty() => {
-                let (directives, problems) = load(&files, &conf);
+                let (directives, problems) = load(&files, conf);
                 return NginxConfig::from_directives(
                     &directives,
-                    conf,
+                    conf.into(),
                     "nginx -T",
-                    &prefix,
+                    prefix,
                     problems,
                 );
             }
-            Ok(_) => problems.push(Problem {
-                file: conf.clone(),
-                reason: "nginx -T printed no configuration; reading the files instead".into(),
-            }),
-            Err(reason) => problems.push(Problem {
-                file: conf.clone(),
-                reason: format!("nginx -T failed ({reason}); reading the files instead"),
-            }),
-        }
+            Ok(_) => "nginx -T printed no configuration".to_string(),
+            Err(reason) => format!("nginx -T failed ({reason})"),
+        };
+        problems.push(Problem {
+            file: conf.into(),
+            reason: format!("{why}; reading the files instead"),
+        });
     }
     let disk = Disk {
-        root: proc.join("root"),
+        root: PathBuf::from(format!("/proc/{pid}/root")),
     };
-    let (directives, more) = load(&disk, &conf);
+    let (directives, more) = load(&disk, conf);
     problems.extend(more);
-    NginxConfig::from_directives(&directives, conf, "the files on disk", &prefix, problems)
+    NginxConfig::from_directives(
+        &directives,
+        conf.into(),
+        "the files on disk",
+        prefix,
+        problems,
+    )
 }
 
 #[cfg(test)]
