@@ -152,7 +152,8 @@ impl Stack {
              error_log {d}/error.log warn;\nevents {{ worker_connections {connections}; }}\nhttp {{\n  access_log off;\n\
              client_body_temp_path {d}/client_body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
              uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port}{backlog}{deferred};\n\
-             location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass {upstream}; uwsgi_connect_timeout 3s; }}\n  }}\n}}\n",
+             location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass {upstream}; uwsgi_connect_timeout 3s; }}\n\
+             location = /ping {{ return 200 \"pong\\n\"; }}\n  }}\n}}\n",
             d = d.display(),
             port = config.port,
             backlog = config.nginx_backlog.map_or(String::new(), |n| format!(" backlog={n}")),

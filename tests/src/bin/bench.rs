@@ -94,6 +94,62 @@ fn tcp_hook_cost(me: &str) {
     println!("cgroup_skb per packet         {flood:.0} ns under a SYN flood on a full listener ({flood_runs} packets, {dropped} drops counted)");
 }
 
+/// BPF_PROG_TYPE_KPROBE: uprobes and uretprobes are of this type.
+const PROG_TYPE_KPROBE: u64 = 2;
+
+/// `requests` GETs of nginx's /ping, each on a new connection; ns each.
+fn ping_nginx(port: u16, requests: usize) -> f64 {
+    let start = Instant::now();
+    for _ in 0..requests {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut stream, b"GET /ping HTTP/1.0\r\n\r\n").unwrap();
+        let mut response = Vec::new();
+        std::io::Read::read_to_end(&mut stream, &mut response).unwrap();
+        assert!(
+            response.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+    start.elapsed().as_nanos() as f64 / requests as f64
+}
+
+/// What droptrace costs nginx: requests on new connections (each one call
+/// of ngx_get_connection, where the uretprobe sits) with and without it.
+fn nginx_cost() {
+    use droptrace_tests::stack::{self, Stack, StackConfig};
+    if !stack::available("bench: nginx") {
+        return;
+    }
+    const ROUNDS: usize = 3;
+    const REQUESTS: usize = 3_000;
+    let stack = Stack::start(StackConfig {
+        port: stack::free_port(),
+        ..StackConfig::default()
+    });
+    let nginx = stack.nginx.id().to_string();
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let previous = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(STATS, "1").expect("cannot enable kernel.bpf_stats_enabled");
+    let (mut without, mut with, mut probe) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        without.push(ping_nginx(stack.port, REQUESTS));
+        let tracer = Droptrace::start(&["--pid", &nginx]);
+        let (before, runs_before) = program_stats(tracer.pid(), PROG_TYPE_KPROBE);
+        with.push(ping_nginx(stack.port, REQUESTS));
+        let (after, runs_after) = program_stats(tracer.pid(), PROG_TYPE_KPROBE);
+        probe.push((after - before) as f64 / (runs_after - runs_before).max(1) as f64);
+        tracer.stop();
+    }
+    std::fs::write(STATS, previous.trim()).unwrap();
+    let (without, with, probe) = (median(without), median(with), median(probe));
+    println!(
+        "nginx request, new connection median of {ROUNDS} rounds: {without:.0} ns without droptrace, {with:.0} ns with it ({:+.0} ns, {:+.1} %); the uretprobe's program {probe:.0} ns per call",
+        with - without,
+        100.0 * (with / without - 1.0)
+    );
+}
+
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -173,6 +229,7 @@ fn main() {
         refused as i64 - delivered as i64 - lost as i64
     );
     tcp_hook_cost(&me);
+    nginx_cost();
     println!(
         "successful connect+accept    median of {ROUNDS} rounds: {without:.0} ns without droptrace, {with:.0} ns with it ({:+.0} ns, {:+.1} %)",
         with - without,

@@ -504,4 +504,118 @@ mod tests {
         );
         assert!(text.contains("WARNING: 2 drop events were lost"), "{text}");
     }
+
+    fn nofile_drop() -> Drop {
+        let mut drop = sample();
+        drop.kind = DropKind::Nofile;
+        drop.listener = None;
+        drop.client.syscall = Some("accept4");
+        drop.limit = Verdict {
+            name: LimitName::RlimitNofile,
+            value: Some(64),
+            hard: Some(64),
+            source: "worker_rlimit_nofile 64 at /etc/nginx/nginx.conf:4".into(),
+            fix: "set worker_rlimit_nofile".into(),
+        };
+        drop
+    }
+
+    #[test]
+    fn drops_without_a_listener_name_the_process_and_the_syscall() {
+        let mut sink = Sink::new(Format::Json, Vec::new());
+        sink.line(&Line {
+            drop: nofile_drop(),
+            count: 2,
+            first: true,
+        })
+        .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
+        assert_eq!(value["kind"], "nofile");
+        assert_eq!(value["client"]["syscall"], "accept4");
+        assert_eq!(value["limit"]["hard"], 64);
+        assert!(value.get("listener").is_none(), "{value}");
+        assert!(value.get("caused_by").is_none(), "{value}");
+
+        let mut sink = Sink::new(Format::Human, Vec::new());
+        sink.line(&Line {
+            drop: nofile_drop(),
+            count: 2,
+            first: false,
+        })
+        .unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        assert_eq!(
+            text.trim_end(),
+            "14:13:20.123 nofile x2 nginx[3363] nginx-worker accept4() failed: rlimit_nofile=64 hard 64 (worker_rlimit_nofile 64 at /etc/nginx/nginx.conf:4)"
+        );
+    }
+
+    #[test]
+    fn an_overflow_caused_by_a_failed_accept_says_so() {
+        let mut drop = sample();
+        drop.caused_by = Some(Cause {
+            kind: DropKind::Nofile,
+            time: "2026-09-21T14:13:20.001Z".into(),
+            pid: 3363,
+            comm: "nginx".into(),
+            syscall: Some("accept4"),
+            limit: LimitName::RlimitNofile,
+            value: Some(64),
+        });
+        let mut sink = Sink::new(Format::Human, Vec::new());
+        sink.line(&Line {
+            drop: drop.clone(),
+            count: 1,
+            first: false,
+        })
+        .unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        assert!(
+            text.contains(" [caused by nofile at 14:13:20.001: nginx[3363] accept4() hit rlimit_nofile=64; fix that first]"),
+            "{text}"
+        );
+        let mut sink = Sink::new(Format::Json, Vec::new());
+        sink.line(&Line {
+            drop,
+            count: 1,
+            first: false,
+        })
+        .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
+        assert_eq!(
+            value["caused_by"],
+            json!({"kind": "nofile", "time": "2026-09-21T14:13:20.001Z", "pid": 3363, "comm": "nginx",
+                   "syscall": "accept4", "limit": "rlimit_nofile", "value": 64})
+        );
+    }
+
+    #[test]
+    fn notices_are_one_line_with_the_fix() {
+        let notice = Notice {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
+            kind: crate::drop::NoticeKind::BacklogClamped,
+            listener: sample().listener.unwrap(),
+            requested: 511,
+            effective: 64,
+            somaxconn: 64,
+            fix: "sysctl -w net.core.somaxconn=511".into(),
+        };
+        let mut sink = Sink::new(Format::Json, Vec::new());
+        sink.notice(&notice).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
+        assert_eq!(value["type"], "notice");
+        assert_eq!(value["kind"], "backlog_clamped");
+        assert_eq!(value["time"], "2026-09-21T14:13:20.123Z");
+        assert_eq!(
+            (value["requested"].as_u64(), value["effective"].as_u64()),
+            (Some(511), Some(64))
+        );
+        let mut sink = Sink::new(Format::Human, Vec::new());
+        sink.notice(&notice).unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        assert_eq!(
+            text.trim_end(),
+            "14:13:20.123 NOTICE backlog_clamped /run/app.sock, owner uwsgi[3300] uwsgi-master: listen(511) was clamped to 64 by net.core.somaxconn=64 (netns 4026531840); fix: sysctl -w net.core.somaxconn=511"
+        );
+    }
 }
