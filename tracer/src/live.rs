@@ -28,7 +28,7 @@ use crate::{
         tcp::{self, Batch as TcpBatch, TcpListeners},
     },
     cli::Args,
-    config::{self, nginx::NginxConfig},
+    config,
     drop::{Cause, Client, Drop, DropKind, ListenerView, Notice, NoticeKind},
     limits::{self, BacklogFacts, NofileFacts, Transport, Verdict, LISTEN_MAX_REQUEST},
     probes,
@@ -149,16 +149,21 @@ fn read_number(path: &str) -> Option<u64> {
         .ok()
 }
 
-/// Where a process's soft RLIMIT_NOFILE came from, in words.
-fn nofile_source(pid: u32, soft: u64, nginx: Option<&NginxConfig>) -> String {
-    if let Some(directive) = nginx.and_then(|c| c.worker_rlimit_nofile.as_ref()) {
-        if directive.value == soft {
-            return format!("{} (nginx sets it in each worker)", directive.source);
+/// Where a process's soft RLIMIT_NOFILE came from, in words. `own` is the
+/// program's own setting (nginx's worker_rlimit_nofile, uWSGI's max-fd)
+/// and what it does; `unset` says it is absent, when that is worth saying.
+fn nofile_source(
+    pid: u32,
+    soft: u64,
+    own: Option<(config::Setting<u64>, &str)>,
+    unset: &str,
+) -> String {
+    let no_directive = match own {
+        Some((setting, effect)) if setting.value == soft => {
+            return format!("{} ({effect})", setting.source)
         }
-    }
-    let no_directive = nginx.map_or(String::new(), |c| {
-        format!("; no worker_rlimit_nofile in {}", c.main_file.display())
-    });
+        _ => unset,
+    };
     let Some(setter) = rlimits::setter_of(pid, soft) else {
         return format!(
             "RLIMIT_NOFILE of pid {pid}, which exited before droptrace looked{no_directive}"
@@ -327,6 +332,24 @@ impl Attributor {
             let verdict = self.cached_verdict(key, || {
                 let process = process::inspect(pid);
                 let nginx = process.as_ref().and_then(config::nginx_of);
+                let uwsgi = process
+                    .as_ref()
+                    .filter(|p| p.role.is_uwsgi())
+                    .map(config::uwsgi_of);
+                let own = match (&nginx, &uwsgi) {
+                    (Some(c), _) => c
+                        .worker_rlimit_nofile
+                        .clone()
+                        .map(|s| (s, "nginx sets it in each worker")),
+                    (_, Some(c)) => c
+                        .max_fd
+                        .clone()
+                        .map(|s| (s, "uWSGI sets it when it starts")),
+                    _ => None,
+                };
+                let unset = nginx.as_ref().map_or(String::new(), |c| {
+                    format!("; no worker_rlimit_nofile in {}", c.main_file.display())
+                });
                 limits::nofile_verdict(&NofileFacts {
                     process: process
                         .as_ref()
@@ -334,7 +357,7 @@ impl Attributor {
                     role: process.as_ref().map_or(Role::Other, |p| p.role),
                     soft,
                     hard,
-                    source: nofile_source(pid, soft, nginx.as_deref()),
+                    source: nofile_source(pid, soft, own, &unset),
                     nginx: nginx.map(|c| (c.worker_connections.clone(), c.main_file.clone())),
                 })
             });
@@ -807,4 +830,50 @@ pub async fn run(args: Args) -> Result<()> {
     )?;
     std::io::stdout().flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_programs_own_nofile_setting_is_the_source_when_it_is_the_value_hit() {
+        let max_fd = config::Setting::configured(32, "max-fd = 32 in /etc/uwsgi/app.ini:4");
+        assert_eq!(
+            nofile_source(
+                std::process::id(),
+                32,
+                Some((max_fd.clone(), "uWSGI sets it when it starts")),
+                ""
+            ),
+            "max-fd = 32 in /etc/uwsgi/app.ini:4 (uWSGI sets it when it starts)"
+        );
+        // A setting that is not the value hit is not blamed.
+        let mine = rlimits::nofile_of(std::process::id()).unwrap().soft;
+        let source = nofile_source(
+            std::process::id(),
+            mine,
+            Some((max_fd, "uWSGI sets it")),
+            "; no max-fd",
+        );
+        assert!(!source.starts_with("max-fd"), "{source}");
+        assert!(source.ends_with("; no max-fd"), "{source}");
+    }
+
+    #[test]
+    fn connect_destinations_decode_from_the_sockaddr_bytes() {
+        let v4 = [0x1f, 0x90, 127, 0, 0, 1];
+        assert_eq!(
+            destination(AF_INET, &v4),
+            Some((IpAddr::V4(Ipv4Addr::LOCALHOST), 8080))
+        );
+        let mut v6 = [0u8; 22];
+        v6[..2].copy_from_slice(&443u16.to_be_bytes());
+        v6[21] = 1;
+        assert_eq!(
+            destination(AF_INET6, &v6),
+            Some((IpAddr::V6(Ipv6Addr::LOCALHOST), 443))
+        );
+        assert_eq!(destination(AF_INET, &v4[..4]), None);
+    }
 }
