@@ -20,12 +20,15 @@ use clap::Parser;
 #[command(name = "droptrace", version, after_help = EXAMPLES)]
 pub struct Args {
     /// Watch only this process and its descendants, on either side of a drop
-    /// (the refused client or the listener's owner; for TCP, the owner). Repeat for several
-    /// processes, e.g. --pid $(cat /run/nginx.pid) --pid $(pgrep -o uwsgi).
+    /// (the refused client or the listener's owner; for TCP drops, the owner;
+    /// for open-file, worker_connections and ephemeral-port drops, the process
+    /// that failed). Repeat for several processes, e.g. --pid $(cat
+    /// /run/nginx.pid) --pid $(pgrep -o uwsgi).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
-    /// Print JSON Lines on stdout: one {"type":"drop"} object per line, and a
+    /// Print JSON Lines on stdout: one {"type":"drop"} object per line,
+    /// {"type":"notice"} for backlogs clamped by somaxconn, and a
     /// {"type":"summary"} object last (schema in the README).
     #[arg(long)]
     pub json: bool,
