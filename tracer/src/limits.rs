@@ -133,10 +133,7 @@ pub fn backlog_verdict(facts: &BacklogFacts) -> Verdict {
                 "net.core.somaxconn of the listener's network namespace: {} asked {asked}, the kernel clamped it to {effective}",
                 facts.owner
             ),
-            fix: format!(
-                "sysctl -w net.core.somaxconn={target} in that namespace (persist it in /etc/sysctl.d/), then restart {} so it listens again",
-                facts.owner
-            ),
+            fix: clamp_fix(&facts.owner, target),
         };
     }
     if facts.owner_role.is_uwsgi() {
@@ -385,10 +382,11 @@ pub fn ephemeral_ports_verdict(
     }
 }
 
-/// A listen() the kernel clamped to net.core.somaxconn: a notice, before
-/// any drop.
-pub fn clamp_fix(owner: &str, requested: u32) -> String {
-    format!("sysctl -w net.core.somaxconn={requested} in that namespace (persist it in /etc/sysctl.d/), then restart {owner} so it listens again")
+/// The fix for a listen() backlog the kernel clamped to
+/// net.core.somaxconn: raise it to `target` and listen again (drops and
+/// backlog_clamped notices alike).
+pub fn clamp_fix(owner: &str, target: u32) -> String {
+    format!("sysctl -w net.core.somaxconn={target} in that namespace (persist it in /etc/sysctl.d/), then restart {owner} so it listens again")
 }
 
 #[cfg(test)]

@@ -89,9 +89,28 @@ struct Attributor {
     clamp_notices: HashSet<u64>,
     /// The latest failed accept() of each process and of its parent.
     accept_failures: HashMap<u32, (SystemTime, Cause)>,
-    /// nofile verdicts by (pid, soft, hard), worker_connections ones by pid.
-    verdicts: HashMap<(DropKind, u32, u64, u64), (Instant, Verdict)>,
+    /// Verdicts whose facts come from /proc and configs, reused in a storm.
+    verdicts: HashMap<VerdictKey, (Instant, Verdict)>,
     worker_connections: WorkerConnections,
+}
+
+/// What a reusable verdict depends on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum VerdictKey {
+    Nofile {
+        pid: u32,
+        soft: u64,
+        hard: u64,
+    },
+    /// Per worker: its master's configuration decides.
+    WorkerConnections {
+        pid: u32,
+    },
+    EphemeralPorts {
+        pid: u32,
+        netns: u32,
+        destination: (IpAddr, u16),
+    },
 }
 
 /// What a record becomes.
@@ -294,15 +313,15 @@ impl Attributor {
     /// A verdict from the cache, or computed and cached.
     fn cached_verdict(
         &mut self,
-        key: (DropKind, u32, u64, u64),
-        compute: impl FnOnce() -> Verdict,
+        key: VerdictKey,
+        compute: impl FnOnce(&mut Self) -> Verdict,
     ) -> Verdict {
         if let Some((at, verdict)) = self.verdicts.get(&key) {
             if at.elapsed() < VERDICT_TTL {
                 return verdict.clone();
             }
         }
-        let verdict = compute();
+        let verdict = compute(self);
         if self.verdicts.len() >= MAX_REMEMBERED {
             self.verdicts
                 .retain(|_, (at, _)| at.elapsed() < VERDICT_TTL);
@@ -328,8 +347,8 @@ impl Attributor {
             (DropKind::FileMax, verdict)
         } else {
             let (pid, soft, hard) = (record.pid, record.nofile_soft, record.nofile_hard);
-            let key = (DropKind::Nofile, pid, soft, hard);
-            let verdict = self.cached_verdict(key, || {
+            let key = VerdictKey::Nofile { pid, soft, hard };
+            let verdict = self.cached_verdict(key, |_| {
                 let process = process::inspect(pid);
                 let nginx = process.as_ref().and_then(config::nginx_of);
                 let uwsgi = process
@@ -401,21 +420,15 @@ impl Attributor {
             return None;
         }
         let client = self.client(pid, comm);
-        let process = process::inspect(pid);
-        let master = process.as_ref().and_then(config::nginx_master);
-        let method = master
-            .as_ref()
-            .and_then(|m| self.worker_connections.method_of(m.pid))
-            .map_or("a uretprobe on ngx_get_connection".to_string(), |m| {
-                m.describe()
-            });
-        let key = (
-            DropKind::WorkerConnections,
-            master.as_ref().map_or(pid, |m| m.pid),
-            0,
-            0,
-        );
-        let limit = self.cached_verdict(key, || {
+        let limit = self.cached_verdict(VerdictKey::WorkerConnections { pid }, |this| {
+            let process = process::inspect(pid);
+            let method = process
+                .as_ref()
+                .and_then(config::nginx_master)
+                .and_then(|m| this.worker_connections.method_of(m.pid))
+                .map_or("a uretprobe on ngx_get_connection".to_string(), |m| {
+                    m.describe()
+                });
             let config = process.as_ref().and_then(config::nginx_of);
             limits::worker_connections_verdict(
                 config.as_ref().map(|c| &c.worker_connections),
@@ -449,24 +462,33 @@ impl Attributor {
         );
         view.addr = Some(ip.to_string());
         view.port = Some(port);
-        let server = crate::drop::socket_label(&ip.to_string(), port);
-        let keepalive = process::inspect(record.pid)
-            .as_ref()
-            .and_then(config::nginx_of)
-            .and_then(|c| {
-                c.upstreams
-                    .iter()
-                    .find(|u| u.server == server)
-                    .map(|u| u.keepalive.is_some())
-            });
-        let range = self.registry.ip_local_port_range(record.netns);
+        let (pid, netns) = (record.pid, record.netns);
+        let key = VerdictKey::EphemeralPorts {
+            pid,
+            netns,
+            destination: (ip, port),
+        };
+        let limit = self.cached_verdict(key, |this| {
+            let server = crate::drop::socket_label(&ip.to_string(), port);
+            let keepalive = process::inspect(pid)
+                .as_ref()
+                .and_then(config::nginx_of)
+                .and_then(|c| {
+                    c.upstreams
+                        .iter()
+                        .find(|u| u.server == server)
+                        .map(|u| u.keepalive.is_some())
+                });
+            let range = this.registry.ip_local_port_range(netns);
+            limits::ephemeral_ports_verdict(range, netns, keepalive)
+        });
         Some(Drop {
             time: self.clock.wall(record.ktime_ns),
             kind: DropKind::EphemeralPorts,
             stage: None,
             client,
             listener: Some(view),
-            limit: limits::ephemeral_ports_verdict(range, record.netns, keepalive),
+            limit,
             caused_by: None,
         })
     }

@@ -126,7 +126,7 @@ impl WorkerConnections {
         self.methods
             .retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
         for pid in process::all_pids() {
-            if self.methods.contains_key(&pid) || !is_nginx_exe(pid) {
+            if self.methods.contains_key(&pid) || !process::runs_nginx(pid) {
                 continue;
             }
             let Some(master) = process::inspect(pid).filter(|p| p.role == Role::NginxMaster) else {
@@ -179,8 +179,7 @@ impl WorkerConnections {
                     .into(),
             };
         };
-        let real = PathBuf::from(format!("/proc/{}/root", master.pid))
-            .join(path.strip_prefix("/").unwrap_or(path));
+        let real = process::under_root(Path::new(&format!("/proc/{}/root", master.pid)), path);
         if !self.tails.contains_key(path) {
             match LogTail::open(&real) {
                 Ok(tail) => {
@@ -205,13 +204,6 @@ impl WorkerConnections {
     pub fn logged_alerts(&mut self) -> Vec<u32> {
         self.tails.values_mut().flat_map(LogTail::alerts).collect()
     }
-}
-
-fn is_nginx_exe(pid: u32) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .and_then(|exe| Some(exe.file_name()?.to_str()?.starts_with("nginx")))
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -278,7 +278,7 @@ impl Task {
         let base = self
             .proc_dir()
             .join(if path.is_absolute() { "root" } else { "cwd" });
-        base.join(path.strip_prefix("/").unwrap_or(path))
+        super::process::under_root(&base, path)
     }
 }
 

@@ -96,6 +96,22 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     after_comm.split(' ').nth(1)?.parse().ok()
 }
 
+/// `path` as seen from the directory `root` (a process's /proc/PID/root
+/// or cwd): absolute paths are taken as relative to it.
+pub fn under_root(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// A process's working directory; "/" when it cannot be read.
+pub fn cwd_of(pid: u32) -> PathBuf {
+    fs::read_link(proc_path(pid, "cwd")).unwrap_or_else(|_| "/".into())
+}
+
+/// True when `pid` runs an nginx binary (cheaper than `inspect`).
+pub fn runs_nginx(pid: u32) -> bool {
+    exe_name(pid).is_some_and(|name| program_of(&name) == Program::Nginx)
+}
+
 /// When the process started (clock ticks after boot, /proc/PID/stat field
 /// 22): with the pid, it names a process even after pid reuse.
 pub fn start_time(pid: u32) -> Option<u64> {

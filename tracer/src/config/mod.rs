@@ -130,13 +130,9 @@ pub fn nginx_of(process: &Process) -> Option<Arc<nginx::NginxConfig>> {
 /// The configuration a uWSGI process runs with (its command line and the
 /// files it names). Problems are logged.
 pub fn uwsgi_of(process: &Process) -> uwsgi::UwsgiConfig {
-    let proc = std::path::PathBuf::from(format!("/proc/{}", process.pid));
-    let cwd = std::fs::read_link(proc.join("cwd")).unwrap_or_else(|_| "/".into());
-    let config = uwsgi::read(
-        process.cmdline.get(1..).unwrap_or_default(),
-        &cwd,
-        &proc.join("root"),
-    );
+    let root = std::path::PathBuf::from(format!("/proc/{}/root", process.pid));
+    let cwd = process::cwd_of(process.pid);
+    let config = uwsgi::read(process.cmdline.get(1..).unwrap_or_default(), &cwd, &root);
     for problem in &config.problems {
         tracing::warn!("uwsgi[{}] configuration: {problem}", process.pid);
     }

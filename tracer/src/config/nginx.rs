@@ -14,6 +14,7 @@ use std::{
 };
 
 use super::{Origin, Problem, Setting};
+use crate::attribution::process;
 
 /// nginx's defaults (ngx_event.c, ngx_http_core_module.c on Linux).
 pub const DEFAULT_WORKER_CONNECTIONS: u32 = 512;
@@ -47,7 +48,7 @@ pub struct Disk {
 
 impl Disk {
     fn real(&self, path: &Path) -> PathBuf {
-        self.root.join(path.strip_prefix("/").unwrap_or(path))
+        process::under_root(&self.root, path)
     }
 }
 
@@ -384,10 +385,11 @@ impl Listen {
         if self.address.starts_with("unix:") {
             return None;
         }
-        let port = match self.address.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(']') || self.address.starts_with('[') => port,
-            _ => self.address.as_str(),
-        };
+        // "[::]:443" and "127.0.0.1:80" end in their port; "80" is one.
+        let port = self
+            .address
+            .rsplit_once(':')
+            .map_or(self.address.as_str(), |(_, port)| port);
         port.parse().ok().or_else(|| {
             // "listen localhost;" or "listen 127.0.0.1;": port 80.
             (!self.address.chars().all(|c| c.is_ascii_digit())).then_some(80)
@@ -740,7 +742,7 @@ fn same_root(pid: u32) -> bool {
 pub fn of_master(pid: u32, cmdline: &[String]) -> NginxConfig {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let exe = proc.join("exe");
-    let cwd = std::fs::read_link(proc.join("cwd")).unwrap_or_else(|_| "/".into());
+    let cwd = process::cwd_of(pid);
     let args = CommandLine::parse(cmdline);
     let defaults = run(Command::new(&exe).arg("-V"), DUMP_TIMEOUT)
         .map(|text| BuildDefaults::parse(&text))

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Problem, Setting};
+use crate::attribution::process;
 
 /// The listen queue size uWSGI uses when none is configured.
 pub const DEFAULT_LISTEN: u32 = 100;
@@ -50,17 +51,6 @@ const SOCKET_OPTIONS: &[&str] = &[
     "http",
 ];
 
-/// Options whose value is a config file to load.
-fn loader(key: &str) -> Option<Format> {
-    match key {
-        "ini" => Some(Format::Ini),
-        "yaml" | "yml" => Some(Format::Yaml),
-        "xml" => Some(Format::Xml),
-        "json" | "js" => Some(Format::Json),
-        _ => None,
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
     Ini,
@@ -70,15 +60,21 @@ enum Format {
 }
 
 impl Format {
-    fn of_file(path: &str) -> Option<Self> {
-        let path = path.split(':').next().unwrap_or(path);
-        match Path::new(path).extension()?.to_str()? {
+    /// uWSGI names a format the same way as an option (`--ini FILE`) and
+    /// as a file extension (`app.ini`).
+    fn named(name: &str) -> Option<Self> {
+        match name {
             "ini" => Some(Self::Ini),
             "yaml" | "yml" => Some(Self::Yaml),
             "xml" => Some(Self::Xml),
             "json" | "js" => Some(Self::Json),
             _ => None,
         }
+    }
+
+    fn of_file(path: &str) -> Option<Self> {
+        let path = path.split(':').next().unwrap_or(path);
+        Self::named(Path::new(path).extension()?.to_str()?)
     }
 }
 
@@ -124,7 +120,7 @@ impl Reader<'_> {
                 .sockets
                 .push(Setting::configured(value.to_string(), source)),
             key => {
-                if let Some(format) = loader(key) {
+                if let Some(format) = Format::named(key) {
                     self.load(value, format, base, depth + 1);
                 }
             }
@@ -154,7 +150,7 @@ impl Reader<'_> {
             });
             return;
         }
-        let real = self.root.join(path.strip_prefix("/").unwrap_or(&path));
+        let real = process::under_root(self.root, &path);
         let text = match std::fs::read_to_string(&real) {
             Ok(text) => text,
             Err(err) => {
@@ -203,7 +199,7 @@ pub fn read(args: &[String], cwd: &Path, root: &Path) -> UwsgiConfig {
             let key = key.replace('_', "-");
             let wanted = ["listen", "processes", "workers", "max-fd"].contains(&key.as_str())
                 || SOCKET_OPTIONS.contains(&key.as_str())
-                || loader(&key).is_some();
+                || Format::named(&key).is_some();
             if !wanted {
                 continue;
             }

@@ -73,6 +73,11 @@ pub fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
+/// "14:13:20.123" of an RFC 3339 time: what the terminal shows.
+fn clock(rfc3339: &str) -> &str {
+    rfc3339.get(11..23).unwrap_or(rfc3339)
+}
+
 /// "value (source)" of a limit, as the terminal shows it.
 fn limit_label(limit: &Verdict) -> String {
     let hard = limit.hard.map_or(String::new(), |h| format!(" hard {h}"));
@@ -109,7 +114,7 @@ fn cause_label(cause: &Cause) -> String {
     format!(
         " [caused by {} at {}: {}[{}] {}hit {}{}; fix that first]",
         cause.kind.as_str(),
-        cause.time.get(11..23).unwrap_or(&cause.time),
+        clock(&cause.time),
         cause.comm,
         cause.pid,
         cause.syscall.map_or(String::new(), |s| format!("{s}() ")),
@@ -156,7 +161,7 @@ impl<W: Write> Sink<W> {
             }
             Format::Human => {
                 let time = rfc3339(drop.time);
-                let clock = time.get(11..23).unwrap_or(&time);
+                let clock = clock(&time);
                 let fix = if line.first {
                     format!("; fix: {}", drop.limit.fix)
                 } else {
@@ -190,7 +195,7 @@ impl<W: Write> Sink<W> {
                 writeln!(
                     self.out,
                     "{clock} NOTICE backlog_clamped {listener}, owner {owner}: listen({requested}) was clamped to {effective} by net.core.somaxconn={somaxconn} (netns {netns}); fix: {fix}",
-                    clock = time.get(11..23).unwrap_or(&time),
+                    clock = clock(&time),
                     listener = notice.listener.label(),
                     owner = notice.listener.owner_label(),
                     requested = notice.requested,
