@@ -25,7 +25,17 @@ fn a_pid_that_does_not_exist_is_refused_in_one_line() {
 
 #[test]
 fn a_user_without_root_is_told_to_use_sudo() {
-    let mut command = Command::new(binary());
+    // nobody may not reach the build's directory (a clone in a 0700 temp
+    // dir): run a copy from a directory anyone can enter.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("droptrace-cli-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.path().join("droptrace");
+    std::fs::copy(binary(), &copy).unwrap();
+    let mut command = Command::new(&copy);
     // SAFETY: setuid in the child before exec; no allocation.
     unsafe {
         command.pre_exec(|| {
