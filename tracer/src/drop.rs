@@ -1,12 +1,16 @@
 //! A drop, attributed and explained: what every sink prints.
-use std::time::SystemTime;
+use std::{
+    collections::HashSet,
+    sync::{Mutex, OnceLock},
+    time::SystemTime,
+};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{attribution::process::Role, limits::Verdict};
 
 /// Drop kinds are part of the JSON contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DropKind {
     /// connect() to a UNIX stream socket refused with EAGAIN: queue full.
@@ -42,7 +46,8 @@ impl DropKind {
 
 /// Who was refused: a local process (UNIX; TCP from this machine) and/or
 /// a remote address (TCP). Absent fields are left out of the JSON.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default)]
 pub struct Client {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
@@ -55,8 +60,11 @@ pub struct Client {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// nofile and file_max: the syscall that failed ("accept4", "socket").
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub syscall: Option<&'static str>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "interned_option"
+    )]
+    pub syscall: Option<Name>,
 }
 
 impl Client {
@@ -89,17 +97,18 @@ pub fn socket_label(addr: &str, port: u16) -> String {
 }
 
 /// The socket whose queue was full, and who owns it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ListenerView {
     /// "unix", "tcp" or "tcp6".
-    pub family: &'static str,
+    #[serde(deserialize_with = "interned")]
+    pub family: Name,
     /// UNIX listeners: the path, or "@name" for abstract ones.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// TCP listeners: the bound address and port.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub netns: Option<u32>,
     pub pid: Option<u32>,
@@ -111,30 +120,41 @@ pub struct ListenerView {
     pub backlog: Option<u32>,
 }
 
-#[derive(Clone, Debug)]
+/// Field names are the JSON contract (README, `droptrace schema`).
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Drop {
+    #[serde(with = "wall_time")]
+    #[schemars(with = "String")]
     pub time: SystemTime,
     pub kind: DropKind,
     /// TCP: "syn", "ack" or "ack_syncookie".
-    pub stage: Option<&'static str>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "interned_option"
+    )]
+    pub stage: Option<Name>,
     pub client: Client,
     /// The socket whose queue was full; for ephemeral_ports the destination.
     /// None for nofile, file_max and worker_connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listener: Option<ListenerView>,
     pub limit: Verdict,
     /// An earlier drop that made this one happen: a listener overflows
     /// while its owner, out of descriptors, stopped accepting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caused_by: Option<Cause>,
 }
 
 /// The root cause of a drop, to fix first.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Cause {
     pub kind: DropKind,
     pub time: String,
     pub pid: u32,
     pub comm: String,
-    pub syscall: Option<&'static str>,
+    #[serde(default, deserialize_with = "interned_option")]
+    pub syscall: Option<Name>,
     pub limit: crate::limits::LimitName,
     pub value: Option<u64>,
 }
@@ -177,16 +197,17 @@ impl ListenerView {
 }
 
 /// What an operator should know before any drop happens.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NoticeKind {
     /// listen() asked for more than net.core.somaxconn; the kernel clamped it.
     BacklogClamped,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Notice {
-    #[serde(skip)]
+    #[serde(with = "wall_time")]
+    #[schemars(with = "String")]
     pub time: SystemTime,
     pub kind: NoticeKind,
     pub listener: ListenerView,
@@ -194,4 +215,55 @@ pub struct Notice {
     pub effective: u32,
     pub somaxconn: u32,
     pub fix: String,
+}
+
+/// A short fixed name (family, TCP stage, syscall). The alias also keeps
+/// serde from taking the field for a string borrowed from its input.
+pub type Name = &'static str;
+
+/// The few short names droptrace keeps as `&'static str` (families, TCP
+/// stages, syscalls) when read back from a capture: each distinct value is
+/// allocated once for the life of the process.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match names.get(name) {
+        Some(known) => known,
+        None => {
+            let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.insert(leaked);
+            leaked
+        }
+    }
+}
+
+pub fn interned<'de, D: Deserializer<'de>>(deserializer: D) -> Result<&'static str, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    Ok(intern(&name))
+}
+
+pub fn interned_option<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'static str>, D::Error> {
+    let name = Option::<String>::deserialize(deserializer)?;
+    Ok(name.as_deref().map(intern))
+}
+
+/// Times in JSON: RFC 3339 in UTC with milliseconds.
+pub mod wall_time {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_millis(*time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
 }

@@ -1,11 +1,11 @@
 //! Which limit a drop hit, its value, where that value came from, and the
 //! fix. Pure logic: everything it needs arrives in `BacklogFacts`.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{attribution::process::Role, config::Setting};
 
 /// Limit names are part of the JSON contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitName {
     /// net.core.somaxconn clamped the backlog the owner asked for.
@@ -51,13 +51,13 @@ impl LimitName {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Verdict {
     pub name: LimitName,
     /// The number that was hit.
     pub value: Option<u64>,
     /// rlimit_nofile: the hard limit beside the soft one that was hit.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hard: Option<u64>,
     /// Where that number came from.
     pub source: String,

@@ -2,7 +2,6 @@
 //! them, print them, summarise at the end.
 use std::{
     collections::{HashMap, HashSet},
-    io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant, SystemTime},
 };
@@ -27,12 +26,15 @@ use crate::{
         rlimits,
         tcp::{self, Batch as TcpBatch, TcpListeners},
     },
-    cli::Args,
+    capture::CaptureWriter,
+    cli::Watch,
+    record::{Recorder, Recording},
     config,
     drop::{Cause, Client, Drop, DropKind, ListenerView, Notice, NoticeKind},
     limits::{self, BacklogFacts, NofileFacts, Transport, Verdict, LISTEN_MAX_REQUEST},
     probes,
-    sinks::{aggregate::Aggregator, Format, Reconciliation, Sink},
+    sinks::{aggregate::Aggregator, Destination, Format, Reconciliation, Sink},
+    snapshot::Snapshot,
     worker_connections::WorkerConnections,
 };
 
@@ -724,7 +726,7 @@ fn comm_of(raw: &[u8]) -> String {
 }
 
 /// Count drops (each standing for `count`) and print the lines now due.
-fn show<W: Write>(
+fn show<W: Destination>(
     aggregator: &mut Aggregator,
     sink: &mut Sink<W>,
     drops: impl IntoIterator<Item = (Drop, u64)>,
@@ -737,7 +739,7 @@ fn show<W: Write>(
     Ok(())
 }
 
-fn show_event<W: Write>(
+fn show_event<W: Destination>(
     aggregator: &mut Aggregator,
     sink: &mut Sink<W>,
     event: Option<Event>,
@@ -749,18 +751,67 @@ fn show_event<W: Write>(
     }
 }
 
-pub async fn run(args: Args) -> Result<()> {
-    let filter = PidFilter::new(&args.pids)?;
+/// Where the live view's results go.
+pub enum Output {
+    /// stdout: one line per drop, or JSON Lines.
+    Terminal { json: bool },
+    /// A capture file (`droptrace record`).
+    Capture {
+        path: std::path::PathBuf,
+        max_size: Option<u64>,
+    },
+}
+
+/// Load the probes, then watch until Ctrl-C, SIGTERM, --duration or (for
+/// a capture) --max-size.
+pub async fn run(watch: Watch, output: Output) -> Result<()> {
+    let mut filter = PidFilter::new(&watch.pids, &watch.names)?;
+    let probes = probes::load()?;
+    let duration = watch.duration.map(Duration::from_secs);
+    match output {
+        Output::Terminal { json } => {
+            let format = if json { Format::Json } else { Format::Human };
+            let sink = Sink::new(format, std::io::stdout().lock());
+            watch_until_stopped(probes, filter, sink, None, duration).await
+        }
+        Output::Capture { path, max_size } => {
+            let mut writer = CaptureWriter::create(&path)?;
+            let snapshot = Snapshot::take(&mut filter);
+            let recorder = Recorder::new(&snapshot, max_size);
+            writer.header(std::env::args().collect(), snapshot)?;
+            tracing::info!("recording to {} (created 0600)", path.display());
+            let sink = Sink::new(Format::Json, writer);
+            let stopped_by = watch_until_stopped(probes, filter, sink, Some(recorder), duration).await;
+            if stopped_by.is_ok() {
+                tracing::info!(
+                    "capture {} complete; read it anywhere with: droptrace report {}",
+                    path.display(),
+                    path.display()
+                );
+            }
+            stopped_by
+        }
+    }
+}
+
+async fn watch_until_stopped<W: Destination>(
+    probes: probes::Probes,
+    filter: PidFilter,
+    mut sink: Sink<W>,
+    mut recorder: Option<Recorder>,
+    duration: Option<Duration>,
+) -> Result<()> {
     let probes::Probes {
         mut ebpf,
         records,
         lost,
         tcp_overflows,
-    } = probes::load()?;
+    } = probes;
     let started = Instant::now();
     let mut registry = Registry::default();
     registry.rescan();
     let baseline = registry.listen_overflows();
+    let scope = filter.describe();
     let mut attributor = Attributor {
         registry,
         tcp: TcpListeners::default(),
@@ -775,12 +826,6 @@ pub async fn run(args: Args) -> Result<()> {
         worker_connections: WorkerConnections::default(),
     };
     attributor.worker_connections.scan(&mut ebpf);
-    let format = if args.json {
-        Format::Json
-    } else {
-        Format::Human
-    };
-    let mut sink = Sink::new(format, std::io::stdout().lock());
     let mut aggregator = Aggregator::new(LINE_INTERVAL);
 
     // SAFETY: the ring buffer owns its fd and keeps it open until dropped.
@@ -789,13 +834,8 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tick = tokio::time::interval(LINE_INTERVAL);
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let deadline = tokio::time::sleep(args.duration.map_or(Duration::MAX / 4, Duration::from_secs));
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
-    let scope = if attributor.filter.watches_everything() {
-        "every process".to_string()
-    } else {
-        format!("pids {:?} and their descendants", args.pids)
-    };
     tracing::info!(
         "watching refused UNIX connects, TCP listen-queue drops, open-file limits, nginx worker_connections and ephemeral ports of {scope} (Ctrl-C for the summary)"
     );
@@ -821,6 +861,11 @@ pub async fn run(args: Args) -> Result<()> {
                 for line in aggregator.due(Instant::now()) {
                     sink.line(&line)?;
                 }
+                if let (Some(recorder), Some(capture)) = (recorder.as_mut(), sink.out_mut().capture()) {
+                    if recorder.tick(capture, aggregator.listeners())? == Recording::Full {
+                        break;
+                    }
+                }
             }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
@@ -843,6 +888,9 @@ pub async fn run(args: Args) -> Result<()> {
     for line in aggregator.drain() {
         sink.line(&line)?;
     }
+    if let (Some(recorder), Some(capture)) = (recorder.as_mut(), sink.out_mut().capture()) {
+        recorder.sample(capture, aggregator.listeners())?;
+    }
     let kernel = attributor.reconcile(&baseline);
     sink.summary(
         &aggregator.totals(),
@@ -850,7 +898,9 @@ pub async fn run(args: Args) -> Result<()> {
         &kernel,
         started.elapsed(),
     )?;
-    std::io::stdout().flush()?;
+    if let Some(capture) = sink.out_mut().capture() {
+        capture.sync()?;
+    }
     Ok(())
 }
 

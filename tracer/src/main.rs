@@ -4,18 +4,26 @@
 //! Data flows one way: probes (kernel records) -> attribution (listener,
 //! owner, client) -> limits (verdict and fix) -> sinks (terminal, JSON).
 mod attribution;
+mod capture;
 mod cli;
 mod config;
+mod doctor;
 mod drop;
+mod html;
 mod limits;
 mod live;
 mod probes;
+mod record;
+mod report;
+mod schema;
 mod sinks;
+mod snapshot;
 mod worker_connections;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use cli::Command;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -39,7 +47,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(live::run(args)) {
+    let result = match args.command {
+        None => runtime.block_on(live::run(args.watch, live::Output::Terminal { json: args.json })),
+        Some(Command::Record(record)) => runtime.block_on(live::run(
+            record.watch,
+            live::Output::Capture {
+                path: record.output,
+                max_size: record.max_size,
+            },
+        )),
+        Some(Command::Report(report)) => report::run(&report),
+        Some(Command::Doctor(doctor)) => {
+            return match doctor::run(&doctor) {
+                Ok(verdict) => verdict,
+                Err(err) => {
+                    eprintln!("droptrace: error: {err:#}");
+                    doctor::cannot_look()
+                }
+            }
+        }
+        Some(Command::Schema) => schema::print(),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("droptrace: error: {err:#}");

@@ -6,11 +6,11 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What part a process plays in the stack, recognised from its executable
 /// and its place in the process tree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     NginxMaster,
@@ -169,15 +169,17 @@ pub fn all_pids() -> Vec<u32> {
         .collect()
 }
 
-/// `--pid`: the given processes and all their descendants.
+/// `--pid` and `--process`: the given processes, the processes with the
+/// given names (also ones started later), and all their descendants.
 pub struct PidFilter {
     roots: HashSet<u32>,
+    names: Vec<String>,
     verdicts: HashMap<u32, bool>,
 }
 
 impl PidFilter {
     /// Fails naming the first pid that does not exist.
-    pub fn new(pids: &[u32]) -> Result<Self> {
+    pub fn new(pids: &[u32], names: &[String]) -> Result<Self> {
         for &pid in pids {
             if !proc_path(pid, "").exists() {
                 bail!("--pid {pid}: no such process");
@@ -185,32 +187,61 @@ impl PidFilter {
         }
         Ok(Self {
             roots: pids.iter().copied().collect(),
+            names: names.to_vec(),
             verdicts: HashMap::new(),
         })
     }
 
     pub fn watches_everything(&self) -> bool {
-        self.roots.is_empty()
+        self.roots.is_empty() && self.names.is_empty()
+    }
+
+    /// "pids [1, 2] and processes named nginx, and their descendants".
+    pub fn describe(&self) -> String {
+        if self.watches_everything() {
+            return "every process".into();
+        }
+        let mut parts = Vec::new();
+        if !self.roots.is_empty() {
+            let mut pids: Vec<u32> = self.roots.iter().copied().collect();
+            pids.sort_unstable();
+            parts.push(format!("pids {pids:?}"));
+        }
+        if !self.names.is_empty() {
+            parts.push(format!("processes named {}", self.names.join(", ")));
+        }
+        format!("{} and their descendants", parts.join(" and "))
+    }
+
+    fn is_root(&self, pid: u32) -> bool {
+        self.roots.contains(&pid)
+            || (!self.names.is_empty() && {
+                let comm = fs::read_to_string(proc_path(pid, "comm")).unwrap_or_default();
+                let exe = exe_name(pid).unwrap_or_default();
+                self.names
+                    .iter()
+                    .any(|name| name == comm.trim_end() || *name == exe)
+            })
     }
 
     /// True when `pid` is a root or descends from one. A process that has
     /// already exited cannot be placed in the tree and is not covered.
     pub fn covers(&mut self, pid: u32) -> bool {
-        if self.roots.is_empty() || self.roots.contains(&pid) {
+        if self.watches_everything() || self.roots.contains(&pid) {
             return true;
         }
         if let Some(&known) = self.verdicts.get(&pid) {
             return known;
         }
         let mut current = pid;
-        let mut covered = false;
+        let mut covered = self.is_root(pid);
         // A process tree deeper than this is not a tree we are looking for.
         for _ in 0..64 {
+            if covered {
+                break;
+            }
             match parent_of(current) {
-                Some(parent) if self.roots.contains(&parent) => {
-                    covered = true;
-                    break;
-                }
+                Some(parent) if self.is_root(parent) => covered = true,
                 Some(parent) if parent > 1 => current = parent,
                 _ => break,
             }
@@ -270,14 +301,29 @@ mod tests {
     fn our_own_process_is_covered_by_its_parent_but_not_by_a_stranger() {
         let me = std::process::id();
         let parent = parent_of(me).unwrap();
-        assert!(PidFilter::new(&[parent]).unwrap().covers(me));
-        assert!(PidFilter::new(&[me]).unwrap().covers(me));
-        assert!(!PidFilter::new(&[me]).unwrap().covers(parent));
+        assert!(PidFilter::new(&[parent], &[]).unwrap().covers(me));
+        assert!(PidFilter::new(&[me], &[]).unwrap().covers(me));
+        assert!(!PidFilter::new(&[me], &[]).unwrap().covers(parent));
     }
 
     #[test]
     fn a_pid_that_does_not_exist_is_an_error() {
-        let err = PidFilter::new(&[u32::MAX - 1]).err().unwrap().to_string();
+        let err = PidFilter::new(&[u32::MAX - 1], &[]).err().unwrap().to_string();
         assert_eq!(err, format!("--pid {}: no such process", u32::MAX - 1));
+    }
+
+    #[test]
+    fn a_name_covers_its_processes_and_their_descendants() {
+        let me = std::process::id();
+        let parent = parent_of(me).unwrap();
+        let parent_comm = fs::read_to_string(proc_path(parent, "comm")).unwrap();
+        let mut filter = PidFilter::new(&[], &[parent_comm.trim_end().to_string()]).unwrap();
+        assert!(filter.covers(parent) && filter.covers(me));
+        let mut filter = PidFilter::new(&[], &["no-such-program".into()]).unwrap();
+        assert!(!filter.covers(me));
+        assert_eq!(
+            filter.describe(),
+            "processes named no-such-program and their descendants"
+        );
     }
 }

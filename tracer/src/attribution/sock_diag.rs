@@ -8,10 +8,12 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use netlink_packet_core::{
     Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_sock_diag::{
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags as InetStates},
     unix::{nlas::Nla, ShowFlags, StateFlags, UnixRequest},
     SockDiagMessage,
 };
@@ -64,6 +66,17 @@ pub struct UnixListenerEntry {
     pub backlog: u32,
 }
 
+/// One listening TCP socket as sock_diag reports it.
+#[derive(Clone, Debug)]
+pub struct TcpListenerEntry {
+    pub inode: u64,
+    pub address: (std::net::IpAddr, u16),
+    /// Connections waiting to be accepted.
+    pub queue: u32,
+    /// sk_max_ack_backlog: the effective backlog.
+    pub backlog: u32,
+}
+
 /// A network namespace: its inode and something to setns() into.
 #[derive(Clone, Debug)]
 pub struct Netns {
@@ -109,22 +122,11 @@ pub struct NetnsView {
 }
 
 impl NetnsView {
-    /// Enter `netns` on a short-lived thread (setns is per thread), open the
-    /// netlink socket there, read somaxconn there. A socket stays in the
-    /// namespace it was created in, so it can be used from any thread.
+    /// Open the netlink socket inside `netns`, read somaxconn there. A
+    /// socket stays in the namespace it was created in, so it can be used
+    /// from any thread.
     pub fn open(netns: &Netns) -> Result<Self> {
-        let handle = netns.handle.clone();
-        std::thread::spawn(move || -> Result<Self> {
-            let ns =
-                File::open(&handle).with_context(|| format!("cannot open {}", handle.display()))?;
-            // SAFETY: a valid fd and a namespace type; affects this thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!(
-                    "cannot enter network namespace {}: {}",
-                    handle.display(),
-                    std::io::Error::last_os_error()
-                );
-            }
+        in_netns(netns, || -> Result<Self> {
             let mut socket =
                 Socket::new(NETLINK_SOCK_DIAG).context("cannot open a NETLINK_SOCK_DIAG socket")?;
             socket.bind_auto()?;
@@ -140,43 +142,86 @@ impl NetnsView {
                 netstat,
                 port_range,
             })
+        })?
+    }
+
+    /// The namespace's listen-queue counters now (what `nstat` shows).
+    pub fn counters(&self) -> Option<ListenCounters> {
+        let text = read_again(self.netstat.as_ref()?)?;
+        let value = |name| netstat_value(&text, "TcpExt", name).unwrap_or(0);
+        Some(ListenCounters {
+            listen_overflows: value("ListenOverflows"),
+            listen_drops: value("ListenDrops"),
+            req_q_full_drop: value("TCPReqQFullDrop"),
+            req_q_full_do_cookies: value("TCPReqQFullDoCookies"),
         })
-        .join()
-        .map_err(|_| anyhow!("netns thread panicked"))?
     }
 
     /// The namespace's TcpExtListenOverflows counter now (what `nstat` shows).
     pub fn listen_overflows(&self) -> Option<u64> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = self.netstat.as_ref()?;
-        file.seek(SeekFrom::Start(0)).ok()?;
-        let mut text = String::new();
-        file.read_to_string(&mut text).ok()?;
-        netstat_value(&text, "TcpExt", "ListenOverflows")
+        netstat_value(&read_again(self.netstat.as_ref()?)?, "TcpExt", "ListenOverflows")
     }
 
     /// The namespace's net.ipv4.ip_local_port_range now: (low, high).
     pub fn ip_local_port_range(&self) -> Option<(u32, u32)> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = self.port_range.as_ref()?;
-        file.seek(SeekFrom::Start(0)).ok()?;
-        let mut text = String::new();
-        file.read_to_string(&mut text).ok()?;
+        let text = read_again(self.port_range.as_ref()?)?;
         let mut numbers = text.split_whitespace().map(|n| n.parse().ok());
         Some((numbers.next()??, numbers.next()??))
     }
 
     /// Every listening UNIX socket of this namespace.
     pub fn unix_listeners(&self) -> Result<Vec<UnixListenerEntry>> {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let request = UnixRequest {
             state_flags: StateFlags::LISTEN,
             inode: 0,
             show_flags: ShowFlags::NAME | ShowFlags::VFS | ShowFlags::RQLEN,
             cookie: [0xff; 8],
         };
-        let mut packet = NetlinkMessage::new(header, SockDiagMessage::UnixRequest(request).into());
+        let mut listeners = Vec::new();
+        self.dump(SockDiagMessage::UnixRequest(request), |message| {
+            if let SockDiagMessage::UnixResponse(response) = message {
+                listeners.push(entry_from(&response));
+            }
+        })?;
+        Ok(listeners)
+    }
+
+    /// Every listening TCP socket (IPv4 and IPv6) of this namespace.
+    pub fn tcp_listeners(&self) -> Result<Vec<TcpListenerEntry>> {
+        let mut listeners = Vec::new();
+        for (family, socket_id) in [
+            (libc::AF_INET as u8, SocketId::new_v4()),
+            (libc::AF_INET6 as u8, SocketId::new_v6()),
+        ] {
+            let request = InetRequest {
+                family,
+                protocol: libc::IPPROTO_TCP as u8,
+                extensions: ExtensionFlags::empty(),
+                states: InetStates::LISTEN,
+                socket_id,
+            };
+            self.dump(SockDiagMessage::InetRequest(request), |message| {
+                if let SockDiagMessage::InetResponse(response) = message {
+                    let header = &response.header;
+                    listeners.push(TcpListenerEntry {
+                        inode: header.inode.into(),
+                        address: (header.socket_id.source_address, header.socket_id.source_port),
+                        // For a listener, inet_diag reports (accept queue
+                        // length, max backlog), as `ss -lt` shows them.
+                        queue: header.recv_queue,
+                        backlog: header.send_queue,
+                    });
+                }
+            })?;
+        }
+        Ok(listeners)
+    }
+
+    /// Send one dump request and hand every reply message to `each`.
+    fn dump(&self, request: SockDiagMessage, mut each: impl FnMut(SockDiagMessage)) -> Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut packet = NetlinkMessage::new(header, request.into());
         packet.finalize();
         let mut buf = vec![0; packet.buffer_len()];
         packet.serialize(&mut buf);
@@ -184,7 +229,6 @@ impl NetnsView {
             .send(&buf, 0)
             .context("sock_diag request failed")?;
 
-        let mut listeners = Vec::new();
         let mut receive = vec![0u8; 64 * 1024];
         loop {
             let size = self
@@ -198,10 +242,8 @@ impl NetnsView {
                         .map_err(|err| anyhow!("malformed sock_diag reply: {err}"))?;
                 let length = message.header.length as usize;
                 match message.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(response)) => {
-                        listeners.push(entry_from(&response));
-                    }
-                    NetlinkPayload::Done(_) => return Ok(listeners),
+                    NetlinkPayload::InnerMessage(inner) => each(inner),
+                    NetlinkPayload::Done(_) => return Ok(()),
                     NetlinkPayload::Error(err) => bail!("sock_diag error: {err:?}"),
                     _ => {}
                 }
@@ -212,6 +254,55 @@ impl NetnsView {
             }
         }
     }
+}
+
+/// TcpExt counters of one namespace that count listen-queue drops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ListenCounters {
+    /// Accept queue full (at SYN or ACK time).
+    #[serde(rename = "ListenOverflows")]
+    pub listen_overflows: u64,
+    /// Every drop at a listener, overflows included.
+    #[serde(rename = "ListenDrops")]
+    pub listen_drops: u64,
+    /// SYN queue full, syncookies off: SYN dropped.
+    #[serde(rename = "TCPReqQFullDrop")]
+    pub req_q_full_drop: u64,
+    /// SYN queue full, answered with a syncookie.
+    #[serde(rename = "TCPReqQFullDoCookies")]
+    pub req_q_full_do_cookies: u64,
+}
+
+/// Run `work` on a short-lived thread inside `netns` (setns is per thread):
+/// /proc/sys/net files and sockets opened there belong to that namespace.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Netns,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let handle = netns.handle.clone();
+    std::thread::spawn(move || -> Result<T> {
+        let ns = File::open(&handle).with_context(|| format!("cannot open {}", handle.display()))?;
+        // SAFETY: a valid fd and a namespace type; affects this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "cannot enter network namespace {}: {}",
+                handle.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(work())
+    })
+    .join()
+    .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// The whole of a /proc file kept open, read again from its start.
+fn read_again(mut file: &File) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0)).ok()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// A counter from /proc/net/netstat: pairs of lines, "Group: names..."

@@ -9,8 +9,10 @@ pub mod uwsgi;
 
 use std::{fmt, path::PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 /// A configured value and where it came from, in words an operator can act on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Setting<T = u32> {
     pub value: T,
     pub source: String,
@@ -37,7 +39,7 @@ impl<T> Setting<T> {
 }
 
 /// A place in a configuration file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Origin {
     pub file: PathBuf,
     pub line: usize,
@@ -50,7 +52,7 @@ impl fmt::Display for Origin {
 }
 
 /// A configuration file droptrace could not use, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Problem {
     pub file: PathBuf,
     pub reason: String,

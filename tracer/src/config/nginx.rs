@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
+
 use super::{Origin, Problem, Setting};
 use crate::attribution::process;
 
@@ -372,7 +374,7 @@ fn splice_includes(
 }
 
 /// A `listen` directive of an http or stream server.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Listen {
     /// As written: "80", "127.0.0.1:8080", "[::]:443", "unix:/run/x.sock".
     pub address: String,
@@ -403,7 +405,7 @@ impl Listen {
 
 /// Where nginx sends requests: a `*_pass` target, expanded through
 /// `upstream` blocks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UpstreamTarget {
     /// "uwsgi_pass", "proxy_pass", "fastcgi_pass", ...
     pub directive: String,
@@ -415,11 +417,12 @@ pub struct UpstreamTarget {
 }
 
 /// What droptrace needs to know of an nginx configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NginxConfig {
     pub main_file: PathBuf,
     /// "nginx -T" or "the files on disk".
-    pub method: &'static str,
+    #[serde(deserialize_with = "crate::drop::interned")]
+    pub method: crate::drop::Name,
     /// "auto" or a number.
     pub worker_processes: Setting<String>,
     pub worker_connections: Setting<u32>,

@@ -18,7 +18,7 @@ pub struct Key {
 }
 
 impl Key {
-    fn of(drop: &Drop) -> Self {
+    pub fn of(drop: &Drop) -> Self {
         Self {
             kind: drop.kind,
             netns: drop.listener.as_ref().and_then(|l| l.netns),
@@ -29,12 +29,15 @@ impl Key {
     }
 }
 
-/// One line to print: the latest drop of its key and how many it stands for.
-#[derive(Clone, Debug)]
+/// One line to print: the latest drop of its key and how many it stands
+/// for (all of them happened after the previous line of the key).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Line {
+    #[serde(flatten)]
     pub drop: Drop,
     pub count: u64,
     /// True for the first line of its key (the one that carries the fix).
+    #[serde(skip)]
     pub first: bool,
 }
 
@@ -110,6 +113,19 @@ impl Aggregator {
         batch.pending = 0;
         batch.last_emit = now;
         Some(line)
+    }
+
+    /// The listeners that had drops so far (not the destinations of
+    /// ephemeral_ports drops), as (netns, label).
+    pub fn listeners(&self) -> Vec<(Option<u32>, String)> {
+        self.order
+            .iter()
+            .filter_map(|key| {
+                let drop = &self.batches.get(key)?.latest;
+                let listener = drop.listener.as_ref()?;
+                (drop.kind != DropKind::EphemeralPorts).then(|| (listener.netns, listener.label()))
+            })
+            .collect()
     }
 
     /// Lines whose interval has passed (call on a timer).

@@ -7,8 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     drop::{Cause, Client, DropKind, ListenerView, Notice},
@@ -19,7 +18,7 @@ use aggregate::{Line, Total};
 
 /// droptrace's TCP accept-queue overflows next to the kernel's own
 /// counter, for one network namespace, over droptrace's run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Reconciliation {
     pub netns: u32,
     pub droptrace: u64,
@@ -38,35 +37,84 @@ pub struct Sink<W: Write> {
     out: W,
 }
 
-/// `{"type":"drop",...}`: field names are the JSON contract (README).
-#[derive(Serialize)]
-struct DropLine<'a> {
-    #[serde(rename = "type")]
-    record: &'static str,
-    time: String,
-    kind: DropKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stage: Option<&'static str>,
-    count: u64,
-    client: &'a Client,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    listener: Option<&'a ListenerView>,
-    limit: &'a Verdict,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    caused_by: Option<&'a Cause>,
+/// What the live loop writes to: the terminal, or a capture file that
+/// also takes counters and queue samples.
+pub trait Destination: Write {
+    fn capture(&mut self) -> Option<&mut crate::capture::CaptureWriter> {
+        None
+    }
 }
 
+impl Destination for io::StdoutLock<'_> {}
+
+impl Destination for Vec<u8> {}
+
+impl Destination for crate::capture::CaptureWriter {
+    fn capture(&mut self) -> Option<&mut crate::capture::CaptureWriter> {
+        Some(self)
+    }
+}
+
+/// A JSON Lines record: `{"type": NAME, ...the body's fields}`.
 #[derive(Serialize)]
-struct TotalLine<'a> {
-    kind: DropKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stage: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    listener: Option<&'a ListenerView>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client: Option<&'a Client>,
-    limit: &'a Verdict,
-    count: u64,
+pub struct Typed<'a, T> {
+    #[serde(rename = "type")]
+    pub record: &'static str,
+    #[serde(flatten)]
+    pub body: &'a T,
+}
+
+/// Write one record as one line.
+pub fn write_record<W: Write, T: Serialize>(out: &mut W, record: &'static str, body: &T) -> io::Result<()> {
+    let mut line = serde_json::to_vec(&Typed { record, body })?;
+    line.push(b'\n');
+    out.write_all(&line)?;
+    out.flush()
+}
+
+/// A summary total: field names are the JSON contract (README).
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TotalRecord {
+    pub kind: DropKind,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::drop::interned_option"
+    )]
+    pub stage: Option<crate::drop::Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<ListenerView>,
+    /// Drops without a listener are told apart by process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<Client>,
+    pub limit: Verdict,
+    pub count: u64,
+}
+
+impl From<&Total> for TotalRecord {
+    fn from(total: &Total) -> Self {
+        let drop = &total.drop;
+        Self {
+            kind: drop.kind,
+            stage: drop.stage,
+            listener: drop.listener.clone(),
+            client: drop.listener.is_none().then(|| drop.client.clone()),
+            limit: drop.limit.clone(),
+            count: total.count,
+        }
+    }
+}
+
+/// `{"type":"summary"}`: the last record of a live JSON run and of a capture.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SummaryRecord {
+    pub totals: Vec<TotalRecord>,
+    /// Drop events the kernel could not hand over: the totals are short by
+    /// this much.
+    pub lost: u64,
+    pub lost_by_cause: Lost,
+    pub kernel_listen_overflows: Vec<Reconciliation>,
+    pub duration_s: f64,
 }
 
 pub fn rfc3339(time: SystemTime) -> String {
@@ -74,12 +122,12 @@ pub fn rfc3339(time: SystemTime) -> String {
 }
 
 /// "14:13:20.123" of an RFC 3339 time: what the terminal shows.
-fn clock(rfc3339: &str) -> &str {
+pub fn clock(rfc3339: &str) -> &str {
     rfc3339.get(11..23).unwrap_or(rfc3339)
 }
 
 /// "value (source)" of a limit, as the terminal shows it.
-fn limit_label(limit: &Verdict) -> String {
+pub fn limit_label(limit: &Verdict) -> String {
     let hard = limit.hard.map_or(String::new(), |h| format!(" hard {h}"));
     match limit.value {
         Some(value) => format!("{}={value}{hard} ({})", limit.name.as_str(), limit.source),
@@ -124,11 +172,32 @@ fn cause_label(cause: &Cause) -> String {
 }
 
 /// "tcp_accept_queue[syn]", "unix_backlog".
-fn kind_label(drop: &crate::drop::Drop) -> String {
+pub fn kind_label(drop: &crate::drop::Drop) -> String {
     match drop.stage {
         Some(stage) => format!("{}[{stage}]", drop.kind.as_str()),
         None => drop.kind.as_str().to_string(),
     }
+}
+
+/// The column titles above `total_row`s.
+pub const TOTALS_HEADER: &str = "   COUNT  KIND                  LISTENER OR PROCESS          OWNER OR CLIENT                LIMIT";
+
+/// One summary row: count, kind, listener (or process), its owner (or the
+/// client), the limit with its value and source.
+pub fn total_row(total: &Total) -> String {
+    let drop = &total.drop;
+    let owner = match &drop.listener {
+        Some(listener) if drop.kind != DropKind::EphemeralPorts => listener.owner_label(),
+        _ => drop.client.label(),
+    };
+    format!(
+        "{:>8}  {:<21} {:<28} {:<30} {}",
+        total.count,
+        kind_label(drop),
+        drop.subject(),
+        owner,
+        limit_label(&drop.limit)
+    )
 }
 
 fn queue_label(listener: &ListenerView) -> String {
@@ -141,24 +210,14 @@ impl<W: Write> Sink<W> {
         Self { format, out }
     }
 
+    pub fn out_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     pub fn line(&mut self, line: &Line) -> io::Result<()> {
         let drop = &line.drop;
         match self.format {
-            Format::Json => {
-                let record = DropLine {
-                    record: "drop",
-                    time: rfc3339(drop.time),
-                    kind: drop.kind,
-                    stage: drop.stage,
-                    count: line.count,
-                    client: &drop.client,
-                    listener: drop.listener.as_ref(),
-                    limit: &drop.limit,
-                    caused_by: drop.caused_by.as_ref(),
-                };
-                serde_json::to_writer(&mut self.out, &record)?;
-                writeln!(self.out)?;
-            }
+            Format::Json => return write_record(&mut self.out, "drop", line),
             Format::Human => {
                 let time = rfc3339(drop.time);
                 let clock = clock(&time);
@@ -183,13 +242,7 @@ impl<W: Write> Sink<W> {
 
     pub fn notice(&mut self, notice: &Notice) -> io::Result<()> {
         match self.format {
-            Format::Json => {
-                let mut value = serde_json::to_value(notice)?;
-                value["type"] = json!("notice");
-                value["time"] = json!(rfc3339(notice.time));
-                serde_json::to_writer(&mut self.out, &value)?;
-                writeln!(self.out)?;
-            }
+            Format::Json => return write_record(&mut self.out, "notice", notice),
             Format::Human => {
                 let time = rfc3339(notice.time);
                 writeln!(
@@ -218,32 +271,14 @@ impl<W: Write> Sink<W> {
     ) -> io::Result<()> {
         match self.format {
             Format::Json => {
-                let totals: Vec<TotalLine> = totals
-                    .iter()
-                    .map(|t| TotalLine {
-                        kind: t.drop.kind,
-                        stage: t.drop.stage,
-                        listener: t.drop.listener.as_ref(),
-                        // Drops without a listener are told apart by process.
-                        client: t.drop.listener.is_none().then_some(&t.drop.client),
-                        limit: &t.drop.limit,
-                        count: t.count,
-                    })
-                    .collect();
-                let record = json!({
-                    "type": "summary",
-                    "totals": totals,
-                    "lost": lost.total(),
-                    "lost_by_cause": {
-                        "ring_buffer_full": lost.ring_buffer_full,
-                        "pending_map_full": lost.pending_map_full,
-                        "counter_map_full": lost.counter_map_full,
-                    },
-                    "kernel_listen_overflows": kernel,
-                    "duration_s": elapsed.as_secs_f64(),
-                });
-                serde_json::to_writer(&mut self.out, &record)?;
-                writeln!(self.out)?;
+                let record = SummaryRecord {
+                    totals: totals.iter().map(TotalRecord::from).collect(),
+                    lost: lost.total(),
+                    lost_by_cause: lost,
+                    kernel_listen_overflows: kernel.to_vec(),
+                    duration_s: elapsed.as_secs_f64(),
+                };
+                return write_record(&mut self.out, "summary", &record);
             }
             Format::Human => {
                 let drops: u64 = totals.iter().map(|t| t.count).sum();
@@ -254,30 +289,11 @@ impl<W: Write> Sink<W> {
                     lost.total()
                 )?;
                 if !totals.is_empty() {
-                    writeln!(
-                        self.out,
-                        "{:>8}  {:<21} {:<28} {:<30} LIMIT",
-                        "COUNT", "KIND", "LISTENER OR PROCESS", "OWNER OR CLIENT"
-                    )?;
+                    writeln!(self.out, "{TOTALS_HEADER}")?;
                 }
                 for total in totals {
-                    let drop = &total.drop;
-                    let owner = match &drop.listener {
-                        Some(listener) if drop.kind != DropKind::EphemeralPorts => {
-                            listener.owner_label()
-                        }
-                        _ => drop.client.label(),
-                    };
-                    writeln!(
-                        self.out,
-                        "{:>8}  {:<21} {:<28} {:<30} {}",
-                        total.count,
-                        kind_label(drop),
-                        drop.subject(),
-                        owner,
-                        limit_label(&drop.limit)
-                    )?;
-                    writeln!(self.out, "{:>8}  fix: {}", "", drop.limit.fix)?;
+                    writeln!(self.out, "{}", total_row(total))?;
+                    writeln!(self.out, "{:>8}  fix: {}", "", total.drop.limit.fix)?;
                 }
                 for netns in kernel {
                     let verdict = if netns.droptrace == netns.kernel {
@@ -310,6 +326,7 @@ impl<W: Write> Sink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use crate::{attribution::process::Role, drop::Drop, limits::LimitName};
 
     fn sample() -> Drop {

@@ -1,0 +1,267 @@
+//! The host at one moment: sysctls and listen-queue counters per network
+//! namespace, the watched processes with their open-file limits and
+//! configurations, and the listener table with queues and backlogs.
+//! `record` writes one at the head of a capture; `doctor` reads risks off
+//! one. Nothing here needs eBPF.
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attribution::{
+        owners,
+        process::{self, PidFilter, Role},
+        rlimits::{self, Nofile},
+        sock_diag::{self, in_netns, ListenCounters, Netns, NetnsView},
+    },
+    config::{self, nginx::NginxConfig, uwsgi::UwsgiConfig},
+    drop::ListenerView,
+    sinks::rfc3339,
+};
+
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Snapshot {
+    pub time: String,
+    pub host: Host,
+    pub namespaces: Vec<NetnsState>,
+    pub processes: Vec<ProcessState>,
+    pub listeners: Vec<ListenerView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Host {
+    pub hostname: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// Online CPUs: what nginx's `worker_processes auto` starts.
+    pub cpus: u32,
+    /// fs.file-max, and the files open on the whole system (fs.file-nr).
+    pub file_max: Option<u64>,
+    pub files_open: Option<u64>,
+}
+
+/// The sysctls of one network namespace that bound its queues and ports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct NetnsState {
+    pub netns: u32,
+    pub somaxconn: Option<u32>,
+    pub tcp_max_syn_backlog: Option<u32>,
+    pub tcp_syncookies: Option<u32>,
+    pub tcp_abort_on_overflow: Option<u32>,
+    /// net.ipv4.ip_local_port_range: [low, high].
+    pub ip_local_port_range: Option<(u32, u32)>,
+    pub counters: Option<ListenCounters>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ProcessState {
+    pub pid: u32,
+    pub ppid: Option<u32>,
+    pub comm: String,
+    pub role: Role,
+    pub cmdline: Vec<String>,
+    pub netns: Option<u32>,
+    pub nofile: Option<Nofile>,
+    /// nginx masters: the configuration they run with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nginx: Option<NginxConfig>,
+    /// uWSGI masters: the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uwsgi: Option<UwsgiConfig>,
+}
+
+impl Snapshot {
+    /// Look at the host now. With a filter, only the covered processes and
+    /// the listeners they own; without, every listener and its owner, and
+    /// every nginx and uWSGI process.
+    pub fn take(filter: &mut PidFilter) -> Self {
+        let mut listeners: Vec<(u64, ListenerView)> = Vec::new();
+        let mut states: HashMap<u32, NetnsState> = HashMap::new();
+        for netns in sock_diag::namespaces() {
+            let mut state = sysctls_of(&netns);
+            match NetnsView::open(&netns) {
+                Ok(view) => {
+                    state.counters = view.counters();
+                    listeners.extend(listener_table(netns.inode, &view));
+                }
+                Err(err) => tracing::warn!("skipping network namespace {}: {err:#}", netns.inode),
+            }
+            states.insert(netns.inode, state);
+        }
+
+        let inodes: HashSet<u64> = listeners.iter().map(|(inode, _)| *inode).collect();
+        let owners = owners::owners_of(&inodes);
+        let mut owner_pids = HashSet::new();
+        for (inode, view) in &mut listeners {
+            if let Some(owner) = owners.get(inode) {
+                view.pid = Some(owner.pid);
+                view.comm = Some(owner.comm.clone());
+                view.role = Some(owner.role);
+                owner_pids.insert(owner.pid);
+            }
+        }
+        let watches_everything = filter.watches_everything();
+        let mut listeners: Vec<ListenerView> = listeners
+            .into_iter()
+            .map(|(_, view)| view)
+            .filter(|view| watches_everything || view.pid.is_some_and(|pid| filter.covers(pid)))
+            .collect();
+        listeners.sort_by_key(|l| (l.netns, l.family, l.label()));
+
+        let mut processes: Vec<ProcessState> = process::all_pids()
+            .into_iter()
+            .filter_map(process::inspect)
+            .filter(|p| {
+                if watches_everything {
+                    p.role != Role::Other || owner_pids.contains(&p.pid)
+                } else {
+                    filter.covers(p.pid)
+                }
+            })
+            .map(|p| ProcessState {
+                ppid: process::parent_of(p.pid),
+                netns: sock_diag::netns_inode(format!("/proc/{}/ns/net", p.pid).as_ref()),
+                nofile: rlimits::nofile_of(p.pid),
+                nginx: (p.role == Role::NginxMaster)
+                    .then(|| config::nginx_of(&p))
+                    .flatten()
+                    .map(|c| (*c).clone()),
+                uwsgi: (p.role == Role::UwsgiMaster).then(|| config::uwsgi_of(&p)),
+                pid: p.pid,
+                comm: p.comm,
+                role: p.role,
+                cmdline: p.cmdline,
+            })
+            .collect();
+        processes.sort_by_key(|p| p.pid);
+
+        // The namespaces the table above lives in.
+        let wanted: HashSet<u32> = listeners
+            .iter()
+            .filter_map(|l| l.netns)
+            .chain(processes.iter().filter_map(|p| p.netns))
+            .collect();
+        let mut namespaces: Vec<NetnsState> = states
+            .into_values()
+            .filter(|s| wanted.contains(&s.netns))
+            .collect();
+        namespaces.sort_by_key(|s| s.netns);
+
+        Snapshot {
+            time: rfc3339(SystemTime::now()),
+            host: Host::now(),
+            namespaces,
+            processes,
+            listeners,
+        }
+    }
+
+    pub fn netns(&self, netns: Option<u32>) -> Option<&NetnsState> {
+        self.namespaces.iter().find(|s| Some(s.netns) == netns)
+    }
+
+    pub fn process(&self, pid: u32) -> Option<&ProcessState> {
+        self.processes.iter().find(|p| p.pid == pid)
+    }
+}
+
+impl Host {
+    fn now() -> Self {
+        let text = |path: &str| {
+            fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        let file_nr = text("/proc/sys/fs/file-nr");
+        // SAFETY: sysconf has no memory effects.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        Host {
+            hostname: text("/proc/sys/kernel/hostname"),
+            kernel: text("/proc/sys/kernel/osrelease"),
+            cpus: u32::try_from(cpus).unwrap_or(1),
+            file_max: text("/proc/sys/fs/file-max").parse().ok(),
+            files_open: file_nr.split_whitespace().next().and_then(|n| n.parse().ok()),
+        }
+    }
+}
+
+/// The queue-related sysctls of a namespace, read inside it.
+fn sysctls_of(netns: &Netns) -> NetnsState {
+    let inode = netns.inode;
+    let read = in_netns(netns, move || {
+        let number = |name: &str| -> Option<u32> {
+            fs::read_to_string(format!("/proc/sys/net/{name}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| {
+                let mut numbers = text.split_whitespace().map(|n| n.parse().ok());
+                Some((numbers.next()??, numbers.next()??))
+            });
+        NetnsState {
+            netns: inode,
+            somaxconn: number("core/somaxconn"),
+            tcp_max_syn_backlog: number("ipv4/tcp_max_syn_backlog"),
+            tcp_syncookies: number("ipv4/tcp_syncookies"),
+            tcp_abort_on_overflow: number("ipv4/tcp_abort_on_overflow"),
+            ip_local_port_range: range,
+            counters: None,
+        }
+    });
+    read.unwrap_or_else(|err| {
+        tracing::warn!("cannot read the sysctls of network namespace {inode}: {err:#}");
+        NetnsState {
+            netns: inode,
+            ..NetnsState::default()
+        }
+    })
+}
+
+/// Every UNIX and TCP listener of a namespace, by socket inode, without
+/// owners.
+pub fn listener_table(netns: u32, view: &NetnsView) -> Vec<(u64, ListenerView)> {
+    let blank = |family| ListenerView {
+        family,
+        path: None,
+        addr: None,
+        port: None,
+        netns: Some(netns),
+        pid: None,
+        comm: None,
+        role: None,
+        queue: None,
+        backlog: None,
+    };
+    let mut table = Vec::new();
+    match view.unix_listeners() {
+        Ok(entries) => table.extend(entries.into_iter().map(|entry| {
+            let mut listener = blank("unix");
+            listener.path = entry.address.map(|a| a.to_string());
+            listener.queue = Some(entry.queue);
+            listener.backlog = Some(entry.backlog);
+            (entry.inode, listener)
+        })),
+        Err(err) => tracing::warn!("netns {netns}: cannot list UNIX listeners: {err:#}"),
+    }
+    match view.tcp_listeners() {
+        Ok(entries) => table.extend(entries.into_iter().map(|entry| {
+            let (ip, port) = entry.address;
+            let mut listener = blank(if ip.is_ipv6() { "tcp6" } else { "tcp" });
+            listener.addr = Some(ip.to_string());
+            listener.port = Some(port);
+            listener.queue = Some(entry.queue);
+            listener.backlog = Some(entry.backlog);
+            (entry.inode, listener)
+        })),
+        Err(err) => tracing::warn!("netns {netns}: cannot list TCP listeners: {err:#}"),
+    }
+    table
+}
