@@ -42,6 +42,41 @@ pub struct Report {
     pub stderr: String,
 }
 
+/// Start droptrace and wait until it says its probes are attached: the
+/// child, what it said until then, and the rest of its stderr as it comes.
+fn spawn_until_watching(command: &mut Command) -> (Child, Vec<String>, mpsc::Receiver<String>) {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot start {} (build it with `cargo xtask build`): {err}",
+                binary().display()
+            )
+        });
+    let (tx, stderr) = mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match stderr.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("watching") => {
+                seen.push(line);
+                return (child, seen, stderr);
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "droptrace did not start within 30 s; it said:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
 impl Droptrace {
     /// Start `droptrace --json ARGS` and wait until its probes are attached.
     pub fn start(args: &[&str]) -> Self {
@@ -50,40 +85,13 @@ impl Droptrace {
 
     /// Like `start`, with RUST_LOG=`log` (its stderr is in the report).
     pub fn start_with_log(args: &[&str], log: &str) -> Self {
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .env("RUST_LOG", log)
             .arg("--json")
             .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot start {} (build it with `cargo xtask build`): {err}",
-                    binary().display()
-                )
-            });
-        let (tx, stderr) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        loop {
-            match stderr.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.contains("watching") => {
-                    seen.push(line);
-                    break;
-                }
-                Ok(line) => seen.push(line),
-                Err(_) => panic!(
-                    "droptrace did not start within 30 s; it said:\n{}",
-                    seen.join("\n")
-                ),
-            }
-        }
+            .stdout(Stdio::piped());
+        let (child, seen, stderr) = spawn_until_watching(&mut command);
         Self {
             child,
             startup: seen,
@@ -232,5 +240,90 @@ impl Report {
 
     pub fn lost(&self) -> u64 {
         self.summary["lost"].as_u64().unwrap()
+    }
+}
+
+/// `droptrace record -o FILE ARGS` running in the background.
+pub struct Recording {
+    child: Child,
+    pub path: PathBuf,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// What a finished `droptrace` subcommand printed and how it exited.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|err| {
+            panic!(
+                "not one JSON object ({err}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Run droptrace with `args` to the end.
+pub fn run(args: &[&str]) -> Finished {
+    let output = Command::new(binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {}: {err}", binary().display()));
+    Finished {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+impl Recording {
+    /// Start recording and wait until the probes are attached.
+    pub fn start(path: &std::path::Path, args: &[&str]) -> Self {
+        let mut command = Command::new(binary());
+        command
+            .arg("record")
+            .arg("-o")
+            .arg(path)
+            .args(args)
+            .stdout(Stdio::null());
+        let (child, _, stderr) = spawn_until_watching(&mut command);
+        Self {
+            child,
+            path: path.to_owned(),
+            stderr,
+        }
+    }
+
+    /// Wait for it to stop by itself (--duration, --max-size).
+    pub fn wait(mut self) -> String {
+        let status = self.child.wait().unwrap();
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        assert!(
+            status.success(),
+            "droptrace record exited with {status}:\n{}",
+            stderr.join("\n")
+        );
+        stderr.join("\n")
+    }
+
+    /// Ctrl-C and wait for the summary to be written.
+    pub fn stop(self) -> String {
+        crate::signal(self.child.id(), libc::SIGINT);
+        self.wait()
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            crate::signal(self.child.id(), libc::SIGKILL);
+            let _ = self.child.wait();
+        }
     }
 }

@@ -200,7 +200,8 @@ fn typed<T: DeserializeOwned>(line: &str, number: usize) -> Result<T> {
 
 impl Capture {
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::parse(&bytes).with_context(|| path.display().to_string())
     }
 
@@ -253,10 +254,7 @@ impl Capture {
                 "the capture is unreadable from line {bad} on ({err:#})"
             ));
         } else if !tail.is_empty() {
-            capture.truncated = Some(format!(
-                "its last record is cut after {} bytes",
-                tail.len()
-            ));
+            capture.truncated = Some(format!("its last record is cut after {} bytes", tail.len()));
         } else if capture.summary.is_none() {
             capture.truncated = Some("it has no summary record".into());
         }
@@ -295,5 +293,179 @@ impl Capture {
             _ => self.unknown_records += 1,
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        drop::DropKind,
+        probes::Lost,
+        sinks::{write_record, TotalRecord},
+        snapshot::{Host, NetnsState},
+    };
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            time: "2026-11-26T10:00:00.000Z".into(),
+            host: Host {
+                hostname: "web1".into(),
+                kernel: "6.18.0".into(),
+                cpus: 2,
+                file_max: Some(1 << 20),
+                files_open: Some(1000),
+            },
+            namespaces: vec![NetnsState {
+                netns: 7,
+                somaxconn: Some(4096),
+                ..NetnsState::default()
+            }],
+            processes: Vec::new(),
+            listeners: Vec::new(),
+        }
+    }
+
+    fn line(count: u64, millis: u64) -> Line {
+        let mut drop = crate::drop::sample();
+        drop.time = at(millis);
+        Line {
+            drop,
+            count,
+            first: false,
+        }
+    }
+
+    fn at(millis: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_000 + millis)
+    }
+
+    /// A capture as `record` writes it: header, two drops, a summary.
+    fn capture_bytes() -> Vec<u8> {
+        let mut out = Vec::new();
+        let header = Header {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            droptrace_version: "0.1.0".into(),
+            command: vec!["droptrace".into(), "record".into()],
+            snapshot: snapshot(),
+        };
+        write_record(&mut out, "header", &header).unwrap();
+        write_record(&mut out, "drop", &line(1, 0)).unwrap();
+        write_record(&mut out, "drop", &line(40, 250)).unwrap();
+        let summary = SummaryRecord {
+            totals: vec![TotalRecord {
+                kind: DropKind::UnixBacklog,
+                stage: None,
+                listener: line(1, 0).drop.listener,
+                client: None,
+                limit: line(1, 0).drop.limit,
+                count: 41,
+            }],
+            lost: 0,
+            lost_by_cause: Lost::default(),
+            kernel_listen_overflows: Vec::new(),
+            duration_s: 1.0,
+        };
+        write_record(&mut out, "summary", &summary).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_whole_capture_reads_back() {
+        let capture = Capture::parse(&capture_bytes()).unwrap();
+        assert_eq!(capture.truncated, None);
+        assert_eq!(capture.header.snapshot.host.hostname, "web1");
+        let counts: Vec<u64> = capture.drops.iter().map(|l| l.count).collect();
+        assert_eq!(counts, [1, 40]);
+        assert_eq!(capture.drops[1].drop.time, at(250));
+        assert_eq!(capture.summary.unwrap().totals[0].count, 41);
+    }
+
+    #[test]
+    fn a_cut_capture_is_read_up_to_its_last_complete_record() {
+        let bytes = capture_bytes();
+        let without_summary = &bytes[..bytes.len() - 10];
+        let capture = Capture::parse(without_summary).unwrap();
+        assert_eq!(capture.drops.len(), 2);
+        assert!(capture.summary.is_none());
+        assert!(capture.truncated.unwrap().contains("cut after"));
+        // Zeros where a power cut left blocks unwritten.
+        let mut zeros = bytes[..bytes.len() - 10].to_vec();
+        zeros.extend([0u8; 4096]);
+        zeros.push(b'\n');
+        let capture = Capture::parse(&zeros).unwrap();
+        assert!(capture
+            .truncated
+            .unwrap()
+            .contains("unreadable from line 4"));
+    }
+
+    #[test]
+    fn bad_input_is_one_clear_error() {
+        let cases: [(&[u8], &str); 5] = [
+            (b"", "not a droptrace capture"),
+            (b"hello\n", "not a droptrace capture"),
+            (b"{\"type\":\"drop\"}\n", "not a droptrace capture"),
+            (
+                b"{\"type\":\"header\",\"format\":\"droptrace-capture\",\"format_version\":9}\n",
+                "written by a newer droptrace (capture format version 9",
+            ),
+            (b"{\"type\":\"header\",\"form", "cut inside its header"),
+        ];
+        for (bytes, expected) in cases {
+            let err = format!("{:#}", Capture::parse(bytes).unwrap_err());
+            assert!(err.contains(expected), "{bytes:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        // Damage in the middle, with good records after it.
+        let bytes = capture_bytes();
+        let text = String::from_utf8(bytes).unwrap();
+        let damaged = text.replacen("\"type\":\"drop\"", "\"type\":\"drop\",,", 1);
+        let err = format!("{:#}", Capture::parse(damaged.as_bytes()).unwrap_err());
+        assert!(
+            err.contains("line 2 is damaged but line 3 after it is not"),
+            "{err}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The fuzz target: whatever the bytes, an answer and no panic.
+        #[test]
+        fn any_bytes_are_read_or_refused_without_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Capture::parse(&bytes);
+        }
+
+        /// A capture cut anywhere after its header is truncated, never bad
+        /// input, and never reports more drops than it holds.
+        #[test]
+        fn a_capture_cut_anywhere_is_reported_as_truncated(cut in 0usize..2000) {
+            let bytes = capture_bytes();
+            let cut = cut.min(bytes.len());
+            let header_end = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+            match Capture::parse(&bytes[..cut]) {
+                Ok(capture) => {
+                    prop_assert!(cut >= header_end);
+                    prop_assert_eq!(capture.truncated.is_none(), cut == bytes.len());
+                    prop_assert!(capture.drops.iter().map(|l| l.count).sum::<u64>() <= 41);
+                }
+                Err(_) => prop_assert!(cut < header_end),
+            }
+        }
+
+        /// Bytes flipped inside a capture: read, truncated or refused, no panic.
+        #[test]
+        fn a_damaged_capture_never_panics(at in 0usize..2000, byte in any::<u8>()) {
+            let mut bytes = capture_bytes();
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            let _ = Capture::parse(&bytes);
+        }
     }
 }

@@ -221,7 +221,16 @@ mod tests {
     #[test]
     fn subcommands_take_their_own_options() {
         let args = Args::try_parse_from([
-            "droptrace", "record", "-o", "cap", "--max-size", "100M", "--process", "nginx", "--pid", "7",
+            "droptrace",
+            "record",
+            "-o",
+            "cap",
+            "--max-size",
+            "100M",
+            "--process",
+            "nginx",
+            "--pid",
+            "7",
         ])
         .unwrap();
         let Some(Command::Record(record)) = args.command else {

@@ -96,7 +96,10 @@ pub fn risks(snapshot: &Snapshot, growth: &[Growth]) -> Vec<Risk> {
         let which = if full.is_empty() {
             "run `sudo droptrace` to see which TCP listener overflows and why".to_string()
         } else {
-            format!("full now: {}; run `sudo droptrace` for the limit and its fix", full.join(", "))
+            format!(
+                "full now: {}; run `sudo droptrace` for the limit and its fix",
+                full.join(", ")
+            )
         };
         risks.push(Risk {
             kind: RiskKind::ListenOverflowsGrowing,
@@ -177,7 +180,11 @@ fn requested_backlog(snapshot: &Snapshot, listener: &ListenerView) -> Option<Set
     }
     let nginx = owner.nginx.as_ref()?;
     let path = listener.path.as_deref().map(std::path::Path::new);
-    let port = if listener.family == "unix" { None } else { listener.port };
+    let port = if listener.family == "unix" {
+        None
+    } else {
+        listener.port
+    };
     nginx.listen_backlog(port, path).cloned()
 }
 
@@ -218,11 +225,18 @@ fn upstream_queues(snapshot: &Snapshot, master: &ProcessState) -> Vec<Risk> {
             None => backlog.to_string(),
         };
         let owner_is_uwsgi = listener.role.is_some_and(Role::is_uwsgi);
-        let program = if owner_is_uwsgi { "uWSGI listen" } else { "backlog" };
+        let program = if owner_is_uwsgi {
+            "uWSGI listen"
+        } else {
+            "backlog"
+        };
         let raise = if owner_is_uwsgi {
             format!("raise uWSGI's listen to {capacity} (listen = {capacity} in its config, or --listen {capacity})")
         } else {
-            format!("raise the listen() backlog of {} to {capacity}", listener.owner_label())
+            format!(
+                "raise the listen() backlog of {} to {capacity}",
+                listener.owner_label()
+            )
         };
         let sysctl = match somaxconn {
             Some(s) if u64::from(s) < capacity => {
@@ -234,7 +248,7 @@ fn upstream_queues(snapshot: &Snapshot, master: &ProcessState) -> Vec<Risk> {
             kind: RiskKind::ListenQueueBelowNginx,
             subject: owner_label(listener),
             finding: format!(
-                "{program} {set_by}, while nginx[{}] can hold {workers} × {connections} worker_connections / 2 = {capacity} upstream connections at once ({workers_source}; worker_connections {}; {} {} at {}): a burst beyond the queue gets 502s",
+                "{program} {set_by}, while nginx[{}] can hold {workers} × {connections} worker_connections / 2 = {capacity} upstream connections at once ({workers_source}; {}; {} {} at {}): a burst beyond the queue gets 502s",
                 master.pid,
                 config.worker_connections.source,
                 target.directive,
@@ -263,11 +277,17 @@ fn worker_connections_above_nofile(snapshot: &Snapshot, master: &ProcessState) -
     }
     let source = match &config.worker_rlimit_nofile {
         Some(setting) if setting.value == nofile.soft => setting.source.clone(),
-        _ => format!("no worker_rlimit_nofile in {}, so the limit nginx was started with", config.main_file.display()),
+        _ => format!(
+            "no worker_rlimit_nofile in {}, so the limit nginx was started with",
+            config.main_file.display()
+        ),
     };
     let target = connections * 2;
     let hard = if nofile.hard < target {
-        format!(" (the hard limit {} must rise too: LimitNOFILE= in the unit, or ulimit -Hn)", nofile.hard)
+        format!(
+            " (the hard limit {} must rise too: LimitNOFILE= in the unit, or ulimit -Hn)",
+            nofile.hard
+        )
     } else {
         String::new()
     };
@@ -422,7 +442,10 @@ fn print_risks(risks: &[Risk], snapshot: &Snapshot, checked: &Checked, took: Dur
         took.as_secs_f64()
     );
     if risks.is_empty() {
-        println!("droptrace doctor: no risk found on {}: {what}", snapshot.host.hostname);
+        println!(
+            "droptrace doctor: no risk found on {}: {what}",
+            snapshot.host.hostname
+        );
         return;
     }
     println!(
@@ -448,4 +471,112 @@ pub fn risk_lines(risks: &[Risk]) -> String {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::uwsgi::UwsgiConfig,
+        snapshot::{Host, NetnsState},
+    };
+
+    fn listener(path: &str, queue: u32, backlog: u32) -> ListenerView {
+        ListenerView {
+            family: "unix",
+            path: Some(path.into()),
+            addr: None,
+            port: None,
+            netns: Some(7),
+            pid: Some(10),
+            comm: Some("uwsgi".into()),
+            role: Some(Role::UwsgiMaster),
+            queue: Some(queue),
+            backlog: Some(backlog),
+        }
+    }
+
+    fn snapshot(listeners: Vec<ListenerView>, listen: u32) -> Snapshot {
+        let uwsgi = UwsgiConfig {
+            listen: Setting::configured(listen, "listen 2048 at /etc/uwsgi/app.ini:3"),
+            ..UwsgiConfig::default()
+        };
+        Snapshot {
+            time: String::new(),
+            host: Host {
+                hostname: "web1".into(),
+                kernel: "6.18".into(),
+                cpus: 2,
+                file_max: None,
+                files_open: None,
+            },
+            namespaces: vec![NetnsState {
+                netns: 7,
+                somaxconn: Some(1024),
+                ..NetnsState::default()
+            }],
+            processes: vec![ProcessState {
+                pid: 10,
+                ppid: Some(1),
+                comm: "uwsgi".into(),
+                role: Role::UwsgiMaster,
+                cmdline: Vec::new(),
+                netns: Some(7),
+                nofile: None,
+                nginx: None,
+                uwsgi: Some(uwsgi),
+            }],
+            listeners,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_and_a_clamped_backlog_are_risks_with_their_fix() {
+        let risks = risks(
+            &snapshot(vec![listener("/run/app.sock", 1024, 1024)], 2048),
+            &[],
+        );
+        let kinds: Vec<RiskKind> = risks.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RiskKind::QueueFullNow, RiskKind::BacklogClamped]);
+        assert_eq!(
+            risks[0].finding,
+            "queue 1024/1024 now: the next connection is refused"
+        );
+        assert!(
+            risks[0]
+                .fix
+                .starts_with("uWSGI is not accepting fast enough: more processes (now 1,"),
+            "{}",
+            risks[0].fix
+        );
+        assert_eq!(
+            risks[1].finding,
+            "asks for a backlog of 2048 (listen 2048 at /etc/uwsgi/app.ini:3) but net.core.somaxconn=1024 in network namespace 7 clamps it to 1024"
+        );
+        assert!(
+            risks[1]
+                .fix
+                .starts_with("sysctl -w net.core.somaxconn=2048"),
+            "{}",
+            risks[1].fix
+        );
+    }
+
+    #[test]
+    fn a_quiet_sound_listener_is_no_risk_and_growing_overflows_are() {
+        let sound = snapshot(vec![listener("/run/app.sock", 0, 1000)], 1000);
+        assert_eq!(risks(&sound, &[]), Vec::new());
+        let growing = [Growth {
+            netns: 7,
+            overflows: 12,
+            seconds: 0.5,
+        }];
+        let risks = risks(&sound, &growing);
+        assert_eq!(risks.len(), 1);
+        assert_eq!(risks[0].kind, RiskKind::ListenOverflowsGrowing);
+        assert_eq!(
+            risks[0].finding,
+            "TcpExtListenOverflows grew by 12 in 0.5 s: TCP connections are being dropped now"
+        );
+    }
 }

@@ -267,3 +267,40 @@ pub mod wall_time {
         humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
     }
 }
+
+/// A uWSGI listen-queue drop as the tests of several modules need one.
+#[cfg(test)]
+pub fn sample() -> Drop {
+    use crate::limits::LimitName;
+    Drop {
+        time: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_790_000_000_123),
+        kind: DropKind::UnixBacklog,
+        stage: None,
+        client: Client {
+            pid: Some(3363),
+            comm: Some("nginx".into()),
+            role: Some(Role::NginxWorker),
+            ..Client::default()
+        },
+        listener: Some(ListenerView {
+            family: "unix",
+            path: Some("/run/app.sock".into()),
+            addr: None,
+            port: None,
+            netns: Some(4026531840),
+            pid: Some(3300),
+            comm: Some("uwsgi".into()),
+            role: Some(Role::UwsgiMaster),
+            queue: Some(101),
+            backlog: Some(100),
+        }),
+        limit: Verdict {
+            name: LimitName::UwsgiListen,
+            value: Some(100),
+            hard: None,
+            source: "uWSGI default, no listen option set".into(),
+            fix: "set listen".into(),
+        },
+        caused_by: None,
+    }
+}

@@ -14,7 +14,7 @@ use crate::{
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 280.0;
 const LEFT: f64 = 64.0;
-const RIGHT: f64 = 16.0;
+const RIGHT: f64 = 40.0;
 const TOP: f64 = 16.0;
 const BOTTOM: f64 = 40.0;
 /// At most this many buckets across a chart.
@@ -65,7 +65,10 @@ fn nice(raw: f64) -> f64 {
 
 fn hh_mm_ss(seconds: f64) -> String {
     let time = UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0));
-    clock(&rfc3339(time)).get(..8).unwrap_or_default().to_string()
+    clock(&rfc3339(time))
+        .get(..8)
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// An SVG line chart over [start, end] (UNIX seconds), with axes, ticks
@@ -153,7 +156,11 @@ fn chart(title: &str, y_label: &str, start: f64, end: f64, series: &[Series]) ->
                 let _ = write!(path, " L{:.1},{prev:.1}", x(end));
             }
         }
-        let dash = if s.dashed { r#" stroke-dasharray="6 4""# } else { "" };
+        let dash = if s.dashed {
+            r#" stroke-dasharray="6 4""#
+        } else {
+            ""
+        };
         let _ = write!(
             svg,
             r#"<path d="{path}" fill="none" stroke="{}" stroke-width="2"{dash}><title>{}</title></path>"#,
@@ -191,26 +198,38 @@ fn charts(analysis: &Analysis) -> String {
     let bucket = (end - start).div_ceil(MAX_BUCKETS).max(1);
 
     let mut drops = Vec::new();
-    for (index, (total, per_second)) in analysis.totals.iter().zip(&analysis.per_second).enumerate() {
+    for (index, (total, per_second)) in analysis.totals.iter().zip(&analysis.per_second).enumerate()
+    {
         let mut buckets: BTreeMap<u64, u64> = (start..end)
             .step_by(bucket as usize)
             .map(|b| (b, 0))
             .collect();
         for (&at, &count) in per_second {
-            *buckets.entry(start + (at - start) / bucket * bucket).or_default() += count;
+            *buckets
+                .entry(start + (at - start) / bucket * bucket)
+                .or_default() += count;
         }
         drops.push(Series {
-            label: format!("{} {} ({} drops)", kind_label(&total.drop), total.drop.subject(), total.count),
+            label: format!(
+                "{} {} ({} drops)",
+                kind_label(&total.drop),
+                total.drop.subject(),
+                total.count
+            ),
             color: COLORS[index % COLORS.len()],
             points: buckets
                 .into_iter()
-                .map(|(b, n)| (b as f64 + bucket as f64 / 2.0, n as f64))
+                .map(|(b, n)| (b as f64, n as f64))
                 .collect(),
             dashed: false,
-            step: false,
+            step: true,
         });
     }
-    let unit = if bucket == 1 { "second".to_string() } else { format!("{bucket} s") };
+    let unit = if bucket == 1 {
+        "second".to_string()
+    } else {
+        format!("{bucket} s")
+    };
     let mut html = chart(
         &format!("Drops per {unit}, per listener (or process) and limit"),
         &format!("drops per {unit}"),
@@ -223,25 +242,40 @@ fn charts(analysis: &Analysis) -> String {
     let mut queues: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
     for capture in &analysis.captures {
         for record in &capture.queues {
-            let at = record.time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            let at = record
+                .time
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
             for sample in &record.listeners {
-                queues
-                    .entry(sample.listener.clone())
-                    .or_default()
-                    .push((at, sample.queue.into(), sample.backlog.into()));
+                queues.entry(sample.listener.clone()).or_default().push((
+                    at,
+                    sample.queue.into(),
+                    sample.backlog.into(),
+                ));
             }
         }
         for line in &capture.drops {
-            let Some(listener) = &line.drop.listener else { continue };
+            let Some(listener) = &line.drop.listener else {
+                continue;
+            };
             if let (Some(queue), Some(backlog)) = (listener.queue, listener.backlog) {
-                let at = line.drop.time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-                queues
-                    .entry(listener.label())
-                    .or_default()
-                    .push((at, queue.into(), backlog.into()));
+                let at = line
+                    .drop
+                    .time
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                queues.entry(listener.label()).or_default().push((
+                    at,
+                    queue.into(),
+                    backlog.into(),
+                ));
             }
         }
     }
+    // Only listeners that queued anything: idle ones would flatten the rest.
+    queues.retain(|_, samples| samples.iter().any(|s| s.1 > 0.0));
     let mut depth = Vec::new();
     for (index, (label, mut samples)) in queues.into_iter().enumerate() {
         samples.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -262,7 +296,7 @@ fn charts(analysis: &Analysis) -> String {
         });
     }
     if depth.is_empty() {
-        html.push_str("<p>No queue samples in the capture.</p>");
+        html.push_str("<p>No listener queued a connection in the samples of the capture.</p>");
     } else {
         html.push_str(&chart(
             "Queue depth (solid) against backlog (dashed), per listener",
@@ -353,7 +387,9 @@ pub fn page(analysis: &Analysis) -> String {
     for (total, detail) in analysis.totals.iter().zip(&report.totals) {
         let drop = &total.drop;
         let owner = match &drop.listener {
-            Some(listener) if drop.kind != crate::drop::DropKind::EphemeralPorts => listener.owner_label(),
+            Some(listener) if drop.kind != crate::drop::DropKind::EphemeralPorts => {
+                listener.owner_label()
+            }
             _ => drop.client.label(),
         };
         let _ = write!(
@@ -424,7 +460,10 @@ mod tests {
 
     #[test]
     fn text_is_escaped() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 
     #[test]
@@ -448,6 +487,9 @@ mod tests {
         assert_eq!(svg.matches("<path ").count(), 1);
         assert!(svg.contains("a &lt;b&gt;"));
         // The highest point sits at the top of the plot, the zero at its foot.
-        assert!(svg.contains(&format!("M{LEFT:.1},{:.1}", HEIGHT - BOTTOM)), "{svg}");
+        assert!(
+            svg.contains(&format!("M{LEFT:.1},{:.1}", HEIGHT - BOTTOM)),
+            "{svg}"
+        );
     }
 }

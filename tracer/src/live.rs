@@ -28,11 +28,11 @@ use crate::{
     },
     capture::CaptureWriter,
     cli::Watch,
-    record::{Recorder, Recording},
     config,
     drop::{Cause, Client, Drop, DropKind, ListenerView, Notice, NoticeKind},
     limits::{self, BacklogFacts, NofileFacts, Transport, Verdict, LISTEN_MAX_REQUEST},
     probes,
+    record::{Recorder, Recording},
     sinks::{aggregate::Aggregator, Destination, Format, Reconciliation, Sink},
     snapshot::Snapshot,
     worker_connections::WorkerConnections,
@@ -781,7 +781,8 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
             writer.header(std::env::args().collect(), snapshot)?;
             tracing::info!("recording to {} (created 0600)", path.display());
             let sink = Sink::new(Format::Json, writer);
-            let stopped_by = watch_until_stopped(probes, filter, sink, Some(recorder), duration).await;
+            let stopped_by =
+                watch_until_stopped(probes, filter, sink, Some(recorder), duration).await;
             if stopped_by.is_ok() {
                 tracing::info!(
                     "capture {} complete; read it anywhere with: droptrace report {}",

@@ -34,7 +34,14 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            // The live view and record say what they attach; the one-shot
+            // commands only warn.
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                EnvFilter::new(match args.command {
+                    None | Some(Command::Record(_)) => "info",
+                    Some(_) => "warn",
+                })
+            }),
         )
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -48,7 +55,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match args.command {
-        None => runtime.block_on(live::run(args.watch, live::Output::Terminal { json: args.json })),
+        None => runtime.block_on(live::run(
+            args.watch,
+            live::Output::Terminal { json: args.json },
+        )),
         Some(Command::Record(record)) => runtime.block_on(live::run(
             record.watch,
             live::Output::Capture {

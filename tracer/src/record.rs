@@ -88,7 +88,11 @@ impl Recorder {
     }
 
     /// Write the counters and queues that changed since the last sample.
-    pub fn sample(&mut self, out: &mut CaptureWriter, drop_listeners: Vec<ListenerKey>) -> Result<()> {
+    pub fn sample(
+        &mut self,
+        out: &mut CaptureWriter,
+        drop_listeners: Vec<ListenerKey>,
+    ) -> Result<()> {
         self.last_sample = Some(Instant::now());
         for (netns, label) in drop_listeners {
             self.namespaces.extend(netns);
@@ -123,11 +127,9 @@ impl Recorder {
                 if !self.watched.contains(&key) {
                     continue;
                 }
-                let (queue, backlog) = (
-                    listener.queue.unwrap_or(0),
-                    listener.backlog.unwrap_or(0),
-                );
-                if self.last_queues.insert(key.clone(), (queue, backlog)) != Some((queue, backlog)) {
+                let (queue, backlog) = (listener.queue.unwrap_or(0), listener.backlog.unwrap_or(0));
+                if self.last_queues.insert(key.clone(), (queue, backlog)) != Some((queue, backlog))
+                {
                     listeners.push(QueueSample {
                         listener: key.1,
                         netns: key.0,

@@ -162,7 +162,10 @@ fn counter_growth(capture: &Capture) -> HashMap<u32, ListenCounters> {
                 listen_overflows: grew(last.listen_overflows, first.listen_overflows),
                 listen_drops: grew(last.listen_drops, first.listen_drops),
                 req_q_full_drop: grew(last.req_q_full_drop, first.req_q_full_drop),
-                req_q_full_do_cookies: grew(last.req_q_full_do_cookies, first.req_q_full_do_cookies),
+                req_q_full_do_cookies: grew(
+                    last.req_q_full_do_cookies,
+                    first.req_q_full_do_cookies,
+                ),
             };
             (netns, growth)
         })
@@ -188,7 +191,11 @@ impl Analysis {
         let now = Instant::now();
         for line in &lines {
             let at = unix_seconds(line.drop.time);
-            *by_key.entry(Key::of(&line.drop)).or_default().entry(at).or_default() += line.count;
+            *by_key
+                .entry(Key::of(&line.drop))
+                .or_default()
+                .entry(at)
+                .or_default() += line.count;
             *all.entry(at).or_default() += line.count;
             aggregator.add(line.drop.clone(), line.count, now);
         }
@@ -309,7 +316,11 @@ impl Analysis {
                 file.kernel,
                 file.started,
                 file.ended,
-                if file.truncated.is_some() { ", TRUNCATED" } else { "" }
+                if file.truncated.is_some() {
+                    ", TRUNCATED"
+                } else {
+                    ""
+                }
             )?;
         }
         let Some(window) = &report.window else {
@@ -347,7 +358,9 @@ impl Analysis {
                 "{:>8}  first {}, worst second {} with {} drops",
                 "",
                 clock(&detail.first),
-                clock(&detail.worst_second.time).get(..8).unwrap_or_default(),
+                clock(&detail.worst_second.time)
+                    .get(..8)
+                    .unwrap_or_default(),
                 detail.worst_second.drops
             )?;
             writeln!(out, "{:>8}  fix: {}", "", detail.fix)?;
@@ -396,7 +409,10 @@ impl Analysis {
             )?;
         }
         if !report.risks_at_start.is_empty() {
-            writeln!(out, "\nWhen the capture started, `droptrace doctor` would have found:\n")?;
+            writeln!(
+                out,
+                "\nWhen the capture started, `droptrace doctor` would have found:\n"
+            )?;
             write!(out, "{}", doctor::risk_lines(&report.risks_at_start))?;
         }
         Ok(())

@@ -61,7 +61,11 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| r["allOf"][0]["properties"]["type"]["const"].as_str().unwrap())
+            .map(|r| {
+                r["allOf"][0]["properties"]["type"]["const"]
+                    .as_str()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(
             names,

@@ -184,7 +184,10 @@ impl Host {
             kernel: text("/proc/sys/kernel/osrelease"),
             cpus: u32::try_from(cpus).unwrap_or(1),
             file_max: text("/proc/sys/fs/file-max").parse().ok(),
-            files_open: file_nr.split_whitespace().next().and_then(|n| n.parse().ok()),
+            files_open: file_nr
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok()),
         }
     }
 }

@@ -308,7 +308,10 @@ mod tests {
 
     #[test]
     fn a_pid_that_does_not_exist_is_an_error() {
-        let err = PidFilter::new(&[u32::MAX - 1], &[]).err().unwrap().to_string();
+        let err = PidFilter::new(&[u32::MAX - 1], &[])
+            .err()
+            .unwrap()
+            .to_string();
         assert_eq!(err, format!("--pid {}: no such process", u32::MAX - 1));
     }
 

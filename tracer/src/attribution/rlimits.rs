@@ -9,7 +9,9 @@ use std::fs;
 use super::process::{self, Process};
 
 /// Soft and hard RLIMIT_NOFILE ("unlimited" is u64::MAX).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Nofile {
     pub soft: u64,
     pub hard: u64,

@@ -8,7 +8,6 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use netlink_packet_core::{
     Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
@@ -18,6 +17,7 @@ use netlink_packet_sock_diag::{
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+use serde::{Deserialize, Serialize};
 
 use super::address::UnixAddress;
 
@@ -159,7 +159,11 @@ impl NetnsView {
 
     /// The namespace's TcpExtListenOverflows counter now (what `nstat` shows).
     pub fn listen_overflows(&self) -> Option<u64> {
-        netstat_value(&read_again(self.netstat.as_ref()?)?, "TcpExt", "ListenOverflows")
+        netstat_value(
+            &read_again(self.netstat.as_ref()?)?,
+            "TcpExt",
+            "ListenOverflows",
+        )
     }
 
     /// The namespace's net.ipv4.ip_local_port_range now: (low, high).
@@ -205,7 +209,10 @@ impl NetnsView {
                     let header = &response.header;
                     listeners.push(TcpListenerEntry {
                         inode: header.inode.into(),
-                        address: (header.socket_id.source_address, header.socket_id.source_port),
+                        address: (
+                            header.socket_id.source_address,
+                            header.socket_id.source_port,
+                        ),
                         // For a listener, inet_diag reports (accept queue
                         // length, max backlog), as `ss -lt` shows them.
                         queue: header.recv_queue,
@@ -257,7 +264,9 @@ impl NetnsView {
 }
 
 /// TcpExt counters of one namespace that count listen-queue drops.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub struct ListenCounters {
     /// Accept queue full (at SYN or ACK time).
     #[serde(rename = "ListenOverflows")]
@@ -281,7 +290,8 @@ pub fn in_netns<T: Send + 'static>(
 ) -> Result<T> {
     let handle = netns.handle.clone();
     std::thread::spawn(move || -> Result<T> {
-        let ns = File::open(&handle).with_context(|| format!("cannot open {}", handle.display()))?;
+        let ns =
+            File::open(&handle).with_context(|| format!("cannot open {}", handle.display()))?;
         // SAFETY: a valid fd and a namespace type; affects this thread only.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!(

@@ -722,8 +722,9 @@ fn run(command: &mut Command, limit: Duration) -> Result<String, String> {
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
     if status.success() {
-        // nginx -V prints to stderr, -T to stdout.
-        Ok(stdout + &stderr)
+        // nginx -V prints to stderr; -T prints the files to stdout and its
+        // "syntax is ok" lines to stderr, which are no part of any file.
+        Ok(if stdout.is_empty() { stderr } else { stdout })
     } else {
         let last = stderr
             .lines()

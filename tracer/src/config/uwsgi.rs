@@ -15,7 +15,9 @@ pub const DEFAULT_LISTEN: u32 = 100;
 const MAX_DEPTH: usize = 8;
 
 /// What droptrace needs to know of a uWSGI instance's configuration.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct UwsgiConfig {
     pub listen: Setting<u32>,
     /// Every socket option: "/run/app.sock", "127.0.0.1:3031", ":8000".

@@ -52,7 +52,17 @@ pub struct Probes {
 pub struct LostCounters(PerCpuArray<MapData, u64>);
 
 /// Everything the kernel could not hand over, by cause.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub struct Lost {
     pub ring_buffer_full: u64,
     pub pending_map_full: u64,

@@ -65,7 +65,11 @@ pub struct Typed<'a, T> {
 }
 
 /// Write one record as one line.
-pub fn write_record<W: Write, T: Serialize>(out: &mut W, record: &'static str, body: &T) -> io::Result<()> {
+pub fn write_record<W: Write, T: Serialize>(
+    out: &mut W,
+    record: &'static str,
+    body: &T,
+) -> io::Result<()> {
     let mut line = serde_json::to_vec(&Typed { record, body })?;
     line.push(b'\n');
     out.write_all(&line)?;
@@ -326,42 +330,10 @@ impl<W: Write> Sink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{drop::Drop, limits::LimitName};
     use serde_json::json;
-    use crate::{attribution::process::Role, drop::Drop, limits::LimitName};
 
-    fn sample() -> Drop {
-        Drop {
-            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
-            kind: DropKind::UnixBacklog,
-            stage: None,
-            client: Client {
-                pid: Some(3363),
-                comm: Some("nginx".into()),
-                role: Some(Role::NginxWorker),
-                ..Client::default()
-            },
-            listener: Some(ListenerView {
-                family: "unix",
-                path: Some("/run/app.sock".into()),
-                addr: None,
-                port: None,
-                netns: Some(4026531840),
-                pid: Some(3300),
-                comm: Some("uwsgi".into()),
-                role: Some(Role::UwsgiMaster),
-                queue: Some(101),
-                backlog: Some(100),
-            }),
-            limit: Verdict {
-                name: LimitName::UwsgiListen,
-                value: Some(100),
-                hard: None,
-                source: "uWSGI default, no listen option set".into(),
-                fix: "set listen".into(),
-            },
-            caused_by: None,
-        }
-    }
+    use crate::drop::sample;
 
     #[test]
     fn json_drop_lines_follow_the_contract() {
