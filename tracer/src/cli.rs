@@ -68,7 +68,9 @@ pub struct Watch {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write a capture to analyse later, anywhere, with `droptrace report`
-    /// (needs root, like the live view). The capture holds a snapshot of
+    /// (needs root)
+    ///
+    /// The capture holds a snapshot of
     /// the host (sysctls per network namespace, the watched processes with
     /// their limits and configuration, the listener table), every drop and
     /// notice, the kernel's listen-queue counters and the watched queues
@@ -76,18 +78,20 @@ pub enum Command {
     /// --duration, --max-size). A capture cut short (SIGKILL, full disk) is
     /// still readable up to its last complete record.
     Record(RecordArgs),
-    /// Explain captures, without root or eBPF, on any machine: the incident
-    /// window, drops per listener, limit and kind with counts, the first and
+    /// Explain captures, without root or eBPF, on any machine
+    ///
+    /// It prints the incident window, drops per listener, limit and kind with counts, the first and
     /// the worst second, the verdict and fix for each, and the kernel's
     /// counters beside them.
     Report(ReportArgs),
-    /// Look at this machine now, without eBPF, and list what will refuse
-    /// connections under load: listen queues smaller than what nginx can
+    /// List what will refuse connections under load, now, without eBPF
+    ///
+    /// It checks listen queues smaller than what nginx can
     /// send, worker_connections above the open-file limit, queues full now,
     /// backlogs clamped by somaxconn, listen overflows growing. Exits 1 when
     /// it finds a risk, 0 when none, 2 when it cannot look.
     Doctor(DoctorArgs),
-    /// Print the JSON Schema of the capture format and of --json output.
+    /// Print the JSON Schema of captures, --json and report --json
     Schema,
 }
 
