@@ -195,9 +195,14 @@ fn a_capture_of_a_real_burst_reports_the_live_totals_even_when_cut_short() {
         live_totals,
         "only the summary was cut"
     );
-    // Cut in the middle of the drops: fewer, never more.
+    // Cut halfway through the records after the header: fewer, never more.
+    let header_end = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
     let middle = dir.path().join("middle.dtc");
-    fs::write(&middle, &bytes[..bytes.len() / 2]).unwrap();
+    fs::write(
+        &middle,
+        &bytes[..header_end + (bytes.len() - header_end) / 2],
+    )
+    .unwrap();
     let (middle_report, _) = report_json(&["report", "--json", middle.to_str().unwrap()]);
     assert!(middle_report["drops"].as_u64().unwrap() <= all);
     assert!(middle_report["files"][0]["truncated"].is_string());
