@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     attribution::{
         process::{PidFilter, Role},
-        sock_diag::{self, NetnsView},
+        sock_diag::NetnsView,
     },
     cli::DoctorArgs,
     config::{nginx::UpstreamTarget, Setting},
@@ -369,12 +369,9 @@ pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
         tracing::warn!("not root: the configurations, limits and sockets of other users' processes may be unreadable; run `sudo droptrace doctor` for a complete check");
     }
     let mut filter = PidFilter::new(&args.pids, &[])?;
-    let views: HashMap<u32, NetnsView> = sock_diag::namespaces()
-        .iter()
-        .filter_map(|netns| Some((netns.inode, NetnsView::open(netns).ok()?)))
-        .collect();
-    let before = overflows(&views);
-    let snapshot = Snapshot::take(&mut filter);
+    // The snapshot reads each namespace's counters first thing; they are
+    // read again through its views once the window has passed.
+    let (snapshot, views) = Snapshot::take(&mut filter);
     if let Some(rest) = GROWTH_WINDOW.checked_sub(started.elapsed()) {
         std::thread::sleep(rest);
     }
@@ -384,7 +381,8 @@ pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
         .namespaces
         .iter()
         .filter_map(|n| {
-            let grew = after.get(&n.netns)?.checked_sub(*before.get(&n.netns)?)?;
+            let before = n.counters?.listen_overflows;
+            let grew = after.get(&n.netns)?.checked_sub(before)?;
             Some(Growth {
                 netns: n.netns,
                 overflows: grew,

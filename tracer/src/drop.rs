@@ -177,6 +177,18 @@ impl Drop {
     }
 }
 
+impl Drop {
+    /// Who a summary row names beside the subject: the listener's owner, or
+    /// the process that failed (for drops without a listener, and for
+    /// ephemeral_ports, whose "listener" is the far end).
+    pub fn owner_or_client(&self) -> String {
+        match &self.listener {
+            Some(listener) if self.kind != DropKind::EphemeralPorts => listener.owner_label(),
+            _ => self.client.label(),
+        }
+    }
+}
+
 impl ListenerView {
     /// "/run/app.sock", "127.0.0.1:19090", or "listener unknown".
     pub fn label(&self) -> String {

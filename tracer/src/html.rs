@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     report::Analysis,
-    sinks::{clock, kind_label, limit_label, rfc3339},
+    sinks::{clock, clock_second, kind_label, limit_label, rfc3339},
 };
 
 const WIDTH: f64 = 960.0;
@@ -65,10 +65,7 @@ fn nice(raw: f64) -> f64 {
 
 fn hh_mm_ss(seconds: f64) -> String {
     let time = UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0));
-    clock(&rfc3339(time))
-        .get(..8)
-        .unwrap_or_default()
-        .to_string()
+    clock_second(&rfc3339(time)).to_string()
 }
 
 /// An SVG line chart over [start, end] (UNIX seconds), with axes, ticks
@@ -369,9 +366,9 @@ pub fn page(analysis: &Analysis) -> String {
                 let _ = write!(
                     html,
                     " First second {} ({} drops); worst second {} ({} drops).",
-                    esc(clock(&first.time).get(..8).unwrap_or_default()),
+                    esc(clock_second(&first.time)),
                     first.drops,
-                    esc(clock(&worst.time).get(..8).unwrap_or_default()),
+                    esc(clock_second(&worst.time)),
                     worst.drops
                 );
             }
@@ -386,12 +383,7 @@ pub fn page(analysis: &Analysis) -> String {
     html.push_str("<h2>Drops by listener, limit and kind</h2><table><tr><th>Count</th><th>Kind</th><th>Listener or process</th><th>Owner or client</th><th>Limit (value, source)</th><th>First</th><th>Worst second</th></tr>");
     for (total, detail) in analysis.totals.iter().zip(&report.totals) {
         let drop = &total.drop;
-        let owner = match &drop.listener {
-            Some(listener) if drop.kind != crate::drop::DropKind::EphemeralPorts => {
-                listener.owner_label()
-            }
-            _ => drop.client.label(),
-        };
+        let owner = drop.owner_or_client();
         let _ = write!(
             html,
             "<tr><td class=\"num\">{}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td class=\"mono\">{} ({})</td></tr><tr><td></td><td colspan=\"6\" class=\"fix\">fix: {}</td></tr>",
@@ -401,7 +393,7 @@ pub fn page(analysis: &Analysis) -> String {
             esc(&owner),
             esc(&limit_label(&drop.limit)),
             esc(clock(&detail.first)),
-            esc(clock(&detail.worst_second.time).get(..8).unwrap_or_default()),
+            esc(clock_second(&detail.worst_second.time)),
             detail.worst_second.drops,
             esc(&detail.fix)
         );

@@ -776,8 +776,8 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
         }
         Output::Capture { path, max_size } => {
             let mut writer = CaptureWriter::create(&path)?;
-            let snapshot = Snapshot::take(&mut filter);
-            let recorder = Recorder::new(&snapshot, max_size);
+            let (snapshot, views) = Snapshot::take(&mut filter);
+            let recorder = Recorder::new(&snapshot, views, max_size);
             writer.header(std::env::args().collect(), snapshot)?;
             tracing::info!("recording to {} (created 0600)", path.display());
             let sink = Sink::new(Format::Json, writer);

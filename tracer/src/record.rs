@@ -43,13 +43,14 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Watch the namespaces and listeners of the header's snapshot.
-    pub fn new(snapshot: &Snapshot, max_size: Option<u64>) -> Self {
+    /// Watch the namespaces and listeners of the header's snapshot,
+    /// through the views it opened.
+    pub fn new(snapshot: &Snapshot, views: HashMap<u32, NetnsView>, max_size: Option<u64>) -> Self {
         Self {
             max_size,
             namespaces: snapshot.namespaces.iter().map(|n| n.netns).collect(),
-            views: HashMap::new(),
-            namespaces_looked_for: None,
+            views,
+            namespaces_looked_for: Some(Instant::now()),
             watched: snapshot
                 .listeners
                 .iter()

@@ -21,7 +21,7 @@ use crate::{
     drop::{DropKind, Notice},
     sinks::{
         aggregate::{Aggregator, Key, Line, Total},
-        clock, rfc3339, total_row, TotalRecord, TOTALS_HEADER,
+        clock, clock_second, rfc3339, total_row, TotalRecord, TOTALS_HEADER,
     },
 };
 
@@ -186,36 +186,34 @@ impl Analysis {
         lines.sort_by_key(|l| l.drop.time);
 
         let mut aggregator = Aggregator::new(Duration::ZERO);
-        let mut by_key: HashMap<Key, BTreeMap<u64, u64>> = HashMap::new();
+        // Per key: its first drop (lines are in time order) and its seconds.
+        let mut by_key: HashMap<Key, (SystemTime, BTreeMap<u64, u64>)> = HashMap::new();
         let mut all: BTreeMap<u64, u64> = BTreeMap::new();
         let now = Instant::now();
         for line in &lines {
             let at = unix_seconds(line.drop.time);
-            *by_key
+            let (_, seconds) = by_key
                 .entry(Key::of(&line.drop))
-                .or_default()
-                .entry(at)
-                .or_default() += line.count;
+                .or_insert_with(|| (line.drop.time, BTreeMap::new()));
+            *seconds.entry(at).or_default() += line.count;
             *all.entry(at).or_default() += line.count;
             aggregator.add(line.drop.clone(), line.count, now);
         }
         let totals = aggregator.totals();
-        let per_second: Vec<BTreeMap<u64, u64>> = totals
+        let (firsts, per_second): (Vec<SystemTime>, Vec<BTreeMap<u64, u64>>) = totals
             .iter()
-            .map(|t| by_key.remove(&Key::of(&t.drop)).unwrap_or_default())
-            .collect();
-        let first_of = |total: &Total| {
-            lines
-                .iter()
-                .find(|l| Key::of(&l.drop) == Key::of(&total.drop))
-                .map_or(String::new(), |l| rfc3339(l.drop.time))
-        };
+            .map(|t| {
+                by_key
+                    .remove(&Key::of(&t.drop))
+                    .unwrap_or((UNIX_EPOCH, BTreeMap::new()))
+            })
+            .unzip();
         let report_totals = totals
             .iter()
-            .zip(&per_second)
-            .map(|(total, seconds)| ReportTotal {
+            .zip(firsts.iter().zip(&per_second))
+            .map(|(total, (first, seconds))| ReportTotal {
                 total: TotalRecord::from(total),
-                first: first_of(total),
+                first: rfc3339(*first),
                 worst_second: worst(seconds).unwrap_or(second(0, 0)),
                 fix: total.drop.limit.fix.clone(),
             })
@@ -344,9 +342,9 @@ impl Analysis {
             writeln!(
                 out,
                 "First second: {} with {} drops; worst second: {} with {} drops",
-                clock(&first.time).get(..8).unwrap_or_default(),
+                clock_second(&first.time),
                 first.drops,
-                clock(&worst.time).get(..8).unwrap_or_default(),
+                clock_second(&worst.time),
                 worst.drops
             )?;
         }
@@ -358,9 +356,7 @@ impl Analysis {
                 "{:>8}  first {}, worst second {} with {} drops",
                 "",
                 clock(&detail.first),
-                clock(&detail.worst_second.time)
-                    .get(..8)
-                    .unwrap_or_default(),
+                clock_second(&detail.worst_second.time),
                 detail.worst_second.drops
             )?;
             writeln!(out, "{:>8}  fix: {}", "", detail.fix)?;

@@ -9,6 +9,7 @@ use std::{
     time::SystemTime,
 };
 
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -77,20 +78,30 @@ pub struct ProcessState {
 impl Snapshot {
     /// Look at the host now. With a filter, only the covered processes and
     /// the listeners they own; without, every listener and its owner, and
-    /// every nginx and uWSGI process.
-    pub fn take(filter: &mut PidFilter) -> Self {
+    /// every nginx and uWSGI process. Also returns the views of the
+    /// namespaces it lists, to read their counters again later.
+    pub fn take(filter: &mut PidFilter) -> (Self, HashMap<u32, NetnsView>) {
         let mut listeners: Vec<(u64, ListenerView)> = Vec::new();
         let mut states: HashMap<u32, NetnsState> = HashMap::new();
+        let mut views: HashMap<u32, NetnsView> = HashMap::new();
         for netns in sock_diag::namespaces() {
-            let mut state = sysctls_of(&netns);
-            match NetnsView::open(&netns) {
-                Ok(view) => {
-                    state.counters = view.counters();
+            match look_into(&netns) {
+                Ok((view, state)) => {
                     listeners.extend(listener_table(netns.inode, &view));
+                    states.insert(netns.inode, state);
+                    views.insert(netns.inode, view);
                 }
-                Err(err) => tracing::warn!("skipping network namespace {}: {err:#}", netns.inode),
+                Err(err) => {
+                    tracing::warn!("skipping network namespace {}: {err:#}", netns.inode);
+                    states.insert(
+                        netns.inode,
+                        NetnsState {
+                            netns: netns.inode,
+                            ..NetnsState::default()
+                        },
+                    );
+                }
             }
-            states.insert(netns.inode, state);
         }
 
         let inodes: HashSet<u64> = listeners.iter().map(|(inode, _)| *inode).collect();
@@ -150,14 +161,16 @@ impl Snapshot {
             .filter(|s| wanted.contains(&s.netns))
             .collect();
         namespaces.sort_by_key(|s| s.netns);
+        views.retain(|netns, _| wanted.contains(netns));
 
-        Snapshot {
+        let snapshot = Snapshot {
             time: rfc3339(SystemTime::now()),
             host: Host::now(),
             namespaces,
             processes,
             listeners,
-        }
+        };
+        (snapshot, views)
     }
 
     pub fn netns(&self, netns: Option<u32>) -> Option<&NetnsState> {
@@ -192,10 +205,12 @@ impl Host {
     }
 }
 
-/// The queue-related sysctls of a namespace, read inside it.
-fn sysctls_of(netns: &Netns) -> NetnsState {
+/// A view of a namespace and its queue-related sysctls, both read inside
+/// it on one thread.
+fn look_into(netns: &Netns) -> Result<(NetnsView, NetnsState)> {
     let inode = netns.inode;
-    let read = in_netns(netns, move || {
+    in_netns(netns, move || -> Result<(NetnsView, NetnsState)> {
+        let view = NetnsView::open_here()?;
         let number = |name: &str| -> Option<u32> {
             fs::read_to_string(format!("/proc/sys/net/{name}"))
                 .ok()?
@@ -203,29 +218,17 @@ fn sysctls_of(netns: &Netns) -> NetnsState {
                 .parse()
                 .ok()
         };
-        let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|text| {
-                let mut numbers = text.split_whitespace().map(|n| n.parse().ok());
-                Some((numbers.next()??, numbers.next()??))
-            });
-        NetnsState {
+        let state = NetnsState {
             netns: inode,
-            somaxconn: number("core/somaxconn"),
+            somaxconn: view.somaxconn,
             tcp_max_syn_backlog: number("ipv4/tcp_max_syn_backlog"),
             tcp_syncookies: number("ipv4/tcp_syncookies"),
             tcp_abort_on_overflow: number("ipv4/tcp_abort_on_overflow"),
-            ip_local_port_range: range,
-            counters: None,
-        }
-    });
-    read.unwrap_or_else(|err| {
-        tracing::warn!("cannot read the sysctls of network namespace {inode}: {err:#}");
-        NetnsState {
-            netns: inode,
-            ..NetnsState::default()
-        }
-    })
+            ip_local_port_range: view.ip_local_port_range(),
+            counters: view.counters(),
+        };
+        Ok((view, state))
+    })?
 }
 
 /// Every UNIX and TCP listener of a namespace, by socket inode, without

@@ -126,23 +126,26 @@ impl NetnsView {
     /// socket stays in the namespace it was created in, so it can be used
     /// from any thread.
     pub fn open(netns: &Netns) -> Result<Self> {
-        in_netns(netns, || -> Result<Self> {
-            let mut socket =
-                Socket::new(NETLINK_SOCK_DIAG).context("cannot open a NETLINK_SOCK_DIAG socket")?;
-            socket.bind_auto()?;
-            socket.connect(&SocketAddr::new(0, 0))?;
-            let somaxconn = fs::read_to_string("/proc/sys/net/core/somaxconn")
-                .ok()
-                .and_then(|s| s.trim().parse().ok());
-            let netstat = File::open("/proc/thread-self/net/netstat").ok();
-            let port_range = File::open("/proc/sys/net/ipv4/ip_local_port_range").ok();
-            Ok(Self {
-                socket,
-                somaxconn,
-                netstat,
-                port_range,
-            })
-        })?
+        in_netns(netns, Self::open_here)?
+    }
+
+    /// The same, in the namespace of the calling thread (inside `in_netns`).
+    pub fn open_here() -> Result<Self> {
+        let mut socket =
+            Socket::new(NETLINK_SOCK_DIAG).context("cannot open a NETLINK_SOCK_DIAG socket")?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        let somaxconn = fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let netstat = File::open("/proc/thread-self/net/netstat").ok();
+        let port_range = File::open("/proc/sys/net/ipv4/ip_local_port_range").ok();
+        Ok(Self {
+            socket,
+            somaxconn,
+            netstat,
+            port_range,
+        })
     }
 
     /// The namespace's listen-queue counters now (what `nstat` shows).

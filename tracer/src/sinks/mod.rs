@@ -47,8 +47,6 @@ pub trait Destination: Write {
 
 impl Destination for io::StdoutLock<'_> {}
 
-impl Destination for Vec<u8> {}
-
 impl Destination for crate::capture::CaptureWriter {
     fn capture(&mut self) -> Option<&mut crate::capture::CaptureWriter> {
         Some(self)
@@ -57,11 +55,11 @@ impl Destination for crate::capture::CaptureWriter {
 
 /// A JSON Lines record: `{"type": NAME, ...the body's fields}`.
 #[derive(Serialize)]
-pub struct Typed<'a, T> {
+struct Typed<'a, T> {
     #[serde(rename = "type")]
-    pub record: &'static str,
+    record: &'static str,
     #[serde(flatten)]
-    pub body: &'a T,
+    body: &'a T,
 }
 
 /// Write one record as one line.
@@ -130,6 +128,11 @@ pub fn clock(rfc3339: &str) -> &str {
     rfc3339.get(11..23).unwrap_or(rfc3339)
 }
 
+/// "14:13:20" of an RFC 3339 time: a whole second.
+pub fn clock_second(rfc3339: &str) -> &str {
+    rfc3339.get(11..19).unwrap_or(rfc3339)
+}
+
 /// "value (source)" of a limit, as the terminal shows it.
 pub fn limit_label(limit: &Verdict) -> String {
     let hard = limit.hard.map_or(String::new(), |h| format!(" hard {h}"));
@@ -190,16 +193,12 @@ pub const TOTALS_HEADER: &str = "   COUNT  KIND                  LISTENER OR PRO
 /// client), the limit with its value and source.
 pub fn total_row(total: &Total) -> String {
     let drop = &total.drop;
-    let owner = match &drop.listener {
-        Some(listener) if drop.kind != DropKind::EphemeralPorts => listener.owner_label(),
-        _ => drop.client.label(),
-    };
     format!(
         "{:>8}  {:<21} {:<28} {:<30} {}",
         total.count,
         kind_label(drop),
         drop.subject(),
-        owner,
+        drop.owner_or_client(),
         limit_label(&drop.limit)
     )
 }
