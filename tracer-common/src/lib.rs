@@ -196,16 +196,13 @@ pub struct TcpOverflowRecord {
     /// Host byte order.
     pub local_port: u16,
     pub remote_port: u16,
-    /// The namespace's net.ipv4.tcp_syncookies (0, 1 or 2).
-    pub syncookies: u8,
-    pub _pad0: u8,
+    pub _pad0: u16,
     /// sk_max_ack_backlog and sk_ack_backlog of the listener.
     pub backlog: u32,
     pub queue: u32,
     /// The namespace's net.core.somaxconn.
     pub somaxconn: u32,
-    /// Requests in the SYN queue, and the namespace's tcp_max_syn_backlog.
-    pub syn_queue: u32,
+    /// The namespace's tcp_max_syn_backlog.
     pub max_syn_backlog: u32,
     /// IPv4 addresses use the first 4 bytes.
     pub local_addr: [u8; 16],
@@ -214,7 +211,6 @@ pub struct TcpOverflowRecord {
     /// it connected before droptrace started).
     pub client_pid: u32,
     pub client_comm: [u8; COMM_LEN],
-    pub _pad1: [u8; 4],
 }
 
 /// Who called connect() on a TCP socket (keyed by the socket's address).
@@ -281,8 +277,6 @@ pub struct KernelOffsets {
     pub unix_address_len: u32,
     /// unix_address.name (a `struct sockaddr_un[]`)
     pub unix_address_name: u32,
-    /// sock.__sk_common.skc_state (u8)
-    pub sock_state: u32,
     /// sock.__sk_common.skc_num (local port, host order)
     pub sock_num: u32,
     /// sock.__sk_common.skc_rcv_saddr
@@ -301,12 +295,6 @@ pub struct KernelOffsets {
     pub net_max_syn_backlog: u32,
     /// net.ipv4.sysctl_tcp_syncookies (u8)
     pub net_syncookies: u32,
-    /// sk_buff.head
-    pub skb_head: u32,
-    /// sk_buff.network_header (u16)
-    pub skb_network_header: u32,
-    /// sk_buff.transport_header (u16)
-    pub skb_transport_header: u32,
     /// bpf_array.pptrs (the per-CPU pointers of a per-CPU array map)
     pub bpf_array_pptrs: u32,
     /// net.mib.net_statistics (a per-CPU `struct linux_mib`)
@@ -320,7 +308,7 @@ pub struct KernelOffsets {
 // Records are exchanged byte for byte: keep them free of implicit padding.
 const _: () = assert!(core::mem::size_of::<ConnectFailure>() == 160);
 const _: () = assert!(core::mem::size_of::<ListenRecord>() == 184);
-const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FdLimitRecord>() == 64);
 const _: () = assert!(core::mem::size_of::<NoConnectionRecord>() == 40);
 

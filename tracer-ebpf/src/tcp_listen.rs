@@ -392,18 +392,15 @@ fn count(sock: &Sock, stage: u32, n: u64, flight: &InFlight) {
         family: packet.family,
         local_port: sock.local_port().unwrap_or(0),
         remote_port: packet.remote_port,
-        syncookies: sock.syncookies().unwrap_or(0),
         _pad0: 0,
         backlog: sock.max_ack_backlog().unwrap_or(0),
         queue: sock.ack_backlog().unwrap_or(0),
         somaxconn,
-        syn_queue: sock.syn_queue().unwrap_or(0),
         max_syn_backlog: sock.max_syn_backlog().unwrap_or(0),
         local_addr: [0; 16],
         remote_addr: packet.remote_addr,
         client_pid: flight.client.pid,
         client_comm: flight.client.comm,
-        _pad1: [0; 4],
     };
     sock.local_addr(packet.family, &mut record.local_addr);
     emit(&record);

@@ -11,15 +11,11 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    attribution::{
-        process::{PidFilter, Role},
-        sock_diag::NetnsView,
-    },
     cli::DoctorArgs,
     config::{nginx::UpstreamTarget, Setting},
-    drop::ListenerView,
-    limits::clamp_fix,
-    snapshot::{ProcessState, Snapshot},
+    contract::{Family, ListenerView, ProcessState, Role, Snapshot},
+    families::backlog::clamp_fix,
+    host::{process::PidFilter, sock_diag::NetnsView},
 };
 
 /// ListenOverflows is read twice, at least this far apart.
@@ -90,7 +86,7 @@ pub fn risks(snapshot: &Snapshot, growth: &[Growth]) -> Vec<Risk> {
         let full: Vec<String> = snapshot
             .listeners
             .iter()
-            .filter(|l| l.netns == Some(g.netns) && l.family != "unix" && is_full(l))
+            .filter(|l| l.netns == Some(g.netns) && l.family != Family::Unix && is_full(l))
             .map(ListenerView::label)
             .collect();
         let which = if full.is_empty() {
@@ -162,7 +158,7 @@ fn target_listener<'a>(
     let local = ["localhost", "127.0.0.1", "::1"].contains(&host);
     snapshot.listeners.iter().filter(same_netns).find(|l| {
         l.port == Some(port)
-            && l.family != "unix"
+            && l.family != Family::Unix
             && l.addr.as_deref().is_some_and(|addr| {
                 addr == host
                     || addr == "0.0.0.0"
@@ -180,7 +176,7 @@ fn requested_backlog(snapshot: &Snapshot, listener: &ListenerView) -> Option<Set
     }
     let nginx = owner.nginx.as_ref()?;
     let path = listener.path.as_deref().map(std::path::Path::new);
-    let port = if listener.family == "unix" {
+    let port = if listener.family == Family::Unix {
         None
     } else {
         listener.port
@@ -476,12 +472,12 @@ mod tests {
     use super::*;
     use crate::{
         config::uwsgi::UwsgiConfig,
-        snapshot::{Host, NetnsState},
+        contract::{HostFacts, NetnsState},
     };
 
     fn listener(path: &str, queue: u32, backlog: u32) -> ListenerView {
         ListenerView {
-            family: "unix",
+            family: Family::Unix,
             path: Some(path.into()),
             addr: None,
             port: None,
@@ -501,7 +497,7 @@ mod tests {
         };
         Snapshot {
             time: String::new(),
-            host: Host {
+            host: HostFacts {
                 hostname: "web1".into(),
                 kernel: "6.18".into(),
                 cpus: 2,

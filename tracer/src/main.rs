@@ -1,24 +1,24 @@
 //! droptrace: which connection was refused, at which socket, by which
 //! process, because of which limit, and what to change.
 //!
-//! Data flows one way: probes (kernel records) -> attribution (listener,
-//! owner, client) -> limits (verdict and fix) -> sinks (terminal, JSON).
-mod attribution;
-mod capture;
+//! Data flows one way, and the folders say so: `contract` (the records)
+//! and `config` (nginx and uWSGI readers) at the bottom; `probes` (the
+//! kernel) and `host` (the machine) above them; `families` (one module per
+//! drop family: decode, attribute, explain) above those; `sinks` (terminal,
+//! JSON, capture) next; the subcommands (`live`, `record`, `report`,
+//! `doctor`, `schema`) on top. `main.rs` only wires them.
 mod cli;
 mod config;
+mod contract;
 mod doctor;
-mod drop;
-mod html;
-mod limits;
+mod families;
+mod host;
 mod live;
 mod probes;
 mod record;
 mod report;
 mod schema;
 mod sinks;
-mod snapshot;
-mod worker_connections;
 
 use std::process::ExitCode;
 

@@ -9,10 +9,14 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    attribution::sock_diag::{self, ListenCounters, NetnsView},
-    capture::{CaptureWriter, CountersRecord, NetnsCounters, QueueSample, QueuesRecord},
-    sinks::write_record,
-    snapshot::{listener_table, Snapshot},
+    contract::{
+        CountersRecord, ListenCounters, NetnsCounters, QueueSample, QueuesRecord, Record, Snapshot,
+    },
+    host::{
+        snapshot::listener_table,
+        sock_diag::{self, NetnsView},
+    },
+    sinks::{capture::CaptureWriter, write_record},
 };
 
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -118,7 +122,7 @@ impl Recorder {
                 time,
                 namespaces: counters,
             };
-            write_record(out, "counters", &record)?;
+            write_record(out, &Record::Counters(record))?;
         }
 
         let mut listeners = Vec::new();
@@ -142,7 +146,7 @@ impl Recorder {
         }
         if !listeners.is_empty() {
             listeners.sort_by(|a, b| (a.netns, &a.listener).cmp(&(b.netns, &b.listener)));
-            write_record(out, "queues", &QueuesRecord { time, listeners })?;
+            write_record(out, &Record::Queues(QueuesRecord { time, listeners }))?;
         }
         Ok(())
     }

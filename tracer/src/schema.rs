@@ -6,10 +6,11 @@ use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Value};
 
 use crate::{
-    capture::{CountersRecord, Header, QueuesRecord, FORMAT, FORMAT_VERSION},
-    drop::Notice,
+    contract::{
+        CountersRecord, Header, Line, Notice, QueuesRecord, Record, SummaryRecord, FORMAT,
+        FORMAT_VERSION,
+    },
     report::ReportJson,
-    sinks::{aggregate::Line, SummaryRecord},
 };
 
 /// One `{"type": NAME, ...T}` record.
@@ -24,13 +25,14 @@ fn record<T: JsonSchema>(generator: &mut SchemaGenerator, name: &str) -> Value {
 
 pub fn document() -> Value {
     let mut generator = SchemaGenerator::default();
+    // In the order of Record::TYPES; every variant of Record but Unknown.
     let records = vec![
-        record::<Header>(&mut generator, "header"),
-        record::<Line>(&mut generator, "drop"),
-        record::<Notice>(&mut generator, "notice"),
-        record::<CountersRecord>(&mut generator, "counters"),
-        record::<QueuesRecord>(&mut generator, "queues"),
-        record::<SummaryRecord>(&mut generator, "summary"),
+        record::<Header>(&mut generator, Record::TYPES[0]),
+        record::<Line>(&mut generator, Record::TYPES[1]),
+        record::<Notice>(&mut generator, Record::TYPES[2]),
+        record::<CountersRecord>(&mut generator, Record::TYPES[3]),
+        record::<QueuesRecord>(&mut generator, Record::TYPES[4]),
+        record::<SummaryRecord>(&mut generator, Record::TYPES[5]),
     ];
     // `droptrace report --json` prints one of these: in $defs.
     generator.subschema_for::<ReportJson>();

@@ -16,7 +16,6 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{Origin, Problem, Setting};
-use crate::attribution::process;
 
 /// nginx's defaults (ngx_event.c, ngx_http_core_module.c on Linux).
 pub const DEFAULT_WORKER_CONNECTIONS: u32 = 512;
@@ -50,7 +49,7 @@ pub struct Disk {
 
 impl Disk {
     fn real(&self, path: &Path) -> PathBuf {
-        process::under_root(&self.root, path)
+        super::under_root(&self.root, path)
     }
 }
 
@@ -421,8 +420,7 @@ pub struct UpstreamTarget {
 pub struct NginxConfig {
     pub main_file: PathBuf,
     /// "nginx -T" or "the files on disk".
-    #[serde(deserialize_with = "crate::drop::interned")]
-    pub method: crate::drop::Name,
+    pub method: String,
     /// "auto" or a number.
     pub worker_processes: Setting<String>,
     pub worker_connections: Setting<u32>,
@@ -464,7 +462,7 @@ impl NginxConfig {
     ) -> Self {
         let mut config = Self {
             main_file,
-            method,
+            method: method.into(),
             worker_processes: Setting::default_value(
                 "1".into(),
                 "nginx default (1), no worker_processes set",
@@ -743,10 +741,10 @@ fn same_root(pid: u32) -> bool {
 }
 
 /// The configuration the nginx master `pid` runs with.
-pub fn of_master(pid: u32, cmdline: &[String]) -> NginxConfig {
+/// `cwd` is its working directory (relative -p and -c start there).
+pub fn of_master(pid: u32, cmdline: &[String], cwd: &Path) -> NginxConfig {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let exe = proc.join("exe");
-    let cwd = process::cwd_of(pid);
     let args = CommandLine::parse(cmdline);
     let defaults = run(Command::new(&exe).arg("-V"), DUMP_TIMEOUT)
         .map(|text| BuildDefaults::parse(&text))

@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use super::{Problem, Setting};
-use crate::attribution::process;
 
 /// The listen queue size uWSGI uses when none is configured.
 pub const DEFAULT_LISTEN: u32 = 100;
@@ -152,7 +151,7 @@ impl Reader<'_> {
             });
             return;
         }
-        let real = process::under_root(self.root, &path);
+        let real = super::under_root(self.root, &path);
         let text = match std::fs::read_to_string(&real) {
             Ok(text) => text,
             Err(err) => {

@@ -1,5 +1,6 @@
 //! Loading droptrace's eBPF programs: what the machine must offer, the
 //! offsets the programs need, and where their records come out.
+pub mod hooks;
 pub mod offsets;
 
 use std::path::Path;
@@ -7,37 +8,18 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{
-        uprobe::UProbeScope, BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType,
-        TracePoint, UProbe,
-    },
+    programs::{uprobe::UProbeScope, UProbe},
     Ebpf, EbpfLoader,
 };
-use tracer_common::{
-    DropReasons, TcpOverflowKey, LOST_COUNTERS_FULL, LOST_PENDING_FULL, LOST_RINGBUF_FULL,
-};
+use tracer_common::{TcpOverflowKey, LOST_COUNTERS_FULL, LOST_PENDING_FULL, LOST_RINGBUF_FULL};
+
+use crate::contract::Lost;
+use hooks::{Attacher, Choice, FamilyHooks};
 
 /// The object built by `cargo xtask build-ebpf` (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf.o"));
 
 const TRACEFS: &str = "/sys/kernel/tracing";
-
-/// (program name in the object, tracepoint category, tracepoint name)
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("connect_enter", "syscalls", "sys_enter_connect"),
-    ("connect_exit", "syscalls", "sys_exit_connect"),
-    ("listen_enter", "syscalls", "sys_enter_listen"),
-    ("listen_exit", "syscalls", "sys_exit_listen"),
-    ("accept_exit", "syscalls", "sys_exit_accept"),
-    ("accept4_exit", "syscalls", "sys_exit_accept4"),
-    ("socket_exit", "syscalls", "sys_exit_socket"),
-    ("open_exit", "syscalls", "sys_exit_open"),
-    ("openat_exit", "syscalls", "sys_exit_openat"),
-];
-
-/// The uretprobe on nginx's ngx_get_connection (see worker_connections.rs).
-const NGINX_PROGRAM: &str = "nginx_get_connection";
-const NGINX_SYMBOL: &str = "ngx_get_connection";
 
 pub struct Probes {
     /// Keeps the programs attached for as long as it lives.
@@ -46,34 +28,12 @@ pub struct Probes {
     pub lost: LostCounters,
     /// Exact per-CPU drop counts of TCP listeners, by listener and stage.
     pub tcp_overflows: PerCpuHashMap<MapData, TcpOverflowKey, u64>,
+    /// Which mechanism each family uses on this kernel.
+    pub choices: Vec<Choice>,
 }
 
 /// The kernel side's count of records userspace never saw.
 pub struct LostCounters(PerCpuArray<MapData, u64>);
-
-/// Everything the kernel could not hand over, by cause.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-)]
-pub struct Lost {
-    pub ring_buffer_full: u64,
-    pub pending_map_full: u64,
-    pub counter_map_full: u64,
-}
-
-impl Lost {
-    pub fn total(&self) -> u64 {
-        self.ring_buffer_full + self.pending_map_full + self.counter_map_full
-    }
-}
 
 /// Checks what droptrace needs before touching the kernel, so that a user
 /// gets one line naming what is missing instead of a raw errno.
@@ -107,7 +67,9 @@ fn ensure_tracefs() -> Result<()> {
     Ok(())
 }
 
-pub fn load() -> Result<Probes> {
+/// Load the eBPF object and attach, for each family, the first of its
+/// mechanisms this kernel allows; one line on stderr says which.
+pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
     preflight()?;
     let btf = offsets::load_vmlinux_btf()?;
     let kernel_offsets =
@@ -119,29 +81,8 @@ pub fn load() -> Result<Probes> {
         .override_global("DROP_REASONS", &drop_reasons, true)
         .load(EBPF_OBJECT)
         .context("the kernel refused droptrace's eBPF programs")?;
-    for &(program, category, name) in TRACEPOINTS {
-        let tracepoint: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| anyhow!("eBPF object lacks program {program}"))?
-            .try_into()?;
-        tracepoint
-            .load()
-            .with_context(|| format!("cannot load {program}"))?;
-        tracepoint
-            .attach(category, name)
-            .with_context(|| format!("cannot attach to tracepoint {category}/{name}"))?;
-    }
-    // aya parses the kernel's BTF for tp_btf programs: once is enough.
-    let aya_btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
-    if let Err(err) = attach_tcp_listen_drops(&mut ebpf, &aya_btf, drop_reasons) {
-        tracing::warn!("TCP listen-queue drops will not be seen: {}", short(&err));
-    }
-    if let Err(err) = attach_local_clients(&mut ebpf, &aya_btf) {
-        tracing::warn!(
-            "refused local TCP clients will be named by address only: {}",
-            short(&err)
-        );
-    }
+    let choices = Attacher::new(&mut ebpf, &btf).choose(families);
+    Attacher::require(&choices)?;
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| anyhow!("eBPF object lacks map {name}"))
@@ -154,13 +95,14 @@ pub fn load() -> Result<Probes> {
         records,
         lost,
         tcp_overflows,
+        choices,
     })
 }
 
 /// An error in one line. A verifier refusal carries the whole verifier
 /// log; the operator needs its first line and the verifier's verdict (the
 /// last line before its statistics). The full log goes to debug.
-fn short(err: &anyhow::Error) -> String {
+pub(crate) fn short(err: &anyhow::Error) -> String {
     const STATISTICS: [&str; 4] = ["verification time", "stack depth", "processed", ":"];
     let full = format!("{err:#}");
     tracing::debug!("{full}");
@@ -175,7 +117,7 @@ fn short(err: &anyhow::Error) -> String {
 
 /// The cgroup v2 hierarchy's root, where one cgroup_skb program sees every
 /// socket of the machine (hybrid systems mount it at /sys/fs/cgroup/unified).
-fn cgroup2_root() -> Result<std::path::PathBuf> {
+pub(crate) fn cgroup2_root() -> Result<std::path::PathBuf> {
     let mounts =
         std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
     mounts
@@ -193,82 +135,19 @@ fn cgroup2_root() -> Result<std::path::PathBuf> {
         })
 }
 
-/// TCP listen-queue drops need all three: the ingress filter snapshots the
-/// kernel's counters as a packet reaches a listener, consume_skb and
-/// kfree_skb read them again when the kernel is done with it.
-fn attach_tcp_listen_drops(ebpf: &mut Ebpf, btf: &aya::Btf, reasons: DropReasons) -> Result<()> {
-    if reasons.tcp_listen_overflow == u32::MAX {
-        bail!("this kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (needs Linux 6.11+)");
-    }
-    attach_ingress_filter(ebpf)?;
-    attach_btf_tracepoint(ebpf, btf, "tcp_syn_done", "consume_skb")?;
-    attach_btf_tracepoint(ebpf, btf, "tcp_ack_drop", "kfree_skb")
-}
-
-fn attach_ingress_filter(ebpf: &mut Ebpf) -> Result<()> {
-    let root = cgroup2_root()?;
-    let cgroup =
-        std::fs::File::open(&root).with_context(|| format!("cannot open {}", root.display()))?;
-    let program: &mut CgroupSkb = ebpf
-        .program_mut("tcp_syn_ingress")
-        .ok_or_else(|| anyhow!("eBPF object lacks program tcp_syn_ingress"))?
-        .try_into()?;
-    program
-        .load()
-        .context("cannot load the cgroup_skb program")?;
-    // aya attaches through a bpf_link (Linux 5.7+), which takes no flags
-    // and always joins the programs already there (BPF_F_ALLOW_MULTI): the
-    // root's other programs (systemd's) are neither displaced nor blocked.
-    program
-        .attach(
-            cgroup,
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::Single,
-        )
-        .with_context(|| format!("cannot attach cgroup_skb/ingress to {}", root.display()))?;
-    Ok(())
-}
-
-/// Local TCP clients (who sent a dropped SYN); without it drops name the
-/// client's address only.
-fn attach_local_clients(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
-    attach_btf_tracepoint(ebpf, btf, "tcp_client_connect", "inet_sock_set_state")
-}
-
-fn attach_btf_tracepoint(
-    ebpf: &mut Ebpf,
-    btf: &aya::Btf,
-    program: &str,
-    tracepoint: &str,
-) -> Result<()> {
-    let program: &mut BtfTracePoint = ebpf
+/// Attach uretprobe `program` to `symbol` of the binary at `exe`, for every
+/// process running it (the program was loaded at start-up).
+pub fn attach_uretprobe(ebpf: &mut Ebpf, program: &str, symbol: &str, exe: &Path) -> Result<()> {
+    let probe: &mut UProbe = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("eBPF object lacks program {program}"))?
         .try_into()?;
-    program
-        .load(tracepoint, btf)
-        .with_context(|| format!("cannot load tp_btf/{tracepoint}"))?;
-    program
-        .attach()
-        .with_context(|| format!("cannot attach tp_btf/{tracepoint}"))?;
-    Ok(())
-}
-
-/// Attach the uretprobe on ngx_get_connection to the nginx binary at
-/// `exe`, for every process running it (loading the program on first use).
-pub fn attach_nginx_get_connection(ebpf: &mut Ebpf, exe: &Path) -> Result<()> {
-    let program: &mut UProbe = ebpf
-        .program_mut(NGINX_PROGRAM)
-        .ok_or_else(|| anyhow!("eBPF object lacks program {NGINX_PROGRAM}"))?
-        .try_into()?;
-    if program.fd().is_err() {
-        program
-            .load()
-            .context("cannot load the uretprobe program")?;
+    if probe.fd().is_err() {
+        probe.load().context("cannot load the uretprobe program")?;
     }
-    program
-        .attach(NGINX_SYMBOL, exe, UProbeScope::AllProcesses)
-        .with_context(|| format!("cannot attach a uretprobe to {NGINX_SYMBOL}"))?;
+    probe
+        .attach(symbol, exe, UProbeScope::AllProcesses)
+        .with_context(|| format!("cannot attach a uretprobe to {symbol}"))?;
     Ok(())
 }
 

@@ -42,7 +42,6 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         unix_sock_addr: at("unix_sock.addr")?,
         unix_address_len: at("unix_address.len")?,
         unix_address_name: at("unix_address.name")?,
-        sock_state: at("sock.__sk_common.skc_state")?,
         sock_num: at("sock.__sk_common.skc_num")?,
         sock_rcv_saddr: at("sock.__sk_common.skc_rcv_saddr")?,
         sock_v6_rcv_saddr: at("sock.__sk_common.skc_v6_rcv_saddr")?,
@@ -52,9 +51,6 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         icsk_syn_qlen: at("inet_connection_sock.icsk_accept_queue.qlen")?,
         net_max_syn_backlog: at("net.ipv4.sysctl_max_syn_backlog")?,
         net_syncookies: at("net.ipv4.sysctl_tcp_syncookies")?,
-        skb_head: at("sk_buff.head")?,
-        skb_network_header: at("sk_buff.network_header")?,
-        skb_transport_header: at("sk_buff.transport_header")?,
         bpf_array_pptrs: at("bpf_array.pptrs")?,
         net_mib_statistics: at("net.mib.net_statistics")?,
         mib_listen_overflows: mib_index("LINUX_MIB_LISTENOVERFLOWS")?,
@@ -80,7 +76,7 @@ fn enum_having(btf: &Btf, member: &str) -> Option<Type> {
         .find(|ty| enumerator(btf, ty, member).is_some())
 }
 
-fn enum_value(btf: &Btf, enum_name: &str, member: &str) -> Option<u32> {
+pub fn enum_value(btf: &Btf, enum_name: &str, member: &str) -> Option<u32> {
     btf.resolve_types_by_name(enum_name)
         .ok()?
         .iter()

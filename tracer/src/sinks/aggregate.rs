@@ -6,13 +6,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{drop::Drop, drop::DropKind, limits::LimitName};
+use crate::contract::{Drop, DropKind, LimitName, Line, Stage, TotalRecord};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
     kind: DropKind,
     netns: Option<u32>,
-    stage: Option<&'static str>,
+    stage: Option<Stage>,
     listener: String,
     limit: LimitName,
 }
@@ -29,18 +29,6 @@ impl Key {
     }
 }
 
-/// One line to print: the latest drop of its key and how many it stands
-/// for (all of them happened after the previous line of the key).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
-pub struct Line {
-    #[serde(flatten)]
-    pub drop: Drop,
-    pub count: u64,
-    /// True for the first line of its key (the one that carries the fix).
-    #[serde(skip)]
-    pub first: bool,
-}
-
 struct Batch {
     latest: Drop,
     pending: u64,
@@ -53,6 +41,20 @@ struct Batch {
 pub struct Total {
     pub drop: Drop,
     pub count: u64,
+}
+
+impl From<&Total> for TotalRecord {
+    fn from(total: &Total) -> Self {
+        let drop = &total.drop;
+        Self {
+            kind: drop.kind,
+            stage: drop.stage,
+            listener: drop.listener.clone(),
+            client: drop.listener.is_none().then(|| drop.client.clone()),
+            limit: drop.limit.clone(),
+            count: total.count,
+        }
+    }
 }
 
 pub struct Aggregator {
@@ -166,11 +168,7 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        attribution::process::Role,
-        drop::{Client, ListenerView},
-        limits::Verdict,
-    };
+    use crate::contract::{Client, Family, ListenerView, Role, Verdict};
     use std::time::SystemTime;
 
     fn drop_at(path: &str) -> Drop {
@@ -185,7 +183,7 @@ mod tests {
                 ..Client::default()
             },
             listener: Some(ListenerView {
-                family: "unix",
+                family: Family::Unix,
                 path: Some(path.into()),
                 addr: None,
                 port: None,

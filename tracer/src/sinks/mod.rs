@@ -1,30 +1,19 @@
-//! Where drops go: the terminal (one short line each) or JSON Lines. Both
-//! write results to stdout only; diagnostics go to stderr through tracing.
+//! Where drops go: the terminal (one short line each), JSON Lines, or a
+//! capture file. Terminal and JSON write results to stdout only;
+//! diagnostics go to stderr through tracing.
 pub mod aggregate;
+pub mod capture;
+pub mod terminal;
 
 use std::{
     io::{self, Write},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
-
-use crate::{
-    drop::{Cause, Client, DropKind, ListenerView, Notice},
-    limits::Verdict,
-    probes::Lost,
-};
-use aggregate::{Line, Total};
-
-/// droptrace's TCP accept-queue overflows next to the kernel's own
-/// counter, for one network namespace, over droptrace's run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Reconciliation {
-    pub netns: u32,
-    pub droptrace: u64,
-    /// Delta of TcpExtListenOverflows over the same window.
-    pub kernel: u64,
-}
+use crate::contract::{Line, Lost, Notice, Reconciliation, Record, SummaryRecord, TotalRecord};
+use aggregate::Total;
+use capture::CaptureWriter;
+use terminal::{cause_label, clock, kind_label, limit_label, total_row, what_label, TOTALS_HEADER};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -40,172 +29,25 @@ pub struct Sink<W: Write> {
 /// What the live loop writes to: the terminal, or a capture file that
 /// also takes counters and queue samples.
 pub trait Destination: Write {
-    fn capture(&mut self) -> Option<&mut crate::capture::CaptureWriter> {
+    fn capture(&mut self) -> Option<&mut CaptureWriter> {
         None
     }
 }
 
 impl Destination for io::StdoutLock<'_> {}
 
-impl Destination for crate::capture::CaptureWriter {
-    fn capture(&mut self) -> Option<&mut crate::capture::CaptureWriter> {
+impl Destination for CaptureWriter {
+    fn capture(&mut self) -> Option<&mut CaptureWriter> {
         Some(self)
     }
 }
 
-/// A JSON Lines record: `{"type": NAME, ...the body's fields}`.
-#[derive(Serialize)]
-struct Typed<'a, T> {
-    #[serde(rename = "type")]
-    record: &'static str,
-    #[serde(flatten)]
-    body: &'a T,
-}
-
-/// Write one record as one line.
-pub fn write_record<W: Write, T: Serialize>(
-    out: &mut W,
-    record: &'static str,
-    body: &T,
-) -> io::Result<()> {
-    let mut line = serde_json::to_vec(&Typed { record, body })?;
+/// Write one record as one line: `{"type": ..., ...}`.
+pub fn write_record<W: Write>(out: &mut W, record: &Record) -> io::Result<()> {
+    let mut line = serde_json::to_vec(record)?;
     line.push(b'\n');
     out.write_all(&line)?;
     out.flush()
-}
-
-/// A summary total: field names are the JSON contract (README).
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct TotalRecord {
-    pub kind: DropKind,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "crate::drop::interned_option"
-    )]
-    pub stage: Option<crate::drop::Name>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub listener: Option<ListenerView>,
-    /// Drops without a listener are told apart by process.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client: Option<Client>,
-    pub limit: Verdict,
-    pub count: u64,
-}
-
-impl From<&Total> for TotalRecord {
-    fn from(total: &Total) -> Self {
-        let drop = &total.drop;
-        Self {
-            kind: drop.kind,
-            stage: drop.stage,
-            listener: drop.listener.clone(),
-            client: drop.listener.is_none().then(|| drop.client.clone()),
-            limit: drop.limit.clone(),
-            count: total.count,
-        }
-    }
-}
-
-/// `{"type":"summary"}`: the last record of a live JSON run and of a capture.
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct SummaryRecord {
-    pub totals: Vec<TotalRecord>,
-    /// Drop events the kernel could not hand over: the totals are short by
-    /// this much.
-    pub lost: u64,
-    pub lost_by_cause: Lost,
-    pub kernel_listen_overflows: Vec<Reconciliation>,
-    pub duration_s: f64,
-}
-
-pub fn rfc3339(time: SystemTime) -> String {
-    humantime::format_rfc3339_millis(time).to_string()
-}
-
-/// "14:13:20.123" of an RFC 3339 time: what the terminal shows.
-pub fn clock(rfc3339: &str) -> &str {
-    rfc3339.get(11..23).unwrap_or(rfc3339)
-}
-
-/// "14:13:20" of an RFC 3339 time: a whole second.
-pub fn clock_second(rfc3339: &str) -> &str {
-    rfc3339.get(11..19).unwrap_or(rfc3339)
-}
-
-/// "value (source)" of a limit, as the terminal shows it.
-pub fn limit_label(limit: &Verdict) -> String {
-    let hard = limit.hard.map_or(String::new(), |h| format!(" hard {h}"));
-    match limit.value {
-        Some(value) => format!("{}={value}{hard} ({})", limit.name.as_str(), limit.source),
-        None => format!("{} ({})", limit.name.as_str(), limit.source),
-    }
-}
-
-/// What a drop was: "/run/app.sock queue 101/100, owner uwsgi[1] uwsgi-master,
-/// refused nginx[2] nginx-worker", or "nginx[2] nginx-worker socket() failed".
-fn what_label(drop: &crate::drop::Drop) -> String {
-    match (&drop.listener, drop.kind) {
-        (Some(listener), DropKind::EphemeralPorts) => format!(
-            "{} connect() to {} failed",
-            drop.client.label(),
-            listener.label()
-        ),
-        (Some(listener), _) => format!(
-            "{} {}, owner {}, refused {}",
-            listener.label(),
-            queue_label(listener),
-            listener.owner_label(),
-            drop.client.label()
-        ),
-        (None, _) => match drop.client.syscall {
-            Some(syscall) => format!("{} {syscall}() failed", drop.client.label()),
-            None => format!("{} refused a connection", drop.client.label()),
-        },
-    }
-}
-
-fn cause_label(cause: &Cause) -> String {
-    format!(
-        " [caused by {} at {}: {}[{}] {}hit {}{}; fix that first]",
-        cause.kind.as_str(),
-        clock(&cause.time),
-        cause.comm,
-        cause.pid,
-        cause.syscall.map_or(String::new(), |s| format!("{s}() ")),
-        cause.limit.as_str(),
-        cause.value.map_or(String::new(), |v| format!("={v}"))
-    )
-}
-
-/// "tcp_accept_queue[syn]", "unix_backlog".
-pub fn kind_label(drop: &crate::drop::Drop) -> String {
-    match drop.stage {
-        Some(stage) => format!("{}[{stage}]", drop.kind.as_str()),
-        None => drop.kind.as_str().to_string(),
-    }
-}
-
-/// The column titles above `total_row`s.
-pub const TOTALS_HEADER: &str = "   COUNT  KIND                  LISTENER OR PROCESS          OWNER OR CLIENT                LIMIT";
-
-/// One summary row: count, kind, listener (or process), its owner (or the
-/// client), the limit with its value and source.
-pub fn total_row(total: &Total) -> String {
-    let drop = &total.drop;
-    format!(
-        "{:>8}  {:<21} {:<28} {:<30} {}",
-        total.count,
-        kind_label(drop),
-        drop.subject(),
-        drop.owner_or_client(),
-        limit_label(&drop.limit)
-    )
-}
-
-fn queue_label(listener: &ListenerView) -> String {
-    let show = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
-    format!("queue {}/{}", show(listener.queue), show(listener.backlog))
 }
 
 impl<W: Write> Sink<W> {
@@ -220,9 +62,9 @@ impl<W: Write> Sink<W> {
     pub fn line(&mut self, line: &Line) -> io::Result<()> {
         let drop = &line.drop;
         match self.format {
-            Format::Json => return write_record(&mut self.out, "drop", line),
+            Format::Json => return write_record(&mut self.out, &Record::Drop(line.clone())),
             Format::Human => {
-                let time = rfc3339(drop.time);
+                let time = crate::contract::rfc3339(drop.time);
                 let clock = clock(&time);
                 let fix = if line.first {
                     format!("; fix: {}", drop.limit.fix)
@@ -245,9 +87,9 @@ impl<W: Write> Sink<W> {
 
     pub fn notice(&mut self, notice: &Notice) -> io::Result<()> {
         match self.format {
-            Format::Json => return write_record(&mut self.out, "notice", notice),
+            Format::Json => return write_record(&mut self.out, &Record::Notice(notice.clone())),
             Format::Human => {
-                let time = rfc3339(notice.time);
+                let time = crate::contract::rfc3339(notice.time);
                 writeln!(
                     self.out,
                     "{clock} NOTICE backlog_clamped {listener}, owner {owner}: listen({requested}) was clamped to {effective} by net.core.somaxconn={somaxconn} (netns {netns}); fix: {fix}",
@@ -281,7 +123,7 @@ impl<W: Write> Sink<W> {
                     kernel_listen_overflows: kernel.to_vec(),
                     duration_s: elapsed.as_secs_f64(),
                 };
-                return write_record(&mut self.out, "summary", &record);
+                return write_record(&mut self.out, &Record::Summary(record));
             }
             Format::Human => {
                 let drops: u64 = totals.iter().map(|t| t.count).sum();
@@ -329,10 +171,12 @@ impl<W: Write> Sink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{drop::Drop, limits::LimitName};
-    use serde_json::json;
+    use std::time::SystemTime;
 
-    use crate::drop::sample;
+    use crate::contract::{
+        sample, Cause, Client, Drop, DropKind, Family, LimitName, Stage, Syscall, Verdict,
+    };
+    use serde_json::json;
 
     #[test]
     fn json_drop_lines_follow_the_contract() {
@@ -400,9 +244,9 @@ mod tests {
     fn tcp_lines_name_the_stage_the_address_and_the_peer() {
         let mut drop = sample();
         drop.kind = DropKind::TcpAcceptQueue;
-        drop.stage = Some("syn");
+        drop.stage = Some(Stage::Syn);
         let listener = drop.listener.as_mut().unwrap();
-        listener.family = "tcp";
+        listener.family = Family::Tcp;
         listener.path = None;
         listener.addr = Some("127.0.0.1".into());
         listener.port = Some(19090);
@@ -502,7 +346,7 @@ mod tests {
         let mut drop = sample();
         drop.kind = DropKind::Nofile;
         drop.listener = None;
-        drop.client.syscall = Some("accept4");
+        drop.client.syscall = Some(Syscall::Accept4);
         drop.limit = Verdict {
             name: LimitName::RlimitNofile,
             value: Some(64),
@@ -551,7 +395,7 @@ mod tests {
             time: "2026-09-21T14:13:20.001Z".into(),
             pid: 3363,
             comm: "nginx".into(),
-            syscall: Some("accept4"),
+            syscall: Some(Syscall::Accept4),
             limit: LimitName::RlimitNofile,
             value: Some(64),
         });
@@ -586,7 +430,7 @@ mod tests {
     fn notices_are_one_line_with_the_fix() {
         let notice = Notice {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
-            kind: crate::drop::NoticeKind::BacklogClamped,
+            kind: crate::contract::NoticeKind::BacklogClamped,
             listener: sample().listener.unwrap(),
             requested: 511,
             effective: 64,

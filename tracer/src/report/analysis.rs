@@ -6,22 +6,20 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::capture::Capture;
 use crate::{
-    attribution::sock_diag::ListenCounters,
-    capture::Capture,
-    cli::ReportArgs,
+    contract::{rfc3339, DropKind, Line, ListenCounters, Notice, TotalRecord},
     doctor::{self, Risk},
-    drop::{DropKind, Notice},
     sinks::{
-        aggregate::{Aggregator, Key, Line, Total},
-        clock, clock_second, rfc3339, total_row, TotalRecord, TOTALS_HEADER,
+        aggregate::{Aggregator, Key, Total},
+        terminal::{clock, clock_second, total_row, TOTALS_HEADER},
     },
 };
 
@@ -413,40 +411,4 @@ impl Analysis {
         }
         Ok(())
     }
-}
-
-pub fn run(args: &ReportArgs) -> Result<()> {
-    let analysis = Analysis::of(&args.files)?;
-    for (file, capture) in args.files.iter().zip(&analysis.captures) {
-        if let Some(reason) = &capture.truncated {
-            eprintln!(
-                "droptrace: warning: {} is truncated ({reason}): droptrace was killed, crashed or ran out of disk; reporting up to its last complete record",
-                file.display()
-            );
-        }
-        if capture.unknown_records > 0 {
-            eprintln!(
-                "droptrace: warning: {}: skipped {} records of types this droptrace does not know",
-                file.display(),
-                capture.unknown_records
-            );
-        }
-    }
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer(&mut out, &analysis.json)?;
-        writeln!(out)?;
-    } else {
-        analysis.write_text(&mut out)?;
-    }
-    if let Some(html) = &args.html {
-        write_html(html, &analysis)?;
-        eprintln!("droptrace: wrote {}", html.display());
-    }
-    Ok(())
-}
-
-fn write_html(path: &Path, analysis: &Analysis) -> Result<()> {
-    let page = crate::html::page(analysis);
-    std::fs::write(path, page).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -1,13 +1,9 @@
 //! A drop, attributed and explained: what every sink prints.
-use std::{
-    collections::HashSet,
-    sync::{Mutex, OnceLock},
-    time::SystemTime,
-};
+use std::{fmt, time::SystemTime};
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
-use crate::{attribution::process::Role, limits::Verdict};
+use super::limit::{LimitName, Verdict};
 
 /// Drop kinds are part of the JSON contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
@@ -44,6 +40,67 @@ impl DropKind {
     }
 }
 
+contract_names! {
+    /// What part a process plays in the stack, recognised from its
+    /// executable and its place in the process tree.
+    Role {
+        NginxMaster => "nginx-master",
+        NginxWorker => "nginx-worker",
+        UwsgiMaster => "uwsgi-master",
+        UwsgiWorker => "uwsgi-worker",
+        Other => "other",
+    }
+}
+
+impl Role {
+    pub fn is_uwsgi(self) -> bool {
+        matches!(self, Role::UwsgiMaster | Role::UwsgiWorker)
+    }
+
+    pub fn is_nginx(self) -> bool {
+        matches!(self, Role::NginxMaster | Role::NginxWorker)
+    }
+}
+
+contract_names! {
+    /// Where a TCP connection attempt was dropped.
+    Stage {
+        /// The SYN, consumed silently by tcp_conn_request.
+        Syn => "syn",
+        /// The handshake's last ACK (TCP_LISTEN_OVERFLOW).
+        Ack => "ack",
+        /// An ACK carrying a SYN cookie (cookie_v4_check).
+        AckSyncookie => "ack_syncookie",
+    }
+}
+
+contract_names! {
+    /// The syscall that needed a file descriptor and failed.
+    Syscall {
+        Accept => "accept",
+        Accept4 => "accept4",
+        Socket => "socket",
+        Open => "open",
+        Openat => "openat",
+    }
+}
+
+impl Syscall {
+    pub fn is_accept(self) -> bool {
+        matches!(self, Self::Accept | Self::Accept4)
+    }
+}
+
+contract_names! {
+    /// A listener's address family.
+    Family {
+        // In the order of their names: listener tables sort by it.
+        Tcp => "tcp",
+        Tcp6 => "tcp6",
+        Unix => "unix",
+    }
+}
+
 /// Who was refused: a local process (UNIX; TCP from this machine) and/or
 /// a remote address (TCP). Absent fields are left out of the JSON.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -60,11 +117,8 @@ pub struct Client {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// nofile and file_max: the syscall that failed ("accept4", "socket").
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "interned_option"
-    )]
-    pub syscall: Option<Name>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<Syscall>,
 }
 
 impl Client {
@@ -99,9 +153,7 @@ pub fn socket_label(addr: &str, port: u16) -> String {
 /// The socket whose queue was full, and who owns it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ListenerView {
-    /// "unix", "tcp" or "tcp6".
-    #[serde(deserialize_with = "interned")]
-    pub family: Name,
+    pub family: Family,
     /// UNIX listeners: the path, or "@name" for abstract ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -127,13 +179,9 @@ pub struct Drop {
     #[schemars(with = "String")]
     pub time: SystemTime,
     pub kind: DropKind,
-    /// TCP: "syn", "ack" or "ack_syncookie".
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "interned_option"
-    )]
-    pub stage: Option<Name>,
+    /// TCP accept-queue drops: where in the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
     pub client: Client,
     /// The socket whose queue was full; for ephemeral_ports the destination.
     /// None for nofile, file_max and worker_connections.
@@ -153,9 +201,9 @@ pub struct Cause {
     pub time: String,
     pub pid: u32,
     pub comm: String,
-    #[serde(default, deserialize_with = "interned_option")]
-    pub syscall: Option<Name>,
-    pub limit: crate::limits::LimitName,
+    #[serde(default)]
+    pub syscall: Option<Syscall>,
+    pub limit: LimitName,
     pub value: Option<u64>,
 }
 
@@ -229,39 +277,9 @@ pub struct Notice {
     pub fix: String,
 }
 
-/// A short fixed name (family, TCP stage, syscall). The alias also keeps
-/// serde from taking the field for a string borrowed from its input.
-pub type Name = &'static str;
-
-/// The few short names droptrace keeps as `&'static str` (families, TCP
-/// stages, syscalls) when read back from a capture: each distinct value is
-/// allocated once for the life of the process.
-pub fn intern(name: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    match names.get(name) {
-        Some(known) => known,
-        None => {
-            let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
-            names.insert(leaked);
-            leaked
-        }
-    }
-}
-
-pub fn interned<'de, D: Deserializer<'de>>(deserializer: D) -> Result<&'static str, D::Error> {
-    let name = String::deserialize(deserializer)?;
-    Ok(intern(&name))
-}
-
-pub fn interned_option<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<&'static str>, D::Error> {
-    let name = Option::<String>::deserialize(deserializer)?;
-    Ok(name.as_deref().map(intern))
+/// RFC 3339 in UTC with milliseconds, as every record writes times.
+pub fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 /// Times in JSON: RFC 3339 in UTC with milliseconds.
@@ -283,7 +301,6 @@ pub mod wall_time {
 /// A uWSGI listen-queue drop as the tests of several modules need one.
 #[cfg(test)]
 pub fn sample() -> Drop {
-    use crate::limits::LimitName;
     Drop {
         time: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_790_000_000_123),
         kind: DropKind::UnixBacklog,
@@ -295,7 +312,7 @@ pub fn sample() -> Drop {
             ..Client::default()
         },
         listener: Some(ListenerView {
-            family: "unix",
+            family: Family::Unix,
             path: Some("/run/app.sock".into()),
             addr: None,
             port: None,

@@ -1,69 +1,14 @@
-//! Which limit a drop hit, its value, where that value came from, and the
-//! fix. Pure logic: everything it needs arrives in `BacklogFacts`.
-use serde::{Deserialize, Serialize};
-
-use crate::{attribution::process::Role, config::Setting};
-
-/// Limit names are part of the JSON contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum LimitName {
-    /// net.core.somaxconn clamped the backlog the owner asked for.
-    Somaxconn,
-    /// uWSGI's `listen` option.
-    UwsgiListen,
-    /// nginx's `listen ... backlog=` (511 by default on Linux).
-    NginxListenBacklog,
-    /// Any other program's listen() backlog.
-    AppBacklog,
-    /// The effective backlog equals somaxconn but the requested one was not
-    /// seen: either could be the limit.
-    BacklogAmbiguous,
-    /// net.ipv4.tcp_max_syn_backlog, with syncookies off.
-    TcpMaxSynBacklog,
-    /// RLIMIT_NOFILE of the process (EMFILE).
-    RlimitNofile,
-    /// fs.file-max, the system-wide open-file limit (ENFILE).
-    FileMax,
-    /// nginx's worker_connections.
-    WorkerConnections,
-    /// net.ipv4.ip_local_port_range: no ephemeral port left.
-    IpLocalPortRange,
-    /// The listener could not be found (it closed before we looked).
-    Unknown,
-}
-
-impl LimitName {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Somaxconn => "somaxconn",
-            Self::UwsgiListen => "uwsgi_listen",
-            Self::NginxListenBacklog => "nginx_listen_backlog",
-            Self::AppBacklog => "app_backlog",
-            Self::BacklogAmbiguous => "backlog_ambiguous",
-            Self::TcpMaxSynBacklog => "tcp_max_syn_backlog",
-            Self::RlimitNofile => "rlimit_nofile",
-            Self::FileMax => "file_max",
-            Self::WorkerConnections => "worker_connections",
-            Self::IpLocalPortRange => "ip_local_port_range",
-            Self::Unknown => "unknown",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Verdict {
-    pub name: LimitName,
-    /// The number that was hit.
-    pub value: Option<u64>,
-    /// rlimit_nofile: the hard limit beside the soft one that was hit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hard: Option<u64>,
-    /// Where that number came from.
-    pub source: String,
-    /// One line: what to change.
-    pub fix: String,
-}
+//! Listen backlogs, shared by the families whose drops are a full listen
+//! queue (unix_backlog, tcp_accept_queue, tcp_syn_queue) and by the
+//! backlog_clamped notice: which limit the queue hit (somaxconn, uWSGI's
+//! listen, nginx's backlog=, the application's own listen() argument), its
+//! value, where that value came from, and the fix. Pure logic: everything
+//! it needs arrives in `BacklogFacts`.
+use crate::{
+    config::Setting,
+    contract::{LimitName, Role, Verdict},
+    host::owners::Owner,
+};
 
 /// How clients reach the listener: it changes what they see of a drop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,8 +36,36 @@ pub struct BacklogFacts {
     pub nginx_backlog: Option<Setting>,
 }
 
-/// What a negative listen() backlog becomes in `BacklogFacts::requested`.
-pub const LISTEN_MAX_REQUEST: u32 = i32::MAX as u32;
+pub use crate::host::listeners::LISTEN_MAX_REQUEST;
+
+/// The verdict inputs common to every listener.
+pub fn backlog_facts(
+    transport: Transport,
+    owner: Option<&Owner>,
+    effective: u32,
+    requested: Option<u32>,
+    somaxconn: Option<u32>,
+) -> BacklogFacts {
+    BacklogFacts {
+        transport,
+        owner_role: owner.map_or(Role::Other, |o| o.process.role),
+        owner: owner.map_or_else(|| "the listener's owner".into(), Owner::label),
+        effective,
+        requested,
+        uwsgi_listen: owner.and_then(Owner::uwsgi_listen),
+        somaxconn,
+        nginx_backlog: None,
+    }
+}
+
+/// nginx's configured backlog for a listener, by its port or path.
+pub fn nginx_backlog(
+    owner: Option<&Owner>,
+    port: Option<u16>,
+    path: Option<&std::path::Path>,
+) -> Option<Setting> {
+    owner?.nginx.as_ref()?.listen_backlog(port, path).cloned()
+}
 
 /// A backlog worth suggesting: at least 1024, four times the current one,
 /// rounded up to a power of two.
@@ -246,139 +219,6 @@ pub fn unknown_listener_verdict() -> Verdict {
             "the listener was not in the socket table when droptrace looked (it may have closed)"
                 .into(),
         fix: "run `ss -xlp` to find the listening process and its backlog".into(),
-    }
-}
-
-/// An open-file limit worth suggesting: four times the current one, at
-/// least 65536 (what busy proxies run with), a power of two.
-fn suggested_nofile(current: u64) -> u64 {
-    current.saturating_mul(4).max(65536).next_power_of_two()
-}
-
-/// What is known of a process that hit its RLIMIT_NOFILE.
-#[derive(Clone, Debug)]
-pub struct NofileFacts {
-    /// "nginx[4242]"
-    pub process: String,
-    pub role: Role,
-    pub soft: u64,
-    pub hard: u64,
-    /// Where the soft limit came from, in words (see attribution::rlimits).
-    pub source: String,
-    /// nginx: its worker_connections and configuration file.
-    pub nginx: Option<(Setting, std::path::PathBuf)>,
-}
-
-pub fn nofile_verdict(facts: &NofileFacts) -> Verdict {
-    let hard_note = |target: u64| {
-        if target > facts.hard {
-            format!("; the hard limit is {}: raise LimitNOFILE= (systemd) or `ulimit -Hn` where it starts", facts.hard)
-        } else {
-            String::new()
-        }
-    };
-    let fix = match (&facts.nginx, facts.role) {
-        (Some((connections, conf)), _) => {
-            // A proxied request holds two descriptors: client and upstream.
-            let target =
-                (u64::from(connections.value) * 2).max(suggested_nofile(facts.soft).min(65536));
-            format!(
-                "set \"worker_rlimit_nofile {target};\" in the main context of {} (at least 2 x worker_connections {}: a proxied request holds 2 descriptors) and reload nginx",
-                conf.display(),
-                connections.value
-            )
-        }
-        (None, role) if role.is_uwsgi() => {
-            let target = suggested_nofile(facts.soft);
-            format!(
-                "set \"max-fd = {target}\" in the uWSGI ini and restart it{}",
-                hard_note(target)
-            )
-        }
-        _ => {
-            let target = suggested_nofile(facts.soft);
-            format!(
-                "raise the open-file limit of {} to {target}: LimitNOFILE={target} in its systemd unit, or `ulimit -n {target}` in the script that starts it (nofile in /etc/security/limits.conf for login sessions), then restart it{}",
-                facts.process,
-                hard_note(target)
-            )
-        }
-    };
-    Verdict {
-        name: LimitName::RlimitNofile,
-        value: Some(facts.soft),
-        hard: Some(facts.hard),
-        source: facts.source.clone(),
-        fix,
-    }
-}
-
-/// ENFILE: the whole system ran out of file handles.
-pub fn file_max_verdict(file_max: Option<u64>, allocated: Option<u64>) -> Verdict {
-    let allocated = allocated.map_or(String::new(), |n| format!("; {n} allocated now"));
-    Verdict {
-        name: LimitName::FileMax,
-        value: file_max,
-        hard: None,
-        source: format!("fs.file-max, the system-wide limit on open files{allocated}"),
-        fix: format!(
-            "sysctl -w fs.file-max={} (persist it in /etc/sysctl.d/), and look for the process holding most descriptors (ls /proc/*/fd | wc -l per process)",
-            file_max.map_or(2_097_152, |n| n.saturating_mul(2))
-        ),
-    }
-}
-
-/// nginx's ngx_get_connection() found no free connection slot.
-pub fn worker_connections_verdict(
-    connections: Option<&Setting>,
-    conf: Option<&std::path::Path>,
-    method: &str,
-) -> Verdict {
-    let value = connections.map(|c| c.value);
-    let target = suggested_backlog(value.unwrap_or(512));
-    let conf = conf.map_or("nginx's configuration".to_string(), |c| {
-        c.display().to_string()
-    });
-    Verdict {
-        name: LimitName::WorkerConnections,
-        value: value.map(u64::from),
-        hard: None,
-        source: format!(
-            "{} (seen through {method})",
-            connections.map_or("worker_connections of this nginx (its configuration could not be read)", |c| c.source.as_str())
-        ),
-        fix: format!(
-            "raise worker_connections to {target} in the events block of {conf} (each proxied request holds 2: client and upstream) with worker_rlimit_nofile at least {}, and reload nginx",
-            u64::from(target) * 2
-        ),
-    }
-}
-
-/// connect() found no free local port for the destination.
-pub fn ephemeral_ports_verdict(
-    range: Option<(u32, u32)>,
-    netns: u32,
-    upstream_keepalive: Option<bool>,
-) -> Verdict {
-    let reuse = match upstream_keepalive {
-        Some(true) => "reuse upstream connections (the upstream block has keepalive: check proxy_http_version 1.1 and proxy_set_header Connection \"\" are set too)",
-        _ => "reuse upstream connections (nginx: \"keepalive 32;\" in the upstream block, with proxy_http_version 1.1 and proxy_set_header Connection \"\"; or a UNIX socket to the backend)",
-    };
-    let (value, source) = match range {
-        Some((low, high)) => (
-            Some(u64::from(high.saturating_sub(low)) + 1),
-            format!("net.ipv4.ip_local_port_range {low} {high} of netns {netns}: every port to that destination was in use (TIME-WAIT included)"),
-        ),
-        None => (None, format!("net.ipv4.ip_local_port_range of netns {netns} (could not be read)")),
-    };
-    Verdict {
-        name: LimitName::IpLocalPortRange,
-        value,
-        hard: None,
-        source,
-        fix: format!(
-            "{reuse}; or widen the range: sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\""
-        ),
     }
 }
 
@@ -551,108 +391,5 @@ mod tests {
         assert_eq!(suggested_backlog(1), 1024);
         assert_eq!(suggested_backlog(511), 2048);
         assert_eq!(suggested_backlog(4096), 16384);
-    }
-
-    #[test]
-    fn names_serialise_as_the_json_contract_says() {
-        for name in [
-            LimitName::Somaxconn,
-            LimitName::UwsgiListen,
-            LimitName::NginxListenBacklog,
-            LimitName::AppBacklog,
-            LimitName::BacklogAmbiguous,
-            LimitName::TcpMaxSynBacklog,
-            LimitName::RlimitNofile,
-            LimitName::FileMax,
-            LimitName::WorkerConnections,
-            LimitName::IpLocalPortRange,
-            LimitName::Unknown,
-        ] {
-            assert_eq!(serde_json::to_value(name).unwrap(), name.as_str());
-        }
-    }
-
-    fn nofile(role: Role, soft: u64, hard: u64, nginx: Option<u32>) -> NofileFacts {
-        NofileFacts {
-            process: "proc[42]".into(),
-            role,
-            soft,
-            hard,
-            source: "somewhere".into(),
-            nginx: nginx.map(|n| {
-                (
-                    Setting::configured(n, "worker_connections"),
-                    "/etc/nginx/nginx.conf".into(),
-                )
-            }),
-        }
-    }
-
-    #[test]
-    fn nofile_names_the_soft_and_hard_values_and_the_knob_of_the_program() {
-        let v = nofile_verdict(&nofile(Role::NginxWorker, 64, 64, Some(1024)));
-        assert_eq!(
-            (v.name, v.value, v.hard),
-            (LimitName::RlimitNofile, Some(64), Some(64))
-        );
-        assert!(
-            v.fix.starts_with(
-                "set \"worker_rlimit_nofile 65536;\" in the main context of /etc/nginx/nginx.conf"
-            ),
-            "{}",
-            v.fix
-        );
-        let v = nofile_verdict(&nofile(Role::NginxWorker, 64, 64, Some(65536)));
-        assert!(
-            v.fix.starts_with("set \"worker_rlimit_nofile 131072;\""),
-            "{}",
-            v.fix
-        );
-        let v = nofile_verdict(&nofile(Role::UwsgiMaster, 1024, 4096, None));
-        assert!(
-            v.fix.starts_with("set \"max-fd = 65536\" in the uWSGI ini")
-                && v.fix.contains("the hard limit is 4096"),
-            "{}",
-            v.fix
-        );
-        let v = nofile_verdict(&nofile(Role::Other, 1024, 1_048_576, None));
-        assert!(
-            v.fix
-                .starts_with("raise the open-file limit of proc[42] to 65536: LimitNOFILE=65536"),
-            "{}",
-            v.fix
-        );
-        assert!(!v.fix.contains("hard limit"), "{}", v.fix);
-    }
-
-    #[test]
-    fn worker_connections_ephemeral_ports_and_file_max() {
-        let connections = Setting::configured(64, "worker_connections 64 at /t/nginx.conf:3");
-        let v = worker_connections_verdict(
-            Some(&connections),
-            Some(std::path::Path::new("/t/nginx.conf")),
-            "a uretprobe on ngx_get_connection",
-        );
-        assert_eq!(v.value, Some(64));
-        assert_eq!(v.source, "worker_connections 64 at /t/nginx.conf:3 (seen through a uretprobe on ngx_get_connection)");
-        assert!(
-            v.fix.starts_with(
-                "raise worker_connections to 1024 in the events block of /t/nginx.conf"
-            ),
-            "{}",
-            v.fix
-        );
-
-        let v = ephemeral_ports_verdict(Some((40000, 40001)), 7, None);
-        assert_eq!((v.name, v.value), (LimitName::IpLocalPortRange, Some(2)));
-        assert!(
-            v.fix.contains("keepalive 32;") && v.fix.contains("ip_local_port_range=\"1024 65535\""),
-            "{}",
-            v.fix
-        );
-
-        let v = file_max_verdict(Some(1000), Some(990));
-        assert_eq!((v.name, v.value), (LimitName::FileMax, Some(1000)));
-        assert!(v.fix.starts_with("sysctl -w fs.file-max=2000"), "{}", v.fix);
     }
 }

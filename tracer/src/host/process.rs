@@ -5,40 +5,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use crate::contract::Role;
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
-
-/// What part a process plays in the stack, recognised from its executable
-/// and its place in the process tree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    NginxMaster,
-    NginxWorker,
-    UwsgiMaster,
-    UwsgiWorker,
-    Other,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::NginxMaster => "nginx-master",
-            Role::NginxWorker => "nginx-worker",
-            Role::UwsgiMaster => "uwsgi-master",
-            Role::UwsgiWorker => "uwsgi-worker",
-            Role::Other => "other",
-        }
-    }
-
-    pub fn is_uwsgi(self) -> bool {
-        matches!(self, Role::UwsgiMaster | Role::UwsgiWorker)
-    }
-
-    pub fn is_nginx(self) -> bool {
-        matches!(self, Role::NginxMaster | Role::NginxWorker)
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Program {
@@ -94,12 +62,6 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 2..];
     after_comm.split(' ').nth(1)?.parse().ok()
-}
-
-/// `path` as seen from the directory `root` (a process's /proc/PID/root
-/// or cwd): absolute paths are taken as relative to it.
-pub fn under_root(root: &Path, path: &Path) -> PathBuf {
-    root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 /// A process's working directory; "/" when it cannot be read.

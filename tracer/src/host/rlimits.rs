@@ -7,15 +7,7 @@
 use std::fs;
 
 use super::process::{self, Process};
-
-/// Soft and hard RLIMIT_NOFILE ("unlimited" is u64::MAX).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
-)]
-pub struct Nofile {
-    pub soft: u64,
-    pub hard: u64,
-}
+use crate::contract::Nofile;
 
 /// "Max open files  1024  524288  files" in /proc/PID/limits.
 pub fn nofile_of(pid: u32) -> Option<Nofile> {
@@ -55,6 +47,7 @@ fn unit_of_cgroup(text: &str) -> Option<String> {
 /// The ancestor that set `pid`'s current soft limit: the highest one in the
 /// chain of parents with the same soft limit, and its parent (which has a
 /// different one), if any.
+#[derive(Clone, Debug)]
 pub struct Setter {
     pub process: Process,
     pub parent: Option<(Process, Nofile)>,

@@ -9,11 +9,10 @@ use std::{
 
 use tracer_common::{stage, ListenRecord, TcpOverflowKey, TcpOverflowRecord, AF_INET6};
 
-use crate::limits::LISTEN_MAX_REQUEST;
-
-use super::{
+use crate::host::{
+    listeners::LISTEN_MAX_REQUEST,
     owners::{Owned, Owner, OwnerScans},
-    process,
+    Host,
 };
 
 /// What we know of one TCP listener.
@@ -32,13 +31,6 @@ pub struct TcpListener {
 }
 
 impl TcpListener {
-    pub fn family(&self) -> &'static str {
-        match self.sample {
-            Some(s) if s.family == AF_INET6 => "tcp6",
-            _ => "tcp",
-        }
-    }
-
     pub fn netns(&self) -> Option<u32> {
         self.sample.map(|s| s.netns)
     }
@@ -59,6 +51,14 @@ impl Owned for TcpListener {
     }
 }
 
+pub fn ip(family: u16, raw: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
 /// The peer of a sampled drop.
 pub fn peer(sample: &TcpOverflowRecord) -> (IpAddr, u16) {
     (ip(sample.family, &sample.remote_addr), sample.remote_port)
@@ -75,49 +75,6 @@ pub fn local_client(sample: &TcpOverflowRecord) -> Option<(u32, String)> {
         sample.client_pid,
         String::from_utf8_lossy(&comm[..end]).into_owned(),
     ))
-}
-
-/// The local address of TCP socket `inode`, from /proc/PID/task/TID/net/tcp{,6}
-/// (the sockets of that thread's network namespace, which may differ from
-/// its process's).
-pub fn local_address_of(pid: u32, tid: u32, inode: u64) -> Option<(IpAddr, u16)> {
-    ["tcp", "tcp6"].iter().find_map(|table| {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/net/{table}")).ok()?;
-        text.lines()
-            .skip(1)
-            .find_map(|line| proc_net_tcp_entry(line, inode))
-    })
-}
-
-/// "  0: 0100007F:4E98 00000000:0000 0A ... 0 12345 ..." -> 127.0.0.1:20120
-/// when the inode (10th field) is `inode`. Addresses are 32-bit words in
-/// host byte order.
-fn proc_net_tcp_entry(line: &str, inode: u64) -> Option<(IpAddr, u16)> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    if fields.get(9)?.parse::<u64>().ok()? != inode {
-        return None;
-    }
-    let (addr, port) = fields.get(1)?.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let mut bytes = Vec::with_capacity(16);
-    for word in 0..addr.len() / 8 {
-        let value = u32::from_str_radix(addr.get(word * 8..word * 8 + 8)?, 16).ok()?;
-        bytes.extend_from_slice(&value.to_le_bytes());
-    }
-    let ip = match bytes.len() {
-        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
-        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
-        _ => return None,
-    };
-    Some((ip, port))
-}
-
-pub fn ip(family: u16, raw: &[u8; 16]) -> IpAddr {
-    if family == AF_INET6 {
-        IpAddr::V6(Ipv6Addr::from(*raw))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
-    }
 }
 
 /// New drops of one listener at one stage since the last poll.
@@ -156,19 +113,19 @@ impl TcpListeners {
             .insert(record.sock_inode, (requested, record.pid));
     }
 
-    pub fn on_sample(&mut self, record: &TcpOverflowRecord) {
-        let listener = self.entry(record.inode);
+    pub fn on_sample(&mut self, record: &TcpOverflowRecord, host: &mut dyn Host) {
+        let listener = self.entry(record.inode, host);
         listener.sample = Some(*record);
         listener.by_stage.insert(record.stage, *record);
     }
 
-    fn entry(&mut self, inode: u64) -> &mut TcpListener {
+    fn entry(&mut self, inode: u64, host: &mut dyn Host) -> &mut TcpListener {
         let listens = &self.listens;
         self.listeners.entry(inode).or_insert_with(|| {
             let listen = listens.get(&inode);
             let owner = listen
-                .and_then(|&(_, pid)| process::inspect(pid))
-                .map(Owner::of);
+                .and_then(|&(_, pid)| host.process(pid))
+                .map(|process| host.owner(process));
             TcpListener {
                 inode,
                 sample: None,
@@ -188,6 +145,7 @@ impl TcpListeners {
         &mut self,
         totals: impl IntoIterator<Item = (TcpOverflowKey, u64)>,
         last: bool,
+        host: &mut dyn Host,
     ) -> Vec<Batch> {
         let mut batches = Vec::new();
         for (key, total) in totals {
@@ -204,7 +162,7 @@ impl TcpListeners {
             }
             let count = total - *reported;
             *reported = total;
-            let listener = self.entry(key.inode).clone();
+            let listener = self.entry(key.inode, host).clone();
             let sample = listener
                 .by_stage
                 .get(&key.stage)
@@ -218,7 +176,13 @@ impl TcpListeners {
             });
         }
         if batches.iter().any(|b| b.listener.owner.is_none()) {
-            self.owner_scans.fill(&mut self.listeners);
+            self.owner_scans.fill_from(&mut self.listeners, |wanted| {
+                let owners = host.socket_owners(wanted);
+                owners
+                    .into_iter()
+                    .map(|(inode, p)| (inode, host.owner(p)))
+                    .collect()
+            });
             for batch in &mut batches {
                 if let Some(known) = self.listeners.get(&batch.listener.inode) {
                     batch.listener.owner = known.owner.clone();
@@ -250,30 +214,7 @@ impl TcpListeners {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn our_own_listener_is_found_in_proc_net_tcp() {
-        use std::os::fd::AsRawFd;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
-        let inode: u64 = link
-            .to_str()
-            .unwrap()
-            .trim_start_matches("socket:[")
-            .trim_end_matches(']')
-            .parse()
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        assert_eq!(
-            local_address_of(std::process::id(), std::process::id(), inode),
-            Some((IpAddr::V4(Ipv4Addr::LOCALHOST), port))
-        );
-        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1";
-        assert_eq!(
-            proc_net_tcp_entry(v6, 777),
-            Some((IpAddr::V6(Ipv6Addr::LOCALHOST), 8080))
-        );
-    }
+    use crate::host::fake::FakeHost;
 
     fn key(inode: u64, stage: u32) -> TcpOverflowKey {
         TcpOverflowKey {
@@ -293,42 +234,51 @@ mod tests {
             family: tracer_common::AF_INET,
             local_port: 19090,
             remote_port: 40000,
-            syncookies: 1,
             _pad0: 0,
             backlog: 100,
             queue: 101,
             somaxconn: 4096,
-            syn_queue: 0,
             max_syn_backlog: 512,
             local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             client_pid: 0,
             client_comm: [0; 16],
-            _pad1: [0; 4],
         }
     }
 
     #[test]
     fn batches_carry_only_what_is_new_and_add_up_to_the_counters() {
         let mut tcp = TcpListeners::default();
-        tcp.on_sample(&sample(7, 42));
-        let first = tcp.poll([(key(7, stage::SYN), 10), (key(7, stage::ACK), 3)], false);
+        let mut host = FakeHost::default();
+        tcp.on_sample(&sample(7, 42), &mut host);
+        let first = tcp.poll(
+            [(key(7, stage::SYN), 10), (key(7, stage::ACK), 3)],
+            false,
+            &mut host,
+        );
         assert_eq!(first.iter().map(|b| b.count).sum::<u64>(), 13);
-        let second = tcp.poll([(key(7, stage::SYN), 15), (key(7, stage::ACK), 3)], false);
+        let second = tcp.poll(
+            [(key(7, stage::SYN), 15), (key(7, stage::ACK), 3)],
+            false,
+            &mut host,
+        );
         assert_eq!(second.len(), 1);
         assert_eq!((second[0].stage, second[0].count), (stage::SYN, 5));
         assert_eq!(
             second[0].listener.local(),
             Some(("127.0.0.1".parse().unwrap(), 19090))
         );
-        assert!(tcp.poll([(key(7, stage::SYN), 15)], false).is_empty());
+        assert!(tcp
+            .poll([(key(7, stage::SYN), 15)], false, &mut host)
+            .is_empty());
     }
 
     #[test]
     fn reconciliation_counts_accept_queue_stages_per_namespace() {
         let mut tcp = TcpListeners::default();
-        tcp.on_sample(&sample(1, 42));
-        tcp.on_sample(&sample(2, 43));
+        let mut host = FakeHost::default();
+        tcp.on_sample(&sample(1, 42), &mut host);
+        tcp.on_sample(&sample(2, 43), &mut host);
         tcp.poll(
             [
                 (key(1, stage::SYN), 10),
@@ -337,6 +287,7 @@ mod tests {
                 (key(2, stage::ACK), 2),
             ],
             false,
+            &mut host,
         );
         let by_netns = tcp.accept_queue_overflows_by_netns();
         assert_eq!(by_netns[&42], 14, "SYN-queue drops are not ListenOverflows");
@@ -346,15 +297,20 @@ mod tests {
     #[test]
     fn a_batch_is_explained_by_a_sample_of_its_own_stage() {
         let mut tcp = TcpListeners::default();
+        let mut host = FakeHost::default();
         let mut syn = sample(7, 42);
         syn.client_pid = 4242;
         syn.client_comm[..5].copy_from_slice(b"nginx");
         let mut ack = sample(7, 42);
         ack.stage = stage::ACK;
         ack.remote_port = 50000;
-        tcp.on_sample(&syn);
-        tcp.on_sample(&ack);
-        let batches = tcp.poll([(key(7, stage::SYN), 3), (key(7, stage::ACK), 1)], false);
+        tcp.on_sample(&syn, &mut host);
+        tcp.on_sample(&ack, &mut host);
+        let batches = tcp.poll(
+            [(key(7, stage::SYN), 3), (key(7, stage::ACK), 1)],
+            false,
+            &mut host,
+        );
         let syn_batch = batches.iter().find(|b| b.stage == stage::SYN).unwrap();
         let sample = syn_batch.sample.as_ref().unwrap();
         assert_eq!(local_client(sample), Some((4242, "nginx".to_string())));
@@ -366,14 +322,17 @@ mod tests {
     #[test]
     fn counts_wait_for_their_record_but_are_never_dropped() {
         let mut tcp = TcpListeners::default();
+        let mut host = FakeHost::default();
         // Counted before its record was read: it waits...
-        assert!(tcp.poll([(key(9, stage::SYN), 8)], false).is_empty());
-        tcp.on_sample(&sample(9, 42));
-        let batches = tcp.poll([(key(9, stage::SYN), 8)], false);
+        assert!(tcp
+            .poll([(key(9, stage::SYN), 8)], false, &mut host)
+            .is_empty());
+        tcp.on_sample(&sample(9, 42), &mut host);
+        let batches = tcp.poll([(key(9, stage::SYN), 8)], false, &mut host);
         assert_eq!((batches.len(), batches[0].count), (1, 8));
         assert!(batches[0].sample.is_some());
         // ...and a record that never came is still shown at the end.
-        let batches = tcp.poll([(key(10, stage::ACK), 1)], true);
+        let batches = tcp.poll([(key(10, stage::ACK), 1)], true, &mut host);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].listener.local(), None);
     }

@@ -6,9 +6,10 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
+use super::analysis::Analysis;
 use crate::{
-    report::Analysis,
-    sinks::{clock, clock_second, kind_label, limit_label, rfc3339},
+    contract::rfc3339,
+    sinks::terminal::{clock, clock_second, kind_label, limit_label},
 };
 
 const WIDTH: f64 = 960.0;

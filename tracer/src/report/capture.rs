@@ -1,168 +1,14 @@
-//! The capture file: what `droptrace record` writes and `droptrace report`
-//! reads, on another machine, later.
-//!
-//! JSON Lines, one record per line, each `{"type": ...}`:
-//! - `header` first: format name and version, droptrace's version, the
-//!   command line, and a [`Snapshot`] of the host;
-//! - `drop` and `notice` records exactly as `droptrace --json` prints them;
-//! - `counters` every second: the kernel's listen-queue counters per netns;
-//! - `queues` every second: queue length and backlog of watched listeners;
-//! - `summary` last (the footer): totals, lost events, kernel reconciliation.
-//!
-//! Every record is written with one write(2) and flushed, so a capture cut
-//! by SIGKILL, a crash or a full disk is readable up to its last complete
-//! line; a capture without its `summary` is reported as truncated.
-use std::{
-    fs::{File, OpenOptions},
-    io::{self, Write},
-    os::unix::fs::OpenOptionsExt,
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+//! A capture read back: every record of a `droptrace record` file, and
+//! whether (and why) it ends early. Never panics, whatever the bytes.
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize};
 
-use crate::{
-    attribution::sock_diag::ListenCounters,
-    drop::{wall_time, Notice},
-    sinks::{aggregate::Line, SummaryRecord},
-    snapshot::Snapshot,
+use crate::contract::{
+    CountersRecord, Header, Line, Notice, QueuesRecord, Record, SummaryRecord, FORMAT,
+    FORMAT_VERSION,
 };
-
-pub const FORMAT: &str = "droptrace-capture";
-/// Bumped when a reader of the previous version would misread a capture.
-pub const FORMAT_VERSION: u32 = 1;
-
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Header {
-    pub format: String,
-    pub format_version: u32,
-    pub droptrace_version: String,
-    /// droptrace's own command line.
-    pub command: Vec<String>,
-    pub snapshot: Snapshot,
-}
-
-/// The kernel's listen-queue counters of each watched namespace (absolute
-/// values, as `nstat -a` shows them).
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct CountersRecord {
-    #[serde(with = "wall_time")]
-    #[schemars(with = "String")]
-    pub time: SystemTime,
-    pub namespaces: Vec<NetnsCounters>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct NetnsCounters {
-    pub netns: u32,
-    #[serde(flatten)]
-    pub counters: ListenCounters,
-}
-
-/// Queue length against backlog of the watched listeners, now.
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct QueuesRecord {
-    #[serde(with = "wall_time")]
-    #[schemars(with = "String")]
-    pub time: SystemTime,
-    pub listeners: Vec<QueueSample>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct QueueSample {
-    /// "/run/app.sock", "127.0.0.1:8080".
-    pub listener: String,
-    pub netns: Option<u32>,
-    pub queue: u32,
-    pub backlog: u32,
-}
-
-/// A capture file being written: created 0600, never through a symlink,
-/// never over an existing file.
-pub struct CaptureWriter {
-    file: File,
-    path: PathBuf,
-    /// The record being assembled; written out whole on flush().
-    pending: Vec<u8>,
-    written: u64,
-}
-
-impl CaptureWriter {
-    pub fn create(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|err| match err.kind() {
-                io::ErrorKind::AlreadyExists => anyhow::anyhow!(
-                    "{} already exists: droptrace never overwrites a file (nor follows a symlink); remove it or choose another name",
-                    path.display()
-                ),
-                _ => anyhow::Error::new(err).context(format!("cannot create {}", path.display())),
-            })?;
-        Ok(Self {
-            file,
-            path: path.to_owned(),
-            pending: Vec::new(),
-            written: 0,
-        })
-    }
-
-    pub fn header(&mut self, command: Vec<String>, snapshot: Snapshot) -> Result<()> {
-        let header = Header {
-            format: FORMAT.into(),
-            format_version: FORMAT_VERSION,
-            droptrace_version: env!("CARGO_PKG_VERSION").into(),
-            command,
-            snapshot,
-        };
-        crate::sinks::write_record(self, "header", &header)
-            .with_context(|| format!("cannot write to {}", self.path.display()))
-    }
-
-    /// Bytes written so far.
-    pub fn size(&self) -> u64 {
-        self.written
-    }
-
-    /// Push what was written to the disk (once a second: a power cut then
-    /// loses at most that much).
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-}
-
-impl Write for CaptureWriter {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.pending.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    /// One record, one write: a reader never sees half of one unless the
-    /// disk filled or the machine stopped mid-write.
-    fn flush(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let result = self.file.write_all(&self.pending);
-        self.written += self.pending.len() as u64;
-        self.pending.clear();
-        result.map_err(|err| {
-            io::Error::new(
-                err.kind(),
-                format!(
-                    "cannot write to {} after {} bytes: {err}",
-                    self.path.display(),
-                    self.written
-                ),
-            )
-        })
-    }
-}
 
 /// A capture read back.
 #[derive(Debug)]
@@ -177,12 +23,6 @@ pub struct Capture {
     pub truncated: Option<String>,
     /// Records of types this droptrace does not know (skipped).
     pub unknown_records: usize,
-}
-
-#[derive(Deserialize, schemars::JsonSchema)]
-struct Tag {
-    #[serde(rename = "type")]
-    record: String,
 }
 
 /// The first line's fields that say whether it can be read at all.
@@ -282,15 +122,14 @@ impl Capture {
     fn add(&mut self, raw: &[u8], number: usize) -> Result<()> {
         let line = std::str::from_utf8(raw)
             .map_err(|_| anyhow::anyhow!("line {number} holds bytes that are not UTF-8"))?;
-        let tag: Tag = typed(line, number)?;
-        match tag.record.as_str() {
-            "drop" => self.drops.push(typed(line, number)?),
-            "notice" => self.notices.push(typed(line, number)?),
-            "counters" => self.counters.push(typed(line, number)?),
-            "queues" => self.queues.push(typed(line, number)?),
-            "summary" => self.summary = Some(typed(line, number)?),
-            "header" => bail!("line {number} is a second header"),
-            _ => self.unknown_records += 1,
+        match typed(line, number)? {
+            Record::Drop(line) => self.drops.push(line),
+            Record::Notice(notice) => self.notices.push(notice),
+            Record::Counters(counters) => self.counters.push(counters),
+            Record::Queues(queues) => self.queues.push(queues),
+            Record::Summary(summary) => self.summary = Some(summary),
+            Record::Header(_) => bail!("line {number} is a second header"),
+            Record::Unknown => self.unknown_records += 1,
         }
         Ok(())
     }
@@ -298,22 +137,20 @@ impl Capture {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime};
 
     use proptest::prelude::*;
 
     use super::*;
     use crate::{
-        drop::DropKind,
-        probes::Lost,
-        sinks::{write_record, TotalRecord},
-        snapshot::{Host, NetnsState},
+        contract::{DropKind, HostFacts, Lost, NetnsState, Snapshot, TotalRecord},
+        sinks::write_record,
     };
 
     fn snapshot() -> Snapshot {
         Snapshot {
             time: "2026-11-26T10:00:00.000Z".into(),
-            host: Host {
+            host: HostFacts {
                 hostname: "web1".into(),
                 kernel: "6.18.0".into(),
                 cpus: 2,
@@ -331,7 +168,7 @@ mod tests {
     }
 
     fn line(count: u64, millis: u64) -> Line {
-        let mut drop = crate::drop::sample();
+        let mut drop = crate::contract::sample();
         drop.time = at(millis);
         Line {
             drop,
@@ -354,9 +191,9 @@ mod tests {
             command: vec!["droptrace".into(), "record".into()],
             snapshot: snapshot(),
         };
-        write_record(&mut out, "header", &header).unwrap();
-        write_record(&mut out, "drop", &line(1, 0)).unwrap();
-        write_record(&mut out, "drop", &line(40, 250)).unwrap();
+        write_record(&mut out, &Record::Header(header)).unwrap();
+        write_record(&mut out, &Record::Drop(line(1, 0))).unwrap();
+        write_record(&mut out, &Record::Drop(line(40, 250))).unwrap();
         let summary = SummaryRecord {
             totals: vec![TotalRecord {
                 kind: DropKind::UnixBacklog,
@@ -371,7 +208,7 @@ mod tests {
             kernel_listen_overflows: Vec::new(),
             duration_s: 1.0,
         };
-        write_record(&mut out, "summary", &summary).unwrap();
+        write_record(&mut out, &Record::Summary(summary)).unwrap();
         out
     }
 

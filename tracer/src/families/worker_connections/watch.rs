@@ -1,6 +1,5 @@
-//! nginx running out of connection slots ("worker_connections are not
-//! enough"). No kernel event marks it: accept4() succeeded and nginx closes
-//! the socket itself. Two ways to see it, the first one that works per binary:
+//! How worker_connections shortages are seen, per nginx binary (the first
+//! way that works):
 //! - a uretprobe on `ngx_get_connection` (an exported symbol of Debian's and
 //!   most distributions' nginx) returning NULL: exact, and live;
 //! - nginx's own error log, for stripped or static builds: the `[alert]`
@@ -16,13 +15,15 @@ use std::{
 use aya::Ebpf;
 
 use crate::{
-    attribution::{
-        process::{self, Role},
-        sock_diag::FileId,
-    },
-    config, probes,
+    config::under_root,
+    contract::Role,
+    host::{configs, process, sock_diag::FileId},
+    probes,
 };
 
+/// The uretprobe's program in the eBPF object, and the symbol it watches.
+pub const NGINX_PROGRAM: &str = "nginx_get_connection";
+pub const NGINX_SYMBOL: &str = "ngx_get_connection";
 /// nginx processes started after droptrace are looked for this often.
 const SCAN_INTERVAL: Duration = Duration::from_secs(2);
 const ALERT: &str = "worker_connections are not enough";
@@ -152,7 +153,7 @@ impl WorkerConnections {
             }
             if !self.unprobeable.contains(&id) {
                 // The /proc link reaches the binary in any mount namespace.
-                match probes::attach_nginx_get_connection(ebpf, &exe_link) {
+                match probes::attach_uretprobe(ebpf, NGINX_PROGRAM, NGINX_SYMBOL, &exe_link) {
                     Ok(()) => {
                         self.probed.insert(id);
                         return Method::Uretprobe { exe };
@@ -168,7 +169,7 @@ impl WorkerConnections {
                 }
             }
         }
-        let Some(config) = config::nginx_of(master) else {
+        let Some(config) = configs::nginx_of(master) else {
             return Method::None {
                 why: "its configuration could not be read".into(),
             };
@@ -179,7 +180,7 @@ impl WorkerConnections {
                     .into(),
             };
         };
-        let real = process::under_root(Path::new(&format!("/proc/{}/root", master.pid)), path);
+        let real = under_root(Path::new(&format!("/proc/{}/root", master.pid)), path);
         if !self.tails.contains_key(path) {
             match LogTail::open(&real) {
                 Ok(tail) => {

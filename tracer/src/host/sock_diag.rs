@@ -17,9 +17,9 @@ use netlink_packet_sock_diag::{
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
-use serde::{Deserialize, Serialize};
 
 use super::address::UnixAddress;
+use crate::contract::ListenCounters;
 
 /// The file a bound socket lives at, as (major, minor, inode): the same
 /// for every spelling of its path (relative, through symlinks, other mount
@@ -264,25 +264,6 @@ impl NetnsView {
             }
         }
     }
-}
-
-/// TcpExt counters of one namespace that count listen-queue drops.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
-pub struct ListenCounters {
-    /// Accept queue full (at SYN or ACK time).
-    #[serde(rename = "ListenOverflows")]
-    pub listen_overflows: u64,
-    /// Every drop at a listener, overflows included.
-    #[serde(rename = "ListenDrops")]
-    pub listen_drops: u64,
-    /// SYN queue full, syncookies off: SYN dropped.
-    #[serde(rename = "TCPReqQFullDrop")]
-    pub req_q_full_drop: u64,
-    /// SYN queue full, answered with a syncookie.
-    #[serde(rename = "TCPReqQFullDoCookies")]
-    pub req_q_full_do_cookies: u64,
 }
 
 /// Run `work` on a short-lived thread inside `netns` (setns is per thread):

@@ -8,8 +8,11 @@ use std::{
 
 use std::sync::Arc;
 
-use super::process::{self, Process};
-use crate::config::{self, nginx::NginxConfig, uwsgi::UwsgiConfig, Setting};
+use super::{
+    configs,
+    process::{self, Process},
+};
+use crate::config::{nginx::NginxConfig, uwsgi::UwsgiConfig, Setting};
 
 /// A pass over every process's fds costs milliseconds; drops come in
 /// storms. Owners are looked for at most this often.
@@ -27,8 +30,8 @@ pub struct Owner {
 
 impl Owner {
     pub fn of(process: Process) -> Self {
-        let uwsgi = process.role.is_uwsgi().then(|| config::uwsgi_of(&process));
-        let nginx = config::nginx_of(&process);
+        let uwsgi = process.role.is_uwsgi().then(|| configs::uwsgi_of(&process));
+        let nginx = configs::nginx_of(&process);
         Self {
             process,
             uwsgi,
@@ -63,6 +66,20 @@ impl OwnerScans {
     /// Give every listener without an owner the one /proc shows, unless the
     /// last pass was less than SCAN_INTERVAL ago.
     pub fn fill<L: Owned>(&mut self, listeners: &mut HashMap<u64, L>) {
+        self.fill_from(listeners, |wanted| {
+            owners_of(wanted)
+                .into_iter()
+                .map(|(inode, process)| (inode, Owner::of(process)))
+                .collect()
+        })
+    }
+
+    /// The same, with owners found by `owners`.
+    pub fn fill_from<L: Owned>(
+        &mut self,
+        listeners: &mut HashMap<u64, L>,
+        owners: impl FnOnce(&HashSet<u64>) -> HashMap<u64, Owner>,
+    ) {
         if self.last.is_some_and(|t| t.elapsed() < SCAN_INTERVAL) {
             return;
         }
@@ -74,9 +91,9 @@ impl OwnerScans {
             return;
         }
         self.last = Some(Instant::now());
-        for (inode, process) in owners_of(&wanted) {
+        for (inode, owner) in owners(&wanted) {
             if let Some(listener) = listeners.get_mut(&inode) {
-                *listener.owner_slot() = Some(Owner::of(process));
+                *listener.owner_slot() = Some(owner);
             }
         }
     }

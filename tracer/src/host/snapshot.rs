@@ -10,70 +10,16 @@ use std::{
 };
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 
-use crate::{
-    attribution::{
-        owners,
-        process::{self, PidFilter, Role},
-        rlimits::{self, Nofile},
-        sock_diag::{self, in_netns, ListenCounters, Netns, NetnsView},
-    },
-    config::{self, nginx::NginxConfig, uwsgi::UwsgiConfig},
-    drop::ListenerView,
-    sinks::rfc3339,
+use super::{
+    configs, owners,
+    process::{self, PidFilter},
+    rlimits,
+    sock_diag::{self, in_netns, Netns, NetnsView},
 };
-
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Snapshot {
-    pub time: String,
-    pub host: Host,
-    pub namespaces: Vec<NetnsState>,
-    pub processes: Vec<ProcessState>,
-    pub listeners: Vec<ListenerView>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Host {
-    pub hostname: String,
-    /// `uname -r`.
-    pub kernel: String,
-    /// Online CPUs: what nginx's `worker_processes auto` starts.
-    pub cpus: u32,
-    /// fs.file-max, and the files open on the whole system (fs.file-nr).
-    pub file_max: Option<u64>,
-    pub files_open: Option<u64>,
-}
-
-/// The sysctls of one network namespace that bound its queues and ports.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct NetnsState {
-    pub netns: u32,
-    pub somaxconn: Option<u32>,
-    pub tcp_max_syn_backlog: Option<u32>,
-    pub tcp_syncookies: Option<u32>,
-    pub tcp_abort_on_overflow: Option<u32>,
-    /// net.ipv4.ip_local_port_range: [low, high].
-    pub ip_local_port_range: Option<(u32, u32)>,
-    pub counters: Option<ListenCounters>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct ProcessState {
-    pub pid: u32,
-    pub ppid: Option<u32>,
-    pub comm: String,
-    pub role: Role,
-    pub cmdline: Vec<String>,
-    pub netns: Option<u32>,
-    pub nofile: Option<Nofile>,
-    /// nginx masters: the configuration they run with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nginx: Option<NginxConfig>,
-    /// uWSGI masters: the same.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uwsgi: Option<UwsgiConfig>,
-}
+use crate::contract::{
+    rfc3339, Family, HostFacts, ListenerView, NetnsState, ProcessState, Role, Snapshot,
+};
 
 impl Snapshot {
     /// Look at the host now. With a filter, only the covered processes and
@@ -138,10 +84,10 @@ impl Snapshot {
                 netns: sock_diag::netns_inode(format!("/proc/{}/ns/net", p.pid).as_ref()),
                 nofile: rlimits::nofile_of(p.pid),
                 nginx: (p.role == Role::NginxMaster)
-                    .then(|| config::nginx_of(&p))
+                    .then(|| configs::nginx_of(&p))
                     .flatten()
                     .map(|c| (*c).clone()),
-                uwsgi: (p.role == Role::UwsgiMaster).then(|| config::uwsgi_of(&p)),
+                uwsgi: (p.role == Role::UwsgiMaster).then(|| configs::uwsgi_of(&p)),
                 pid: p.pid,
                 comm: p.comm,
                 role: p.role,
@@ -165,7 +111,7 @@ impl Snapshot {
 
         let snapshot = Snapshot {
             time: rfc3339(SystemTime::now()),
-            host: Host::now(),
+            host: HostFacts::now(),
             namespaces,
             processes,
             listeners,
@@ -182,7 +128,7 @@ impl Snapshot {
     }
 }
 
-impl Host {
+impl HostFacts {
     fn now() -> Self {
         let text = |path: &str| {
             fs::read_to_string(path)
@@ -192,7 +138,7 @@ impl Host {
         let file_nr = text("/proc/sys/fs/file-nr");
         // SAFETY: sysconf has no memory effects.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-        Host {
+        HostFacts {
             hostname: text("/proc/sys/kernel/hostname"),
             kernel: text("/proc/sys/kernel/osrelease"),
             cpus: u32::try_from(cpus).unwrap_or(1),
@@ -249,7 +195,7 @@ pub fn listener_table(netns: u32, view: &NetnsView) -> Vec<(u64, ListenerView)> 
     let mut table = Vec::new();
     match view.unix_listeners() {
         Ok(entries) => table.extend(entries.into_iter().map(|entry| {
-            let mut listener = blank("unix");
+            let mut listener = blank(Family::Unix);
             listener.path = entry.address.map(|a| a.to_string());
             listener.queue = Some(entry.queue);
             listener.backlog = Some(entry.backlog);
@@ -260,7 +206,11 @@ pub fn listener_table(netns: u32, view: &NetnsView) -> Vec<(u64, ListenerView)> 
     match view.tcp_listeners() {
         Ok(entries) => table.extend(entries.into_iter().map(|entry| {
             let (ip, port) = entry.address;
-            let mut listener = blank(if ip.is_ipv6() { "tcp6" } else { "tcp" });
+            let mut listener = blank(if ip.is_ipv6() {
+                Family::Tcp6
+            } else {
+                Family::Tcp
+            });
             listener.addr = Some(ip.to_string());
             listener.port = Some(port);
             listener.queue = Some(entry.queue);

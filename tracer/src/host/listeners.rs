@@ -13,14 +13,16 @@ use std::{
 
 use tracer_common::ListenRecord;
 
-use crate::limits::LISTEN_MAX_REQUEST;
-
 use super::{
     address::UnixAddress,
     owners::{Owned, Owner, OwnerScans},
     process,
     sock_diag::{self, FileId, Netns, NetnsView, UnixListenerEntry},
 };
+
+/// What a negative listen() backlog ("as large as allowed") is recorded
+/// as: listen() takes an int, the kernel reads it as unsigned.
+pub const LISTEN_MAX_REQUEST: u32 = i32::MAX as u32;
 
 /// Rescans of every namespace on a lookup miss, at most this often (drops
 /// come in storms).
@@ -278,7 +280,7 @@ impl Task {
         let base = self
             .proc_dir()
             .join(if path.is_absolute() { "root" } else { "cwd" });
-        super::process::under_root(&base, path)
+        crate::config::under_root(&base, path)
     }
 }
 

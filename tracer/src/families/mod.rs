@@ -1,0 +1,313 @@
+//! The drop families: one module each, holding the decoding of its kernel
+//! records, its attribution (which listener, owner, client), its verdict
+//! (which limit, its value and source, the fix) and the declaration of its
+//! kernel hooks. A new family is one module here, one eBPF module in
+//! `tracer-ebpf`, and one record type in `tracer-common`.
+//!
+//! [`Families`] holds what the families share: the host they ask for facts,
+//! the --pid filter, the kernel clock, client roles, cached verdicts, and
+//! the failed accepts that explain later overflows (`caused_by`).
+pub mod backlog;
+mod backlog_clamped;
+mod ephemeral_ports;
+mod fd_limits;
+pub mod tcp_queue;
+mod unix_backlog;
+pub mod worker_connections;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tracer_common::{
+    ConnectFailure, FdLimitRecord, ListenRecord, NoConnectionRecord, RecordKind, TcpOverflowRecord,
+    AF_UNIX,
+};
+
+use crate::{
+    contract::{Cause, Client, Drop, Family, ListenerView, Notice, Role, Verdict},
+    host::{owners::Owner, process::PidFilter, Host},
+    probes::hooks::FamilyHooks,
+};
+
+/// Every family's hooks, in the order the start-up line names them.
+pub const HOOKS: &[FamilyHooks] = &[
+    unix_backlog::HOOKS,
+    tcp_queue::HOOKS,
+    fd_limits::HOOKS,
+    worker_connections::HOOKS,
+    ephemeral_ports::HOOKS,
+    backlog_clamped::HOOKS,
+];
+
+/// After accept() fails with EMFILE or ENFILE nginx stops accepting for
+/// accept_mutex_delay (500 ms by default) and its listeners overflow: drops
+/// at a listener this soon after its owner's failed accept are its effect.
+const CAUSE_WINDOW: Duration = Duration::from_millis(1000);
+/// How long a nofile or worker_connections verdict is reused in a storm.
+const VERDICT_TTL: Duration = Duration::from_secs(5);
+/// Verdicts and failed accepts kept for reuse: beyond this many, the stale
+/// ones are forgotten (a long run sees many short-lived processes).
+const MAX_REMEMBERED: usize = 4096;
+
+/// Converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall-clock time.
+pub struct Clock {
+    wall_at_zero: SystemTime,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        Self {
+            wall_at_zero: SystemTime::now() - mono,
+        }
+    }
+
+    /// A clock whose kernel time 0 is `wall_at_zero` (tests).
+    #[cfg(test)]
+    pub fn at(wall_at_zero: SystemTime) -> Self {
+        Self { wall_at_zero }
+    }
+
+    fn wall(&self, ktime_ns: u64) -> SystemTime {
+        self.wall_at_zero + Duration::from_nanos(ktime_ns)
+    }
+}
+
+/// What a reusable verdict depends on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum VerdictKey {
+    Nofile {
+        pid: u32,
+        soft: u64,
+        hard: u64,
+    },
+    /// Per worker: its master's configuration decides.
+    WorkerConnections {
+        pid: u32,
+    },
+    EphemeralPorts {
+        pid: u32,
+        netns: u32,
+        destination: (IpAddr, u16),
+    },
+}
+
+/// What a record becomes.
+pub enum Event {
+    Drop(Box<Drop>),
+    Notice(Notice),
+}
+
+/// Everything that turns kernel records into drops and notices.
+pub struct Families {
+    host: Box<dyn Host>,
+    filter: PidFilter,
+    clock: Clock,
+    client_roles: HashMap<u32, Role>,
+    /// Verdicts whose facts come from /proc and configs, reused in a storm.
+    verdicts: HashMap<VerdictKey, (Instant, Verdict)>,
+    /// The latest failed accept() of each process and of its parent.
+    accept_failures: HashMap<u32, (SystemTime, Cause)>,
+    unix: unix_backlog::UnixBacklog,
+    pub tcp: tcp_queue::TcpQueue,
+    clamps: backlog_clamped::BacklogClamped,
+    pub worker_connections: worker_connections::WorkerConnections,
+}
+
+impl Families {
+    pub fn new(host: Box<dyn Host>, filter: PidFilter, clock: Clock) -> Self {
+        Self {
+            host,
+            filter,
+            clock,
+            client_roles: HashMap::new(),
+            verdicts: HashMap::new(),
+            accept_failures: HashMap::new(),
+            unix: Default::default(),
+            tcp: Default::default(),
+            clamps: Default::default(),
+            worker_connections: Default::default(),
+        }
+    }
+
+    /// Decode one ring-buffer record; returns what it means to the operator.
+    pub fn handle(&mut self, bytes: &[u8]) -> Option<Event> {
+        let tag = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+        let drop = match RecordKind::from_u32(tag)? {
+            RecordKind::ConnectFailure => {
+                let record: ConnectFailure = read_record(bytes)?;
+                match record.family {
+                    AF_UNIX => self.unix_connect_refused(&record),
+                    _ => self.ephemeral_ports(&record),
+                }
+            }
+            RecordKind::Listen => {
+                let record: ListenRecord = read_record(bytes)?;
+                return self.on_listen(&record).map(Event::Notice);
+            }
+            RecordKind::TcpOverflow => {
+                let record: TcpOverflowRecord = read_record(bytes)?;
+                self.tcp_sample(&record);
+                None
+            }
+            RecordKind::FdLimit => {
+                let record: FdLimitRecord = read_record(bytes)?;
+                self.fd_limit(&record)
+            }
+            RecordKind::NoConnection => {
+                let record: NoConnectionRecord = read_record(bytes)?;
+                let time = self.clock.wall(record.ktime_ns);
+                self.no_connection(record.pid, comm_of(&record.comm), time)
+            }
+        };
+        drop.map(|d| Event::Drop(Box::new(d)))
+    }
+
+    /// A listen() call: the listener tables learn it, and a clamped backlog
+    /// becomes a notice.
+    fn on_listen(&mut self, record: &ListenRecord) -> Option<Notice> {
+        match record.family {
+            AF_UNIX => self.host.unix_listen(record),
+            _ => self.tcp.listeners.on_listen(record),
+        }
+        self.clamp_notice(record)
+    }
+
+    fn client(&mut self, pid: u32, comm: String) -> Client {
+        let role = match self.client_roles.get(&pid) {
+            Some(&role) => role,
+            None => {
+                // An exited client cannot be placed in the process tree.
+                let role = self.host.process(pid).map_or(Role::Other, |p| p.role);
+                self.client_roles.insert(pid, role);
+                role
+            }
+        };
+        Client {
+            pid: Some(pid),
+            comm: Some(comm),
+            role: Some(role),
+            ..Client::default()
+        }
+    }
+
+    /// A failed accept() of `owner` (or of one of its workers) shortly
+    /// before `time`: the reason its listener overflowed.
+    fn cause_for(&self, owner: u32, time: SystemTime) -> Option<Cause> {
+        let (at, cause) = self.accept_failures.get(&owner)?;
+        let age = time.duration_since(*at).ok()?;
+        (age <= CAUSE_WINDOW).then(|| cause.clone())
+    }
+
+    /// A verdict from the cache, or computed and cached.
+    fn cached_verdict(
+        &mut self,
+        key: VerdictKey,
+        compute: impl FnOnce(&mut Self) -> Verdict,
+    ) -> Verdict {
+        if let Some((at, verdict)) = self.verdicts.get(&key) {
+            if at.elapsed() < VERDICT_TTL {
+                return verdict.clone();
+            }
+        }
+        let verdict = compute(self);
+        if self.verdicts.len() >= MAX_REMEMBERED {
+            self.verdicts
+                .retain(|_, (at, _)| at.elapsed() < VERDICT_TTL);
+        }
+        self.verdicts.insert(key, (Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    pub fn describe_filter(&self) -> String {
+        self.filter.describe()
+    }
+}
+
+/// A listener as the sinks show it, before the family-specific fields.
+fn listener_view(family: Family, netns: Option<u32>, owner: Option<&Owner>) -> ListenerView {
+    let owner = owner.map(|o| &o.process);
+    ListenerView {
+        family,
+        path: None,
+        addr: None,
+        port: None,
+        netns,
+        pid: owner.map(|o| o.pid),
+        comm: owner.map(|o| o.comm.clone()),
+        role: owner.map(|o| o.role),
+        queue: None,
+        backlog: None,
+    }
+}
+
+fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        tracing::warn!(
+            "short record ({} bytes): eBPF object and droptrace disagree",
+            bytes.len()
+        );
+        return None;
+    }
+    // SAFETY: T is a #[repr(C)] POD record (tracer-common), length checked.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn comm_of(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// A record's bytes as the kernel hands them over (tests).
+#[cfg(test)]
+pub fn bytes_of<T: Copy>(record: &T) -> Vec<u8> {
+    // SAFETY: T is a #[repr(C)] POD record; we read exactly its bytes.
+    unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }
+        .to_vec()
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! Families driven by a fake host, as the family tests use them.
+    use super::*;
+    use crate::host::fake::FakeHost;
+
+    /// Kernel time 0 is this wall time: 2026-09-21T14:13:20.000Z.
+    pub const EPOCH_MS: u64 = 1_790_000_000_000;
+
+    pub fn families(host: FakeHost) -> Families {
+        Families::new(
+            Box::new(host),
+            PidFilter::new(&[], &[]).unwrap(),
+            Clock::at(SystemTime::UNIX_EPOCH + Duration::from_millis(EPOCH_MS)),
+        )
+    }
+
+    /// The JSON line a sink writes for `drop` standing for one drop.
+    pub fn json_line(event: Option<Event>) -> serde_json::Value {
+        let record = match event.expect("the record became nothing") {
+            Event::Drop(drop) => crate::contract::Record::Drop(crate::contract::Line {
+                drop: *drop,
+                count: 1,
+                first: true,
+            }),
+            Event::Notice(notice) => crate::contract::Record::Notice(notice),
+        };
+        serde_json::to_value(&record).unwrap()
+    }
+
+    pub fn comm(name: &str) -> [u8; 16] {
+        let mut comm = [0u8; 16];
+        comm[..name.len()].copy_from_slice(name.as_bytes());
+        comm
+    }
+}

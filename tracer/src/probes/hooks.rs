@@ -1,0 +1,319 @@
+//! What a drop family declares about its kernel hooks: the mechanisms it can
+//! use, in order of preference, each a set of eBPF programs and what it
+//! needs from the running kernel. The loader tries them in turn and says on
+//! one line which one each family got, and why the others were skipped.
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+    Ebpf,
+};
+
+use super::{cgroup2_root, offsets, short};
+
+/// Where one program of the eBPF object attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// A classic tracepoint (tracefs).
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    /// A BTF-typed raw tracepoint (`tp_btf/NAME`).
+    BtfTracepoint { name: &'static str },
+    /// cgroup_skb/ingress on the root of the cgroup v2 hierarchy.
+    CgroupIngress,
+    /// A uretprobe on a symbol of a user binary, attached per binary once
+    /// a process running it is seen (not at start-up).
+    Uretprobe { symbol: &'static str },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Program {
+    /// The program's name in the eBPF object.
+    pub name: &'static str,
+    pub attach: Attach,
+}
+
+impl Program {
+    pub const fn tracepoint(
+        name: &'static str,
+        category: &'static str,
+        event: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            attach: Attach::Tracepoint {
+                category,
+                name: event,
+            },
+        }
+    }
+
+    pub const fn btf_tracepoint(name: &'static str, event: &'static str) -> Self {
+        Self {
+            name,
+            attach: Attach::BtfTracepoint { name: event },
+        }
+    }
+
+    pub const fn cgroup_ingress(name: &'static str) -> Self {
+        Self {
+            name,
+            attach: Attach::CgroupIngress,
+        }
+    }
+
+    pub const fn uretprobe(name: &'static str, symbol: &'static str) -> Self {
+        Self {
+            name,
+            attach: Attach::Uretprobe { symbol },
+        }
+    }
+}
+
+/// What a mechanism needs from the running kernel beyond its programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// An enumerator in the kernel's BTF (values differ across kernels and
+    /// are read from BTF, never written as numbers).
+    EnumValue {
+        enumeration: &'static str,
+        value: &'static str,
+    },
+}
+
+/// One way for a family to see its drops.
+#[derive(Clone, Copy, Debug)]
+pub struct Mechanism {
+    pub name: &'static str,
+    pub programs: &'static [Program],
+    pub needs: &'static [Need],
+}
+
+/// A family's hooks: mechanisms in order of preference, and programs that
+/// add detail when the kernel allows them (their failure costs no drop).
+#[derive(Clone, Copy, Debug)]
+pub struct FamilyHooks {
+    pub family: &'static str,
+    pub mechanisms: &'static [Mechanism],
+    pub extras: &'static [Program],
+}
+
+/// What the loader did for one family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub family: &'static str,
+    /// The mechanism in use, if any worked.
+    pub mechanism: Option<&'static str>,
+    /// Mechanisms skipped and extras refused, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Choice {
+    /// "unix_backlog: tracepoints ... (skipped X: why)".
+    pub fn describe(&self) -> String {
+        let skipped = self
+            .skipped
+            .iter()
+            .map(|(what, why)| format!("skipped {what}: {why}"))
+            .collect::<Vec<_>>();
+        let mechanism = self.mechanism.unwrap_or("NONE, its drops will not be seen");
+        if skipped.is_empty() {
+            format!("{}: {mechanism}", self.family)
+        } else {
+            format!("{}: {mechanism} ({})", self.family, skipped.join("; "))
+        }
+    }
+}
+
+/// Attaches programs, each once however many families share it.
+pub struct Attacher<'a> {
+    ebpf: &'a mut Ebpf,
+    btf: &'a btf_rs::Btf,
+    aya_btf: Option<aya::Btf>,
+    attached: HashMap<&'static str, Result<(), String>>,
+}
+
+impl<'a> Attacher<'a> {
+    pub fn new(ebpf: &'a mut Ebpf, btf: &'a btf_rs::Btf) -> Self {
+        Self {
+            ebpf,
+            btf,
+            aya_btf: None,
+            attached: HashMap::new(),
+        }
+    }
+
+    /// Try each family's mechanisms in order; the first that attaches wins.
+    pub fn choose(&mut self, families: &[FamilyHooks]) -> Vec<Choice> {
+        families
+            .iter()
+            .map(|family| {
+                let mut choice = Choice {
+                    family: family.family,
+                    mechanism: None,
+                    skipped: Vec::new(),
+                };
+                for mechanism in family.mechanisms {
+                    match self.mechanism(mechanism) {
+                        Ok(()) => {
+                            choice.mechanism = Some(mechanism.name);
+                            break;
+                        }
+                        Err(why) => choice.skipped.push((mechanism.name.into(), why)),
+                    }
+                }
+                if choice.mechanism.is_some() {
+                    for extra in family.extras {
+                        if let Err(why) = self.program(extra) {
+                            choice.skipped.push((extra.name.into(), why));
+                        }
+                    }
+                }
+                choice
+            })
+            .collect()
+    }
+
+    fn mechanism(&mut self, mechanism: &Mechanism) -> Result<(), String> {
+        for need in mechanism.needs {
+            match need {
+                Need::EnumValue { enumeration, value } => {
+                    if offsets::enum_value(self.btf, enumeration, value).is_none() {
+                        return Err(format!("this kernel's enum {enumeration} has no {value}"));
+                    }
+                }
+            }
+        }
+        mechanism
+            .programs
+            .iter()
+            .try_for_each(|program| self.program(program))
+    }
+
+    fn program(&mut self, program: &Program) -> Result<(), String> {
+        if let Some(done) = self.attached.get(program.name) {
+            return done.clone();
+        }
+        let result = self.attach(program).map_err(|err| short(&err));
+        self.attached.insert(program.name, result.clone());
+        result
+    }
+
+    fn attach(&mut self, program: &Program) -> Result<()> {
+        let name = program.name;
+        let found = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?;
+        match program.attach {
+            Attach::Tracepoint {
+                category,
+                name: event,
+            } => {
+                let tracepoint: &mut TracePoint = found.try_into()?;
+                tracepoint
+                    .load()
+                    .with_context(|| format!("cannot load {name}"))?;
+                tracepoint
+                    .attach(category, event)
+                    .with_context(|| format!("cannot attach to tracepoint {category}/{event}"))?;
+            }
+            Attach::BtfTracepoint { name: event } => {
+                // aya parses the kernel's BTF for tp_btf programs: once.
+                if self.aya_btf.is_none() {
+                    self.aya_btf =
+                        Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?);
+                }
+                let btf = self.aya_btf.as_ref().expect("parsed above");
+                let tracepoint: &mut BtfTracePoint = self
+                    .ebpf
+                    .program_mut(name)
+                    .expect("found above")
+                    .try_into()?;
+                tracepoint
+                    .load(event, btf)
+                    .with_context(|| format!("cannot load tp_btf/{event}"))?;
+                tracepoint
+                    .attach()
+                    .with_context(|| format!("cannot attach tp_btf/{event}"))?;
+            }
+            Attach::CgroupIngress => {
+                let root = cgroup2_root()?;
+                let cgroup = std::fs::File::open(&root)
+                    .with_context(|| format!("cannot open {}", root.display()))?;
+                let skb: &mut CgroupSkb = found.try_into()?;
+                skb.load().context("cannot load the cgroup_skb program")?;
+                // aya attaches through a bpf_link (Linux 5.7+), which takes
+                // no flags and always joins the programs already there
+                // (BPF_F_ALLOW_MULTI): the root's other programs (systemd's)
+                // are neither displaced nor blocked.
+                skb.attach(
+                    cgroup,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
+                .with_context(|| {
+                    format!("cannot attach cgroup_skb/ingress to {}", root.display())
+                })?;
+            }
+            Attach::Uretprobe { .. } => {
+                // Attached per nginx binary when one is seen; loading it now
+                // tells whether this kernel takes it.
+                let probe: &mut aya::programs::UProbe = found.try_into()?;
+                if probe.fd().is_err() {
+                    probe.load().context("cannot load the uretprobe program")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails when a program every family needs could not be attached.
+    pub fn require(choices: &[Choice]) -> Result<()> {
+        if choices.iter().all(|c| c.mechanism.is_none()) {
+            bail!(
+                "no drop family could attach its programs: {}",
+                choices
+                    .iter()
+                    .map(Choice::describe)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_choice_says_what_is_used_and_why_the_rest_was_skipped() {
+        let choice = Choice {
+            family: "tcp_accept_queue",
+            mechanism: None,
+            skipped: vec![(
+                "cgroup_skb/ingress + tp_btf/kfree_skb".into(),
+                "this kernel's enum skb_drop_reason has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"
+                    .into(),
+            )],
+        };
+        assert_eq!(
+            choice.describe(),
+            "tcp_accept_queue: NONE, its drops will not be seen (skipped cgroup_skb/ingress + tp_btf/kfree_skb: this kernel's enum skb_drop_reason has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW)"
+        );
+        let used = Choice {
+            family: "unix_backlog",
+            mechanism: Some("tracepoints syscalls/sys_{enter,exit}_connect"),
+            skipped: vec![],
+        };
+        assert_eq!(
+            used.describe(),
+            "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect"
+        );
+    }
+}
