@@ -7,22 +7,19 @@ use tracer_common::{ListenRecord, AF_INET6, AF_UNIX};
 
 use super::{
     backlog::{clamp_fix, LISTEN_MAX_REQUEST},
-    listener_view, Families,
+    listener_view, Families, LISTEN_ENTER, LISTEN_EXIT,
 };
 use crate::{
     contract::{Family, Notice, NoticeKind},
     host::{address::UnixAddress, owners::Owner},
-    probes::hooks::{FamilyHooks, Mechanism, Program},
+    probes::hooks::{FamilyHooks, Mechanism},
 };
 
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "backlog_clamped",
     mechanisms: &[Mechanism {
         name: "tracepoints syscalls/sys_{enter,exit}_listen",
-        programs: &[
-            Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen"),
-            Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen"),
-        ],
+        programs: &[LISTEN_ENTER, LISTEN_EXIT],
         needs: &[],
     }],
     extras: &[],

@@ -5,20 +5,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{ConnectFailure, AF_INET, AF_INET6};
 
-use super::{comm_of, listener_view, Families, VerdictKey};
+use super::{comm_of, listener_view, Families, VerdictKey, CONNECT_ENTER, CONNECT_EXIT};
 use crate::{
     contract::{socket_label, Drop, DropKind, Family, LimitName, Verdict},
-    probes::hooks::{FamilyHooks, Mechanism, Program},
+    probes::hooks::{FamilyHooks, Mechanism},
 };
 
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "ephemeral_ports",
     mechanisms: &[Mechanism {
         name: "tracepoints syscalls/sys_{enter,exit}_connect",
-        programs: &[
-            Program::tracepoint("connect_enter", "syscalls", "sys_enter_connect"),
-            Program::tracepoint("connect_exit", "syscalls", "sys_exit_connect"),
-        ],
+        programs: &[CONNECT_ENTER, CONNECT_EXIT],
         needs: &[],
     }],
     extras: &[],

@@ -29,8 +29,15 @@ use tracer_common::{
 use crate::{
     contract::{Cause, Client, Drop, Family, ListenerView, Notice, Role, Verdict},
     host::{owners::Owner, process::PidFilter, Host},
-    probes::hooks::FamilyHooks,
+    probes::hooks::{FamilyHooks, Program},
 };
+
+/// The syscall tracepoints several families share (attached once).
+const CONNECT_ENTER: Program =
+    Program::tracepoint("connect_enter", "syscalls", "sys_enter_connect");
+const CONNECT_EXIT: Program = Program::tracepoint("connect_exit", "syscalls", "sys_exit_connect");
+const LISTEN_ENTER: Program = Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen");
+const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen");
 
 /// Every family's hooks, in the order the start-up line names them.
 pub const HOOKS: &[FamilyHooks] = &[

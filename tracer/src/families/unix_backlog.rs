@@ -9,7 +9,7 @@ use tracer_common::ConnectFailure;
 
 use super::{
     backlog::{self, backlog_facts, nginx_backlog, Transport},
-    comm_of, listener_view, Families,
+    comm_of, listener_view, Families, CONNECT_ENTER, CONNECT_EXIT, LISTEN_ENTER, LISTEN_EXIT,
 };
 use crate::{
     contract::{Drop, DropKind, Family},
@@ -17,7 +17,7 @@ use crate::{
         address::UnixAddress,
         listeners::{Listener, Task},
     },
-    probes::hooks::{FamilyHooks, Mechanism, Program},
+    probes::hooks::{FamilyHooks, Mechanism},
 };
 
 /// How long a sampled queue length is reused under a storm.
@@ -28,11 +28,11 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
     mechanisms: &[Mechanism {
         name: "tracepoints syscalls/sys_{enter,exit}_connect",
         programs: &[
-            Program::tracepoint("connect_enter", "syscalls", "sys_enter_connect"),
-            Program::tracepoint("connect_exit", "syscalls", "sys_exit_connect"),
+            CONNECT_ENTER,
+            CONNECT_EXIT,
             // The listener table learns listen() calls as they happen.
-            Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen"),
-            Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen"),
+            LISTEN_ENTER,
+            LISTEN_EXIT,
         ],
         needs: &[],
     }],

@@ -212,7 +212,7 @@ impl TcpListeners {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::host::fake::FakeHost;
 
@@ -224,7 +224,9 @@ mod tests {
         }
     }
 
-    fn sample(inode: u64, netns: u32) -> TcpOverflowRecord {
+    /// A SYN-time sample of listener `inode` at 127.0.0.1:19090, from
+    /// 127.0.0.1:40000.
+    pub fn sample(inode: u64, netns: u32) -> TcpOverflowRecord {
         TcpOverflowRecord {
             kind: 3,
             stage: stage::SYN,

@@ -13,7 +13,7 @@ use tracer_common::{stage, TcpOverflowKey, TcpOverflowRecord};
 
 use super::{
     backlog::{self, backlog_facts, nginx_backlog, Transport},
-    listener_view, Families,
+    listener_view, Families, LISTEN_ENTER, LISTEN_EXIT,
 };
 use crate::{
     contract::{Client, Drop, DropKind, Family, Reconciliation, Stage},
@@ -29,8 +29,8 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             Program::cgroup_ingress("tcp_syn_ingress"),
             Program::btf_tracepoint("tcp_syn_done", "consume_skb"),
             Program::btf_tracepoint("tcp_ack_drop", "kfree_skb"),
-            Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen"),
-            Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen"),
+            LISTEN_ENTER,
+            LISTEN_EXIT,
         ],
         needs: &[Need::EnumValue {
             enumeration: "skb_drop_reason",
@@ -194,32 +194,18 @@ impl listeners::TcpListener {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use tracer_common::{RecordKind, AF_INET};
 
     use super::super::{bytes_of, testing::*};
     use super::*;
     use crate::{contract::Role, host::fake::FakeHost};
 
     fn sample(stage: u32) -> TcpOverflowRecord {
-        TcpOverflowRecord {
-            kind: RecordKind::TcpOverflow as u32,
-            stage,
-            ktime_ns: 500_000_000,
-            inode: 9001,
-            netns: 4026531840,
-            family: AF_INET,
-            local_port: 19090,
-            remote_port: 40000,
-            _pad0: 0,
-            backlog: 100,
-            queue: 101,
-            somaxconn: 4096,
-            max_syn_backlog: 512,
-            local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            client_pid: 4242,
-            client_comm: comm("curl"),
-        }
+        let mut sample = listeners::tests::sample(9001, 4026531840);
+        sample.stage = stage;
+        sample.ktime_ns = 500_000_000;
+        sample.client_pid = 4242;
+        sample.client_comm = comm("curl");
+        sample
     }
 
     fn key(stage: u32) -> TcpOverflowKey {
