@@ -24,6 +24,13 @@ use super::{
 /// as: listen() takes an int, the kernel reads it as unsigned.
 pub const LISTEN_MAX_REQUEST: u32 = i32::MAX as u32;
 
+/// A listener that closed keeps its identity, owner and limit this long:
+/// a refusal recorded while it was full may be handled after its owner
+/// exited (a storm's records wait in the ring buffer).
+const CLOSED_KEPT: Duration = Duration::from_secs(60);
+/// At most this many closed listeners are remembered.
+const MAX_CLOSED: usize = 4096;
+
 /// Rescans of every namespace on a lookup miss, at most this often (drops
 /// come in storms).
 const MISS_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
@@ -52,6 +59,10 @@ pub struct Registry {
     last_rescan: Option<Instant>,
     owner_scans: OwnerScans,
     retired_overflows: HashMap<u32, u64>,
+    /// The listing failed and the operator was told.
+    warned_unix_listing: bool,
+    /// Listeners that closed, with when droptrace noticed.
+    closed: HashMap<u64, (Instant, Listener)>,
 }
 
 impl Registry {
@@ -124,21 +135,49 @@ impl Registry {
             let entries = match view.unix_listeners() {
                 Ok(entries) => entries,
                 Err(err) => {
-                    tracing::warn!(
-                        "cannot list UNIX listeners of netns {}: {err:#}",
-                        netns.inode
-                    );
+                    // Once: a missing module stays missing on every rescan.
+                    if !self.warned_unix_listing {
+                        self.warned_unix_listing = true;
+                        tracing::warn!(
+                            "cannot list UNIX listeners of netns {}: {err:#}; refused connects will be counted, with their listener unknown",
+                            netns.inode
+                        );
+                    }
                     continue;
                 }
             };
             let open: HashSet<u64> = entries.iter().map(|e| e.inode).collect();
-            self.listeners
-                .retain(|inode, l| l.netns != netns.inode || open.contains(inode));
+            self.retire_closed(netns.inode, &open);
             for entry in entries {
                 self.upsert_from_diag(netns.inode, somaxconn, entry);
             }
         }
         self.owner_scans.fill(&mut self.listeners);
+    }
+
+    /// The listeners of `netns` that are not `open` any more move to the
+    /// closed ones, which keep them for CLOSED_KEPT.
+    fn retire_closed(&mut self, netns: u32, open: &HashSet<u64>) {
+        let gone: Vec<u64> = self
+            .listeners
+            .iter()
+            .filter(|(inode, l)| l.netns == netns && !open.contains(inode))
+            .map(|(inode, _)| *inode)
+            .collect();
+        for inode in gone {
+            if let Some(listener) = self.listeners.remove(&inode) {
+                self.closed.insert(inode, (Instant::now(), listener));
+            }
+        }
+        self.closed.retain(|_, (at, _)| at.elapsed() < CLOSED_KEPT);
+        while self.closed.len() > MAX_CLOSED {
+            let oldest = self
+                .closed
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(inode, _)| *inode);
+            oldest.map(|inode| self.closed.remove(&inode));
+        }
     }
 
     fn upsert_from_diag(&mut self, netns: u32, somaxconn: Option<u32>, entry: UnixListenerEntry) {
@@ -197,6 +236,8 @@ impl Registry {
     }
 
     fn index(&mut self, listener: &Listener) {
+        // An inode number reused by a new socket is that socket's.
+        self.closed.remove(&listener.inode);
         if let Some(file) = listener.file {
             self.by_file.insert(file, listener.inode);
         }
@@ -222,6 +263,9 @@ impl Registry {
             }
             None => return None,
         };
+        if let Some((_, closed)) = self.closed.get(&inode) {
+            return Some(closed);
+        }
         if self.listeners.get(&inode)?.owner.is_none() {
             self.owner_scans.fill(&mut self.listeners);
         }
@@ -229,15 +273,33 @@ impl Registry {
     }
 
     fn lookup(&self, client: Task, address: &UnixAddress) -> Option<u64> {
-        let inode = match address {
-            UnixAddress::Path(path) => {
-                let file = FileId::of(&client.view_of(path)).or_else(|| FileId::of(path))?;
-                *self.by_file.get(&file)?
-            }
-            UnixAddress::Abstract(name) => *self.by_abstract.get(&(client.netns, name.clone()))?,
+        let indexed = match address {
+            UnixAddress::Path(path) => FileId::of(&client.view_of(path))
+                .or_else(|| FileId::of(path))
+                .and_then(|file| self.by_file.get(&file)),
+            UnixAddress::Abstract(name) => self.by_abstract.get(&(client.netns, name.clone())),
         };
-        // A closed listener leaves a stale index entry: only trust live ones.
-        self.listeners.contains_key(&inode).then_some(inode)
+        match indexed.copied() {
+            // A live listener, or one that closed since (its index entry
+            // stays until another socket takes the address).
+            Some(inode)
+                if self.listeners.contains_key(&inode) || self.closed.contains_key(&inode) =>
+            {
+                Some(inode)
+            }
+            // The socket file is gone too: the latest listener that closed
+            // at that address.
+            _ => self
+                .closed
+                .iter()
+                .filter(|(_, (_, l))| {
+                    l.address == *address
+                        && (matches!(address, UnixAddress::Path(p) if p.is_absolute())
+                            || l.netns == client.netns)
+                })
+                .max_by_key(|(_, (at, _))| *at)
+                .map(|(inode, _)| *inode),
+        }
     }
 
     /// The listener's queue length now, from its namespace's socket table.
@@ -287,6 +349,73 @@ impl Task {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listener_that_closed_keeps_its_identity_for_late_records() {
+        use std::os::{fd::AsRawFd, unix::net::UnixListener};
+        let dir = std::env::temp_dir().join(format!("droptrace-closed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let socket = UnixListener::bind(&path).unwrap();
+        let inode: u64 = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd()))
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches("socket:[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap();
+        let pid = std::process::id();
+        let mut raw = [0u8; tracer_common::UNIX_PATH_MAX];
+        let bytes = path.as_os_str().as_encoded_bytes();
+        raw[..bytes.len()].copy_from_slice(bytes);
+        let mut registry = Registry::default();
+        registry.on_listen(&ListenRecord {
+            kind: tracer_common::RecordKind::Listen as u32,
+            pid,
+            tid: pid,
+            fd: socket.as_raw_fd(),
+            ktime_ns: 0,
+            requested_backlog: 100,
+            effective_backlog: 100,
+            somaxconn: 4096,
+            netns: 7,
+            sock_inode: inode,
+            family: tracer_common::AF_UNIX,
+            path_len: bytes.len() as u16,
+            comm: [0; 16],
+            path: raw,
+            _pad: [0; 8],
+        });
+        let client = Task {
+            pid,
+            tid: pid,
+            netns: 7,
+        };
+        let address = UnixAddress::Path(path.clone());
+        assert_eq!(registry.lookup(client, &address), Some(inode));
+        // The owner exits: the socket table no longer lists it.
+        drop(socket);
+        registry.retire_closed(7, &HashSet::new());
+        assert!(registry.listeners.is_empty());
+        assert_eq!(
+            registry.lookup(client, &address),
+            Some(inode),
+            "by its file"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            registry.lookup(client, &address),
+            Some(inode),
+            "by its path"
+        );
+        let found = registry.find(client, &address).unwrap();
+        assert_eq!((found.backlog, found.requested), (100, Some(100)));
+        let other = UnixAddress::Path(dir.join("other.sock"));
+        assert_eq!(registry.lookup(client, &other), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn paths_are_seen_through_the_process_root_and_cwd() {

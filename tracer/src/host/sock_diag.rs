@@ -185,11 +185,15 @@ impl NetnsView {
             cookie: [0xff; 8],
         };
         let mut listeners = Vec::new();
-        self.dump(SockDiagMessage::UnixRequest(request), |message| {
-            if let SockDiagMessage::UnixResponse(response) = message {
-                listeners.push(entry_from(&response));
-            }
-        })?;
+        self.dump(
+            SockDiagMessage::UnixRequest(request),
+            "unix_diag",
+            |message| {
+                if let SockDiagMessage::UnixResponse(response) = message {
+                    listeners.push(entry_from(&response));
+                }
+            },
+        )?;
         Ok(listeners)
     }
 
@@ -207,28 +211,38 @@ impl NetnsView {
                 states: InetStates::LISTEN,
                 socket_id,
             };
-            self.dump(SockDiagMessage::InetRequest(request), |message| {
-                if let SockDiagMessage::InetResponse(response) = message {
-                    let header = &response.header;
-                    listeners.push(TcpListenerEntry {
-                        inode: header.inode.into(),
-                        address: (
-                            header.socket_id.source_address,
-                            header.socket_id.source_port,
-                        ),
-                        // For a listener, inet_diag reports (accept queue
-                        // length, max backlog), as `ss -lt` shows them.
-                        queue: header.recv_queue,
-                        backlog: header.send_queue,
-                    });
-                }
-            })?;
+            self.dump(
+                SockDiagMessage::InetRequest(request),
+                "inet_diag",
+                |message| {
+                    if let SockDiagMessage::InetResponse(response) = message {
+                        let header = &response.header;
+                        listeners.push(TcpListenerEntry {
+                            inode: header.inode.into(),
+                            address: (
+                                header.socket_id.source_address,
+                                header.socket_id.source_port,
+                            ),
+                            // For a listener, inet_diag reports (accept queue
+                            // length, max backlog), as `ss -lt` shows them.
+                            queue: header.recv_queue,
+                            backlog: header.send_queue,
+                        });
+                    }
+                },
+            )?;
         }
         Ok(listeners)
     }
 
     /// Send one dump request and hand every reply message to `each`.
-    fn dump(&self, request: SockDiagMessage, mut each: impl FnMut(SockDiagMessage)) -> Result<()> {
+    /// `module` is the kernel module that answers it (ENOENT without it).
+    fn dump(
+        &self,
+        request: SockDiagMessage,
+        module: &str,
+        mut each: impl FnMut(SockDiagMessage),
+    ) -> Result<()> {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let mut packet = NetlinkMessage::new(header, request.into());
@@ -254,7 +268,9 @@ impl NetnsView {
                 match message.payload {
                     NetlinkPayload::InnerMessage(inner) => each(inner),
                     NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(err) => bail!("sock_diag error: {err:?}"),
+                    NetlinkPayload::Error(err) => {
+                        bail!(diag_error(err.code.map_or(0, |c| -c.get()), module))
+                    }
                     _ => {}
                 }
                 if length == 0 {
@@ -263,6 +279,19 @@ impl NetnsView {
                 offset += length;
             }
         }
+    }
+}
+
+/// A sock_diag error in words: ENOENT means the module that answers the
+/// request is not loaded (unix_diag and inet_diag are modules on Debian).
+fn diag_error(errno: i32, module: &str) -> String {
+    if errno == libc::ENOENT {
+        format!("this kernel has no {module} (load it: modprobe {module})")
+    } else {
+        format!(
+            "sock_diag answered: {}",
+            std::io::Error::from_raw_os_error(errno)
+        )
     }
 }
 
@@ -353,6 +382,15 @@ fn entry_from(response: &netlink_packet_sock_diag::unix::UnixResponse) -> UnixLi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_diag_module_is_named_with_its_fix() {
+        assert_eq!(
+            diag_error(libc::ENOENT, "unix_diag"),
+            "this kernel has no unix_diag (load it: modprobe unix_diag)"
+        );
+        assert!(diag_error(libc::EACCES, "inet_diag").contains("ermission denied"));
+    }
 
     #[test]
     fn netstat_counters_are_found_by_group_and_name() {
