@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use droptrace_tests::{
     droptrace::{Droptrace, Report},
-    http, running_as_root,
+    http, require_root,
     stack::{self, Stack, StackConfig},
 };
 
@@ -99,9 +99,8 @@ fn short_of_connections(nginx_without_symbol: bool) -> Stack {
 #[test]
 fn worker_connections_shortages_equal_nginx_alerts() {
     let test = "worker_connections_shortages_equal_nginx_alerts";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let stack = short_of_connections(false);
     let (outcomes, report) = burst_through(&stack);
     let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
@@ -114,9 +113,8 @@ fn worker_connections_shortages_equal_nginx_alerts() {
 #[test]
 fn without_the_symbol_shortages_are_read_from_nginx_error_log() {
     let test = "without_the_symbol_shortages_are_read_from_nginx_error_log";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let stack = short_of_connections(true);
     let (outcomes, report) = burst_through(&stack);
     let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
@@ -185,9 +183,8 @@ fn assert_nofile_matches_nginx<'a>(
 #[test]
 fn worker_rlimit_nofile_emfiles_equal_nginx_error_lines_by_syscall() {
     let test = "worker_rlimit_nofile_emfiles_equal_nginx_error_lines_by_syscall";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let stack = Stack::start(StackConfig {
         port: stack::free_port(),
         worker_rlimit_nofile: Some(64),
@@ -222,9 +219,8 @@ fn worker_rlimit_nofile_emfiles_equal_nginx_error_lines_by_syscall() {
 #[test]
 fn a_nofile_limit_set_by_prlimit_on_the_master_is_traced_to_it() {
     let test = "a_nofile_limit_set_by_prlimit_on_the_master_is_traced_to_it";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let stack = Stack::start(StackConfig {
         port: stack::free_port(),
         worker_rlimit_nofile: None,

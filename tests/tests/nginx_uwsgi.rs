@@ -7,7 +7,7 @@ use droptrace_tests::{
     droptrace::{Droptrace, Report},
     http,
     netns::Netns,
-    running_as_root,
+    require_root,
     stack::{self, Stack, StackConfig},
 };
 
@@ -67,9 +67,8 @@ fn assert_matches_nginx(stack: &Stack, report: &Report, outcomes: &http::Outcome
 #[test]
 fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
     let test = "nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let port = stack::free_port();
     let stack = Stack::start(StackConfig {
         port,
@@ -100,9 +99,8 @@ fn nginx_502s_from_a_full_uwsgi_socket_are_counted_and_explained() {
 #[test]
 fn in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_and_nginx_clamp_is_noticed() {
     let test = "in_a_namespace_with_low_somaxconn_uwsgi_listen_is_named_and_nginx_clamp_is_noticed";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let netns = Netns::create("e2e", &[("net.core.somaxconn", "64")]);
     // Started before the servers: the listener comes from uWSGI's listen().
     let tracer = Droptrace::start(&[]);

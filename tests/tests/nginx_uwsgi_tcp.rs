@@ -7,7 +7,7 @@ use droptrace_tests::{
     droptrace::{assert_agrees_with_kernel, Droptrace, Report},
     http,
     netns::Netns,
-    running_as_root,
+    require_root,
     stack::{self, Stack, StackConfig},
 };
 
@@ -74,9 +74,8 @@ fn burst_in_namespace(tag: &str, config: StackConfig) -> (Stack, Netns, Report) 
 #[test]
 fn uwsgi_over_tcp_overflows_match_the_kernel_and_name_uwsgi_listen() {
     let test = "uwsgi_over_tcp_overflows_match_the_kernel_and_name_uwsgi_listen";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let (stack, _netns, report) = burst_in_namespace(
         "e2etcp",
         StackConfig {
@@ -118,9 +117,8 @@ fn uwsgi_over_tcp_overflows_match_the_kernel_and_name_uwsgi_listen() {
 #[test]
 fn nginx_own_listener_with_a_tiny_backlog_names_nginx_listen_backlog() {
     let test = "nginx_own_listener_with_a_tiny_backlog_names_nginx_listen_backlog";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let (stack, netns, report) = burst_in_namespace(
         "e2enginx",
         StackConfig {

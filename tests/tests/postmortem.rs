@@ -10,7 +10,7 @@ use droptrace_tests::{
     droptrace::{self, Droptrace, Recording},
     http,
     netns::Netns,
-    running_as_root,
+    require_root,
     stack::{self, Stack, StackConfig},
 };
 use serde_json::Value;
@@ -42,13 +42,11 @@ fn report_json(args: &[&str]) -> (Value, String) {
 /// Render the page in headless Chromium: it must load and paint. Skips
 /// (loudly) where Chromium is not installed; CI installs it.
 fn render_in_chromium(page: &Path) {
-    let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+    // cargo xtask test installs chromium, or leaves this test out (skipped).
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .find(|p| Path::new(p).exists())
-    else {
-        eprintln!("\n*** SKIPPED the Chromium rendering check: apt-get install chromium ***\n");
-        return;
-    };
+        .expect("the HTML report is rendered in Chromium: apt-get install chromium");
     let profile = tempfile::tempdir().unwrap();
     let shot = page.with_extension("png");
     let output = Command::new(chromium)
@@ -96,9 +94,8 @@ fn render_in_chromium(page: &Path) {
 #[test]
 fn a_capture_of_a_real_burst_reports_the_live_totals_even_when_cut_short() {
     let test = "a_capture_of_a_real_burst_reports_the_live_totals_even_when_cut_short";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     let port = stack::free_port();
     let stack = Stack::start(StackConfig {
         port,
@@ -223,9 +220,7 @@ fn a_capture_of_a_real_burst_reports_the_live_totals_even_when_cut_short() {
 #[test]
 fn record_stops_cleanly_at_max_size_and_never_overwrites() {
     let test = "record_stops_cleanly_at_max_size_and_never_overwrites";
-    if !running_as_root(test) {
-        return;
-    }
+    require_root(test);
     let dir = tempfile::tempdir().unwrap();
     let capture = dir.path().join("small.dtc");
     // The header alone is larger than 1 KB: it stops at its first check.
@@ -269,9 +264,8 @@ fn doctor(stack: &Stack) -> (Option<i32>, Vec<Value>) {
 #[test]
 fn doctor_finds_both_traps_in_a_misconfigured_stack_and_none_in_a_sound_one() {
     let test = "doctor_finds_both_traps_in_a_misconfigured_stack_and_none_in_a_sound_one";
-    if !running_as_root(test) || !stack::available(test) {
-        return;
-    }
+    require_root(test);
+    stack::require(test);
     // A private namespace: its counters and sysctls are the test's alone.
     let netns = Netns::create("doctor", &[]);
     {

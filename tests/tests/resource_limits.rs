@@ -12,7 +12,7 @@ use std::{
 use droptrace_tests::{
     droptrace::{Droptrace, Report},
     netns::Netns,
-    running_as_root,
+    require_root,
 };
 
 /// `word=N` in the helper's output line.
@@ -46,9 +46,7 @@ fn run_helper(mut command: Command, tracer: Droptrace) -> (u32, String, Report) 
 #[test]
 fn emfile_is_counted_per_syscall_with_the_limit_and_who_set_it() {
     let test = "emfile_is_counted_per_syscall_with_the_limit_and_who_set_it";
-    if !running_as_root(test) {
-        return;
-    }
+    require_root(test);
     let me = std::process::id().to_string();
     let tracer = Droptrace::start(&["--pid", &me]);
     let mut helper = Command::new(env!("CARGO_BIN_EXE_exhaust"));
@@ -96,9 +94,7 @@ fn emfile_is_counted_per_syscall_with_the_limit_and_who_set_it() {
 #[test]
 fn eaddrnotavail_is_counted_and_names_the_port_range() {
     let test = "eaddrnotavail_is_counted_and_names_the_port_range";
-    if !running_as_root(test) {
-        return;
-    }
+    require_root(test);
     let netns = Netns::create("ports", &[("net.ipv4.ip_local_port_range", "40000 40003")]);
     let tracer = Droptrace::start(&[]);
     let mut helper = netns.command(env!("CARGO_BIN_EXE_exhaust"));
@@ -171,9 +167,7 @@ fn raw_listener(port: u16, backlogs: &[i32]) -> std::net::TcpListener {
 #[test]
 fn a_backlog_clamped_by_somaxconn_is_noticed_once_before_any_drop() {
     let test = "a_backlog_clamped_by_somaxconn_is_noticed_once_before_any_drop";
-    if !running_as_root(test) {
-        return;
-    }
+    require_root(test);
     let netns = Netns::create("clamp", &[("net.core.somaxconn", "8")]);
     let me = std::process::id().to_string();
     let tracer = Droptrace::start(&["--pid", &me]);

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use droptrace_tests::{
     droptrace::{assert_agrees_with_kernel, Droptrace},
     netns::Netns,
-    running_as_root, tcp,
+    require_root, tcp,
 };
 
 /// Flood a backlog-`backlog` listener at `addr` inside `netns` with `clients`
@@ -84,9 +84,7 @@ fn assert_counted_like_the_kernel(
 
 #[test]
 fn a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it() {
-    if !running_as_root("a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it") {
-        return;
-    }
+    require_root("a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it");
     let netns = Netns::create("tcp4", &[]);
     let report = flood(
         &netns,
@@ -105,9 +103,7 @@ fn a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it() {
 
 #[test]
 fn a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it() {
-    if !running_as_root("a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it") {
-        return;
-    }
+    require_root("a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it");
     let netns = Netns::create("tcp6", &[]);
     let report = flood(
         &netns,
@@ -125,9 +121,7 @@ fn a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it() {
 
 #[test]
 fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
-    if !running_as_root("a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn") {
-        return;
-    }
+    require_root("a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn");
     let netns = Netns::create("tcpclamp", &[("net.core.somaxconn", "4")]);
     let report = flood(
         &netns,

@@ -1,7 +1,7 @@
 //! Kernel integration: real UNIX listeners with tiny backlogs that never
 //! accept, real non-blocking connects, and droptrace must report exactly the
 //! refused ones, with the listener's path, owner, queue and backlog.
-use droptrace_tests::{droptrace::Droptrace, netns::Netns, running_as_root, unix};
+use droptrace_tests::{droptrace::Droptrace, netns::Netns, require_root, unix};
 
 /// Refuse `extra` connects to a listener of `backlog` at `name`, return what
 /// droptrace reported about it.
@@ -72,9 +72,7 @@ fn assert_attributed(
 
 #[test]
 fn refused_connects_to_a_path_socket_are_each_reported() {
-    if !running_as_root("refused_connects_to_a_path_socket_are_each_reported") {
-        return;
-    }
+    require_root("refused_connects_to_a_path_socket_are_each_reported");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("backlog1.sock").display().to_string();
     let (refused, report) = refuse(&path, 1, 9);
@@ -84,9 +82,7 @@ fn refused_connects_to_a_path_socket_are_each_reported() {
 
 #[test]
 fn refused_connects_to_an_abstract_socket_are_each_reported() {
-    if !running_as_root("refused_connects_to_an_abstract_socket_are_each_reported") {
-        return;
-    }
+    require_root("refused_connects_to_an_abstract_socket_are_each_reported");
     let name = format!("@droptrace-test-{}", std::process::id());
     let (refused, report) = refuse(&name, 1, 5);
     assert_eq!(refused, 5);
@@ -97,9 +93,7 @@ fn refused_connects_to_an_abstract_socket_are_each_reported() {
 /// BTF-resolved offsets: listen(7) must read back as 7.
 #[test]
 fn the_backlog_read_from_the_kernel_is_the_one_listen_set() {
-    if !running_as_root("the_backlog_read_from_the_kernel_is_the_one_listen_set") {
-        return;
-    }
+    require_root("the_backlog_read_from_the_kernel_is_the_one_listen_set");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("backlog7.sock").display().to_string();
     let (refused, report) = refuse(&path, 7, 3);
@@ -110,9 +104,7 @@ fn the_backlog_read_from_the_kernel_is_the_one_listen_set() {
 /// --pid watches that process tree only: drops between strangers are not shown.
 #[test]
 fn drops_outside_the_watched_processes_are_not_reported() {
-    if !running_as_root("drops_outside_the_watched_processes_are_not_reported") {
-        return;
-    }
+    require_root("drops_outside_the_watched_processes_are_not_reported");
     let mut stranger = std::process::Command::new("sleep")
         .arg("30")
         .spawn()
@@ -134,9 +126,7 @@ fn drops_outside_the_watched_processes_are_not_reported() {
 /// Connects that succeed are not reported at all.
 #[test]
 fn successful_connects_are_not_reported() {
-    if !running_as_root("successful_connects_are_not_reported") {
-        return;
-    }
+    require_root("successful_connects_are_not_reported");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("roomy.sock").display().to_string();
     let me = std::process::id().to_string();
@@ -155,9 +145,7 @@ fn successful_connects_are_not_reported() {
 /// kernel clamps it and droptrace blames somaxconn, with the namespace's value.
 #[test]
 fn a_backlog_clamped_by_somaxconn_blames_somaxconn() {
-    if !running_as_root("a_backlog_clamped_by_somaxconn_blames_somaxconn") {
-        return;
-    }
+    require_root("a_backlog_clamped_by_somaxconn_blames_somaxconn");
     let netns = Netns::create("clamp", &[("net.core.somaxconn", "4")]);
     let name = format!("@droptrace-clamp-{}", std::process::id());
     let me = std::process::id().to_string();

@@ -118,7 +118,10 @@ fn ping_nginx(port: u16, requests: usize) -> f64 {
 /// of ngx_get_connection, where the uretprobe sits) with and without it.
 fn nginx_cost() {
     use droptrace_tests::stack::{self, Stack, StackConfig};
-    if !stack::available("bench: nginx") {
+    if !stack::available() {
+        eprintln!(
+            "bench: nginx's cost not measured: apt-get install nginx uwsgi uwsgi-plugin-python3"
+        );
         return;
     }
     const ROUNDS: usize = 3;
@@ -156,9 +159,7 @@ fn median(mut samples: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    if !droptrace_tests::running_as_root("bench") {
-        std::process::exit(1);
-    }
+    droptrace_tests::require_root("bench");
     let connects: usize = std::env::args()
         .nth(1)
         .and_then(|n| n.parse().ok())
