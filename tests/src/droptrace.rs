@@ -17,15 +17,6 @@ pub fn binary() -> PathBuf {
     }
 }
 
-/// Panics unless droptrace counted exactly the TCP accept-queue overflows
-/// the kernel counted in TcpExtListenOverflows.
-pub fn assert_agrees_with_kernel(ours: u64, kernel: u64, what: &str) {
-    assert_eq!(
-        ours, kernel,
-        "{what}: droptrace vs kernel TcpExtListenOverflows"
-    );
-}
-
 pub struct Droptrace {
     child: Child,
     /// What it said on stderr while starting.
@@ -77,6 +68,30 @@ fn spawn_until_watching(command: &mut Command) -> (Child, Vec<String>, mpsc::Rec
     }
 }
 
+/// "tcp_accept_queue/tcp_syn_queue" -> "TCP_ACCEPT_QUEUE_TCP_SYN_QUEUE".
+pub fn hook_variable(family: &str) -> String {
+    family
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The mechanisms droptrace declares, as its start-up line names them.
+pub const UNIX_BACKLOG_HOOKS: &[&str] = &[
+    "fexit/unix_stream_connect",
+    "tracepoints syscalls/sys_{enter,exit}_connect",
+];
+pub const TCP_HOOKS: &[&str] = &[
+    "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb with drop reasons",
+    "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb (no drop reasons: SYN-cookie ACKs counted as ack)",
+];
+
 impl Droptrace {
     /// Start `droptrace --json ARGS` and wait until its probes are attached.
     pub fn start(args: &[&str]) -> Self {
@@ -101,6 +116,39 @@ impl Droptrace {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The mechanism droptrace's start-up line says `family` uses on this
+    /// kernel ("fexit/unix_stream_connect", "tracepoints ...").
+    pub fn mechanism_of(&self, family: &str) -> String {
+        let line = self
+            .startup
+            .iter()
+            .find_map(|l| l.split("hooks on this kernel: ").nth(1))
+            .unwrap_or_else(|| panic!("no hooks line at start-up: {:?}", self.startup));
+        let entry = line
+            .split("; ")
+            .find_map(|e| e.strip_prefix(&format!("{family}: ")))
+            .unwrap_or_else(|| panic!("the hooks line names no {family}: {line}"));
+        // "MECHANISM (skipped ...)": the mechanism alone.
+        entry
+            .split(" (skipped ")
+            .next()
+            .unwrap_or(entry)
+            .to_string()
+    }
+
+    /// Assert the mechanism of `family` is the one the environment expects
+    /// ($DROPTRACE_EXPECT_<FAMILY>_HOOK, set by the kernel matrix where the
+    /// kernel allows fexit); otherwise only that it has one. Returns it.
+    pub fn assert_mechanism(&self, family: &str, declared: &[&str]) -> String {
+        let used = self.mechanism_of(family);
+        let variable = format!("DROPTRACE_EXPECT_{}_HOOK", hook_variable(family));
+        match std::env::var(&variable) {
+            Ok(expected) => assert_eq!(used, expected, "{family}: {variable}"),
+            Err(_) => assert!(declared.contains(&used.as_str()), "{family} uses {used}"),
+        }
+        used
     }
 
     /// Ctrl-C, then parse everything it printed.

@@ -3,6 +3,7 @@
 //!
 //! Everything started here is stopped by its PID; nothing is killed by name.
 pub mod droptrace;
+pub mod guest;
 pub mod http;
 pub mod netns;
 pub mod stack;

@@ -52,6 +52,21 @@ impl Netns {
             .ino()
     }
 
+    /// The namespace's own TcpExt counters now, read by the test from
+    /// /proc/thread-self/net/netstat of a thread inside it: the kernel's
+    /// truth that droptrace's counts are held against.
+    pub fn tcp_ext(&self) -> TcpExt {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_on_this_thread();
+                let text = std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap();
+                TcpExt::parse(&text)
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
     /// Move the calling thread into the namespace (sockets it creates from
     /// now on live there). Use on a thread of its own.
     pub fn enter_on_this_thread(&self) {
@@ -67,5 +82,45 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// The TcpExt counters of listen-queue drops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpExt {
+    /// Accept queue full (at SYN or at ACK time).
+    pub listen_overflows: u64,
+    /// Every drop at a listener, overflows included.
+    pub listen_drops: u64,
+    /// SYN dropped by a full SYN queue, syncookies off.
+    pub req_q_full_drop: u64,
+}
+
+impl TcpExt {
+    fn parse(text: &str) -> Self {
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+        let value = |wanted: &str| -> u64 {
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == wanted)
+                .map(|(_, v)| v.parse().unwrap())
+                .unwrap_or_else(|| panic!("no TcpExt {wanted} in /proc/net/netstat"))
+        };
+        Self {
+            listen_overflows: value("ListenOverflows"),
+            listen_drops: value("ListenDrops"),
+            req_q_full_drop: value("TCPReqQFullDrop"),
+        }
+    }
+
+    /// What grew from `before` to `self`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            listen_overflows: self.listen_overflows - before.listen_overflows,
+            listen_drops: self.listen_drops - before.listen_drops,
+            req_q_full_drop: self.req_q_full_drop - before.req_q_full_drop,
+        }
     }
 }

@@ -13,6 +13,28 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> TcpListener {
     listener
 }
 
+/// Hold handshakes without data in the SYN queue (TCP_DEFER_ACCEPT): the
+/// final ACK of a client that sends nothing is ignored (tcp_check_req).
+pub fn defer_accept(listener: &TcpListener) {
+    let seconds: libc::c_int = 30;
+    // SAFETY: valid fd and option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TCP_DEFER_ACCEPT: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {

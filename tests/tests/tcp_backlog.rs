@@ -5,27 +5,34 @@
 use std::{net::SocketAddr, time::Duration};
 
 use droptrace_tests::{
-    droptrace::{assert_agrees_with_kernel, Droptrace},
-    netns::Netns,
+    droptrace::{Droptrace, Report, TCP_HOOKS},
+    netns::{Netns, TcpExt},
     require_root, tcp,
 };
 
 /// Flood a backlog-`backlog` listener at `addr` inside `netns` with `clients`
 /// connects, let their SYNs be retransmitted for `linger`, then close them
-/// all before droptrace stops, so both counts end together.
+/// all before droptrace stops, so both counts end together. Returns what
+/// droptrace reported and what the namespace's own counters gained.
 fn flood(
     netns: &Netns,
     addr: SocketAddr,
     backlog: i32,
     clients: usize,
     linger: Duration,
-) -> droptrace_tests::droptrace::Report {
+    deferred: bool,
+) -> (Report, TcpExt) {
     let me = std::process::id().to_string();
     let tracer = Droptrace::start_with_log(&["--pid", &me], "debug");
+    tracer.assert_mechanism("tcp_accept_queue/tcp_syn_queue", TCP_HOOKS);
+    let before = netns.tcp_ext();
     std::thread::scope(|s| {
         s.spawn(|| {
             netns.enter_on_this_thread();
             let listener = tcp::listener(addr, backlog);
+            if deferred {
+                tcp::defer_accept(&listener);
+            }
             let fds = tcp::connect_many(addr, clients);
             std::thread::sleep(linger);
             tcp::close_all(fds);
@@ -34,34 +41,47 @@ fn flood(
         .join()
         .unwrap()
     });
+    let grew = netns.tcp_ext().since(before);
     // Let the last counted drops reach droptrace's next poll.
     std::thread::sleep(Duration::from_millis(500));
-    tracer.stop()
+    (tracer.stop(), grew)
+}
+
+/// The sum of the `count`s of the drop lines of `kind`.
+fn total(drops: &[&serde_json::Value], kind: &str) -> u64 {
+    drops
+        .iter()
+        .filter(|d| d["kind"] == kind)
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum()
 }
 
 fn assert_counted_like_the_kernel(
     netns: &Netns,
-    report: &droptrace_tests::droptrace::Report,
+    (report, kernel): &(Report, TcpExt),
     addr: &str,
     port: u16,
     family: &str,
 ) -> u64 {
     let drops = report.tcp_drops_at(addr, port);
-    let counted: u64 = drops.iter().map(|d| d["count"].as_u64().unwrap()).sum();
-    let (ours, kernel) = report.reconciliation(netns.inode());
+    let counted = total(&drops, "tcp_accept_queue");
     assert!(
-        kernel > 0,
+        kernel.listen_overflows > 0,
         "the flood overflowed nothing, so it proves nothing"
     );
     assert_eq!(
-        counted, ours,
-        "the drop lines add up to the summary's total; droptrace said:\n{}",
+        counted, kernel.listen_overflows,
+        "{addr}:{port}: droptrace's tcp_accept_queue vs the namespace's TcpExtListenOverflows; droptrace said:\n{}",
         report.stderr
     );
-    assert_agrees_with_kernel(ours, kernel, &format!("{addr}:{port}"));
+    assert_eq!(
+        counted + total(&drops, "tcp_syn_queue"),
+        kernel.listen_drops,
+        "{addr}:{port}: droptrace's TCP drops vs the namespace's TcpExtListenDrops"
+    );
     assert_eq!(report.lost(), 0);
     let stages: Vec<&str> = drops.iter().map(|d| d["stage"].as_str().unwrap()).collect();
-    eprintln!("{addr}:{port}: droptrace {counted}, kernel TcpExtListenOverflows {kernel}, stages {stages:?}");
+    eprintln!("{addr}:{port}: droptrace {counted}, kernel {kernel:?}, stages {stages:?}");
     let me = u64::from(std::process::id());
     for drop in &drops {
         assert_eq!(drop["kind"], "tcp_accept_queue", "{drop}");
@@ -92,9 +112,10 @@ fn a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it() {
         2,
         20,
         Duration::from_millis(2500),
+        false,
     );
     assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
-    for drop in report.tcp_drops_at("127.0.0.1", 19090) {
+    for drop in report.0.tcp_drops_at("127.0.0.1", 19090) {
         assert_eq!(drop["listener"]["backlog"], 2);
         assert_eq!(drop["limit"]["name"], "app_backlog", "{drop}");
         assert_eq!(drop["limit"]["value"], 2);
@@ -111,9 +132,10 @@ fn a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it() {
         2,
         20,
         Duration::from_millis(2500),
+        false,
     );
     assert_counted_like_the_kernel(&netns, &report, "::1", 19090, "tcp6");
-    for drop in report.tcp_drops_at("::1", 19090) {
+    for drop in report.0.tcp_drops_at("::1", 19090) {
         assert_eq!(drop["limit"]["name"], "app_backlog", "{drop}");
         assert_eq!(drop["limit"]["value"], 2);
     }
@@ -129,9 +151,10 @@ fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
         64,
         30,
         Duration::from_millis(2500),
+        false,
     );
     assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
-    for drop in report.tcp_drops_at("127.0.0.1", 19090) {
+    for drop in report.0.tcp_drops_at("127.0.0.1", 19090) {
         assert_eq!(drop["listener"]["backlog"], 4);
         assert_eq!(drop["limit"]["name"], "somaxconn", "{drop}");
         assert_eq!(drop["limit"]["value"], 4);
@@ -140,6 +163,50 @@ fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
                 .as_str()
                 .unwrap()
                 .starts_with("sysctl -w net.core.somaxconn=64"),
+            "{drop}"
+        );
+    }
+}
+
+#[test]
+fn a_full_syn_queue_with_syncookies_off_is_counted_like_the_kernel_counts_it() {
+    let test = "a_full_syn_queue_with_syncookies_off_is_counted_like_the_kernel_counts_it";
+    require_root(test);
+    let netns = Netns::create("tcpsynq", &[("net.ipv4.tcp_syncookies", "0")]);
+    // Deferred accept keeps every data-less handshake in the SYN queue, so
+    // the accept queue never fills: SYNs are refused by the SYN queue.
+    let (report, kernel) = flood(
+        &netns,
+        "127.0.0.1:19090".parse().unwrap(),
+        4,
+        20,
+        Duration::from_millis(2500),
+        true,
+    );
+    let drops = report.tcp_drops_at("127.0.0.1", 19090);
+    let counted = total(&drops, "tcp_syn_queue");
+    eprintln!("SYN queue: droptrace {counted}, kernel {kernel:?}");
+    assert!(
+        kernel.req_q_full_drop > 0,
+        "the SYN queue never filled: {kernel:?}"
+    );
+    assert_eq!(kernel.listen_overflows, 0, "{kernel:?}");
+    assert_eq!(total(&drops, "tcp_accept_queue"), 0);
+    assert_eq!(
+        counted, kernel.listen_drops,
+        "droptrace's tcp_syn_queue vs the namespace's TcpExtListenDrops; droptrace said:\n{}",
+        report.stderr
+    );
+    assert_eq!(report.lost(), 0);
+    for drop in &drops {
+        assert_eq!(drop["stage"], "syn", "{drop}");
+        assert_eq!(drop["listener"]["netns"], netns.inode());
+        assert_eq!(drop["limit"]["name"], "app_backlog", "{drop}");
+        assert!(
+            drop["limit"]["fix"]
+                .as_str()
+                .unwrap()
+                .ends_with("so a full SYN queue answers with cookies"),
             "{drop}"
         );
     }

@@ -1,13 +1,18 @@
 //! Kernel integration: real UNIX listeners with tiny backlogs that never
 //! accept, real non-blocking connects, and droptrace must report exactly the
 //! refused ones, with the listener's path, owner, queue and backlog.
-use droptrace_tests::{droptrace::Droptrace, netns::Netns, require_root, unix};
+use droptrace_tests::{
+    droptrace::{Droptrace, UNIX_BACKLOG_HOOKS},
+    netns::Netns,
+    require_root, unix,
+};
 
 /// Refuse `extra` connects to a listener of `backlog` at `name`, return what
 /// droptrace reported about it.
 fn refuse(name: &str, backlog: i32, extra: usize) -> (usize, droptrace_tests::droptrace::Report) {
     let me = std::process::id().to_string();
     let tracer = Droptrace::start(&["--pid", &me]);
+    tracer.assert_mechanism("unix_backlog", UNIX_BACKLOG_HOOKS);
     let listener = unix::Listener::bind(name, backlog);
     // The queue takes backlog + 1 (unix_recvq_full: queue > backlog).
     let (queued, refused) = unix::connect_many(name, backlog as usize + 1 + extra);

@@ -14,6 +14,12 @@ pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// Slots of the `FAST_PATHS` array: set to 1 by userspace when a family's
+/// fast hook (fexit) attached, so the syscall tracepoints it shares with
+/// other families leave that family's events to it (counted once).
+pub const FAST_PATH_UNIX_CONNECT: u32 = 0;
+pub const FAST_PATHS: u32 = 1;
+
 /// Tag at the start of every ring-buffer record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

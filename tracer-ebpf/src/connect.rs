@@ -12,16 +12,22 @@
 //! insert and delete. The address is read from the caller's memory at exit,
 //! when the kernel has just copied it (so it is resident), and only then.
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
     macros::map,
     maps::HashMap,
-    programs::TracePointContext,
+    programs::{FExitContext, TracePointContext},
 };
-use tracer_common::{ConnectFailure, RecordKind, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, LOST_PENDING_FULL, UNIX_PATH_MAX};
+use tracer_common::{
+    ConnectFailure, RecordKind, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, FAST_PATH_UNIX_CONNECT, LOST_PENDING_FULL,
+    UNIX_PATH_MAX,
+};
 
 use crate::{
     kernel::current_netns,
-    maps::{count_lost, emit},
+    maps::{count_lost, emit, fast_path},
 };
 
 const EAGAIN: i64 = 11;
@@ -65,26 +71,15 @@ pub fn on_exit(ctx: &TracePointContext) {
     }
     let Ok(family) = (unsafe { bpf_probe_read_user(pending.uservaddr as *const u16) }) else { return };
     let reported = match family {
-        AF_UNIX => ret == -EAGAIN,
+        // With fexit on unix_stream_connect attached, it reports these.
+        AF_UNIX => ret == -EAGAIN && !fast_path(FAST_PATH_UNIX_CONNECT),
         AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL,
         _ => false,
     };
     if !reported {
         return;
     }
-    let mut record = ConnectFailure {
-        kind: RecordKind::ConnectFailure as u32,
-        pid: (pid_tgid >> 32) as u32,
-        tid,
-        ret: ret as i32,
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        family,
-        addr_len: 0,
-        netns: current_netns().unwrap_or(0),
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-        addr: [0; UNIX_PATH_MAX],
-        _pad: [0; 4],
-    };
+    let mut record = failure(pid_tgid, ret as i32, family);
     // The address follows the 2-byte family; addrlen bounds it.
     let addr_len = (pending.addrlen as usize).saturating_sub(2).min(UNIX_PATH_MAX);
     let src = (pending.uservaddr + 2) as *const u8;
@@ -93,5 +88,46 @@ pub fn on_exit(ctx: &TracePointContext) {
         let _ = unsafe { bpf_probe_read_user_buf(src, &mut record.addr[..addr_len]) };
     }
     record.addr_len = addr_len as u16;
+    emit(&record);
+}
+
+/// A refused connect of the current thread, its address still to be filled.
+#[inline(always)]
+fn failure(pid_tgid: u64, ret: i32, family: u16) -> ConnectFailure {
+    ConnectFailure {
+        kind: RecordKind::ConnectFailure as u32,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        ret,
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        family,
+        addr_len: 0,
+        netns: current_netns().unwrap_or(0),
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        addr: [0; UNIX_PATH_MAX],
+        _pad: [0; 4],
+    }
+}
+
+/// fexit/unix_stream_connect(sock, uaddr, addr_len, flags) -> int: the fast
+/// path, only on the function that refuses, with the address already
+/// copied into the kernel (move_addr_to_kernel). No per-connect state.
+pub fn on_unix_stream_connect_exit(ctx: &FExitContext) {
+    // The return value follows the arguments (ctx[4]; bpf_get_func_ret
+    // would need 5.17).
+    let ret: i32 = ctx.arg(4);
+    if ret as i64 != -EAGAIN {
+        return;
+    }
+    let uaddr: u64 = ctx.arg(1);
+    let addr_len: i32 = ctx.arg(2);
+    let mut record = failure(bpf_get_current_pid_tgid(), ret, AF_UNIX);
+    let len = (addr_len.max(2) as usize - 2).min(UNIX_PATH_MAX);
+    let src = (uaddr + 2) as *const u8;
+    // SAFETY: a kernel copy of the caller's sockaddr; the helper checks it.
+    if unsafe { bpf_probe_read_kernel_buf(src, &mut record.addr) }.is_err() {
+        let _ = unsafe { bpf_probe_read_kernel_buf(src, &mut record.addr[..len]) };
+    }
+    record.addr_len = len as u16;
     emit(&record);
 }

@@ -12,8 +12,10 @@ mod nginx;
 mod tcp_listen;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_skb, tracepoint, uretprobe},
-    programs::{BtfTracePointContext, RetProbeContext, SkBuffContext, TracePointContext},
+    macros::{btf_tracepoint, cgroup_skb, fexit, raw_tracepoint, tracepoint, uretprobe},
+    programs::{
+        BtfTracePointContext, FExitContext, RawTracePointContext, RetProbeContext, SkBuffContext, TracePointContext,
+    },
 };
 use tracer_common::fd_syscall;
 
@@ -28,6 +30,14 @@ pub fn connect_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn connect_exit(ctx: TracePointContext) -> u32 {
     connect::on_exit(&ctx);
+    0
+}
+
+/// fexit/unix_stream_connect: a refused UNIX connect, where the kernel
+/// allows fexit (the connect tracepoints then leave UNIX sockets to it).
+#[fexit(function = "unix_stream_connect")]
+pub fn unix_connect_refused(ctx: FExitContext) -> i32 {
+    connect::on_unix_stream_connect_exit(&ctx);
     0
 }
 
@@ -87,11 +97,49 @@ pub fn tcp_ack_drop(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Second copies of the kfree_skb programs (see tcp_syn_done_nested).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tcp_ack_drop_nested(ctx: BtfTracePointContext) -> i32 {
+    tcp_listen::on_kfree_skb(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tcp_ack_drop_noreason_nested(ctx: BtfTracePointContext) -> i32 {
+    tcp_listen::on_kfree_skb_noreason(&ctx);
+    0
+}
+
+/// tp_btf/kfree_skb on kernels whose tracepoint has no drop reason (before
+/// 5.17): the stage comes from the packet alone.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tcp_ack_drop_noreason(ctx: BtfTracePointContext) -> i32 {
+    tcp_listen::on_kfree_skb_noreason(&ctx);
+    0
+}
+
 /// tp_btf/consume_skb: a packet a listener was processing was consumed
 /// (a refused SYN is consumed, not dropped).
 #[btf_tracepoint(function = "consume_skb")]
 pub fn tcp_syn_done(ctx: BtfTracePointContext) -> i32 {
     tcp_listen::on_consume_skb(&ctx);
+    0
+}
+
+/// The same program twice: the kernel skips a tracing program that is
+/// already running on this CPU (a softirq freeing our packet while a task's
+/// consume_skb runs it), never both copies; the second settle is a no-op.
+#[btf_tracepoint(function = "consume_skb")]
+pub fn tcp_syn_done_nested(ctx: BtfTracePointContext) -> i32 {
+    tcp_listen::on_consume_skb(&ctx);
+    0
+}
+
+/// Never attached: run on each CPU through BPF_PROG_TEST_RUN when droptrace
+/// stops, to count what a packet in flight there has cost so far.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn tcp_catch_up(_ctx: RawTracePointContext) -> i32 {
+    tcp_listen::catch_up_this_cpu();
     0
 }
 

@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::LOST_RINGBUF_FULL;
+use tracer_common::{FAST_PATHS, LOST_RINGBUF_FULL};
 
 /// Records for userspace. Userspace may resize it at load time.
 #[map]
@@ -12,6 +12,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Records that could not be handed over, by cause (see tracer_common::LOST_*).
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+/// Which families a fast hook serves (tracer_common::FAST_PATH_*): set by
+/// userspace after load, read by the shared syscall tracepoints.
+#[map]
+pub static FAST_PATH: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(FAST_PATHS, 0);
+
+/// True when the fast hook of `slot` is attached.
+#[inline(always)]
+pub fn fast_path(slot: u32) -> bool {
+    FAST_PATH.get(slot).is_some_and(|on| *on != 0)
+}
 
 /// Count one record that userspace will never see.
 pub fn count_lost(cause: u32) {

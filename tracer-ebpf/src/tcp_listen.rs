@@ -13,8 +13,9 @@
 //! 2. tp_btf/consume_skb or tp_btf/kfree_skb of that same skb, on the same
 //!    CPU, reads them again: the difference is what this packet cost. A
 //!    SYN refused by a full accept queue is consumed (tcp_conn_request);
-//!    a final ACK with no room for the child is freed with reason
-//!    TCP_LISTEN_OVERFLOW, or NO_SOCKET when it carried a SYN cookie.
+//!    a final ACK with no room for the child is freed (with reason NO_SOCKET
+//!    when it carried a SYN cookie, on kernels whose kfree_skb has a reason:
+//!    5.17+; before, a cookie ACK is counted as an ACK).
 //!
 //! Counts are exact; the stage and the limit come from the packet and the
 //! queue state. Counts live in per-CPU counters per listener and stage; a
@@ -265,6 +266,26 @@ pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
     let skb: u64 = ctx.arg(0);
     let reason: u64 = ctx.arg(2);
     settle(skb, Some(reason as u32));
+}
+
+/// tp_btf/kfree_skb(skb, location) of kernels before 5.17.
+pub fn on_kfree_skb_noreason(ctx: &BtfTracePointContext) {
+    let skb: u64 = ctx.arg(0);
+    settle(skb, None);
+}
+
+/// Count what the packet in flight on this CPU has cost so far (run at stop,
+/// when no later packet may come to catch it up).
+pub fn catch_up_this_cpu() {
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot.
+    let flight = unsafe { &mut *in_flight };
+    // Only through a listener that is still the one recorded: a closed
+    // one's memory may hold another socket now, and its counters would be
+    // nonsense (a drop that did not happen must not be invented).
+    if flight.sk != 0 && Sock::at(flight.sk as usize).is_some_and(|s| s.inode == flight.inode) {
+        catch_up(flight, None);
+    }
 }
 
 /// If `skb` is the packet in flight on this CPU, count what it cost.

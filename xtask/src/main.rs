@@ -4,6 +4,7 @@
 //! (it ships a precompiled libcore for that target, so no nightly or
 //! build-std is needed) and linked by bpf-linker built against LLVM 22.
 //! Everything missing is installed on the first run, saying what it does.
+mod kernels;
 mod prerequisites;
 mod toolchain;
 
@@ -42,9 +43,21 @@ enum Task {
     /// Build, then run every test: unit, kernel integration and end to end
     /// (the last two need root and skip loudly without it).
     Test {
+        /// Run only the kernel matrix, on this Debian kernel (5.10, 6.1 or
+        /// 6.12; repeat for several): the kernel integration tests inside
+        /// Debian's own kernel under QEMU. Without it, every test runs,
+        /// the host's and the whole matrix.
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernels: Vec<String>,
         /// Extra arguments for `cargo test` after `--`, e.g. a test name.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fetch Debian's kernels of the matrix (cached) and build their guest
+    /// initramfs in target/kernels, without running anything.
+    Kernels {
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernels: Vec<String>,
     },
     /// Measure how many refused connects per second droptrace delivers, and
     /// what it loses (needs root).
@@ -70,7 +83,11 @@ fn run(task: Task) -> Result<()> {
             let binary = build(release)?;
             run_as_root(&binary, &args)
         }
-        Task::Test { args } => test(&args),
+        Task::Test { kernels, args } => test(&kernels, &args),
+        Task::Kernels { kernels } => {
+            let series = kernels::chosen(&kernels)?;
+            kernels::prepare(&series, &workspace_root().join("target/kernels"))
+        }
         Task::Bench { connects } => {
             let binary = build(true)?;
             let status = cargo()
@@ -171,22 +188,43 @@ fn run_as_root(binary: &Path, args: &[String]) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(only_kernels: &[String], args: &[String]) -> Result<()> {
     let binary = build(false)?;
     let object = build_ebpf()?;
-    let left_out = prerequisites::ensure(is_root())?;
+    let root = is_root();
+    let mut filter = prerequisites::ensure(root)?;
+    let series = kernels::chosen(only_kernels)?;
+    let kernel_dir = workspace_root().join("target/kernels");
+    // Without root or QEMU the matrix tests are left out (see above).
+    let (guest_tests, guest_e2e_tests) = if root && kernels::can_boot() {
+        kernels::prepare(&series, &kernel_dir)?;
+        (
+            test_binaries(&["unix_backlog", "tcp_backlog", "resource_limits"])?,
+            test_binaries(&["nginx_uwsgi_tcp"])?,
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    if !only_kernels.is_empty() {
+        // Only the chosen kernels' matrix tests.
+        let chosen: Vec<String> = series
+            .iter()
+            .map(|s| format!("test(/^linux_{}(_|$)/)", s.name.replace('.', "_")))
+            .collect();
+        filter = Some(format!("binary(kernels) & ({})", chosen.join(" | ")));
+    }
     // nextest ends with one summary line for the whole suite, and runs the
     // kernel tests one at a time (.config/nextest.toml). Without it, cargo
     // test, all serial.
     let mut command = cargo();
     if has_nextest() {
         command.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
-        if let Some(filter) = &left_out {
+        if let Some(filter) = &filter {
             command.args(["-E", filter]);
         }
         command.args(args);
     } else {
-        if left_out.is_some() {
+        if filter.is_some() {
             bail!("tests must be left out and only cargo-nextest can count them as skipped: `cargo install cargo-nextest`");
         }
         eprintln!("xtask: cargo-nextest not found; using cargo test (`cargo install cargo-nextest` for a single summary line)");
@@ -203,8 +241,42 @@ fn test(args: &[String]) -> Result<()> {
     let status = command
         .env("DROPTRACE_EBPF_OBJECT", &object)
         .env("DROPTRACE_BIN", &binary)
+        .env("DROPTRACE_KERNELS", &kernel_dir)
+        .env("DROPTRACE_GUEST_TESTS", &guest_tests)
+        .env("DROPTRACE_GUEST_E2E_TESTS", &guest_e2e_tests)
         .status()?;
     check(status, "the tests")
+}
+
+/// The paths of the test binaries `names`, which the kernel matrix runs in
+/// its guests (built already by the build above; cargo says where).
+fn test_binaries(names: &[&str]) -> Result<String> {
+    let output = cargo()
+        .args([
+            "test",
+            "-p",
+            "droptrace-tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = message["target"]["name"].as_str().unwrap_or_default();
+        if let (true, Some(executable)) = (names.contains(&name), message["executable"].as_str()) {
+            found.push(executable.to_string());
+        }
+    }
+    if found.len() != names.len() {
+        bail!("cargo did not report the test binaries {names:?} (found {found:?})");
+    }
+    Ok(found.join(" "))
 }
 
 fn has_nextest() -> bool {

@@ -18,6 +18,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/bin/ip"),
     ("procps", "/usr/sbin/sysctl"),
     ("chromium", "/usr/bin/chromium"),
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/usr/bin/busybox"),
+    ("cpio", "/usr/bin/cpio"),
+    ("xz-utils", "/usr/bin/xz"),
 ];
 
 /// The tests that start nginx and uWSGI.

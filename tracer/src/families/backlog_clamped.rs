@@ -21,6 +21,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         name: "tracepoints syscalls/sys_{enter,exit}_listen",
         programs: &[LISTEN_ENTER, LISTEN_EXIT],
         needs: &[],
+        fast_path: None,
     }],
     extras: &[],
 };

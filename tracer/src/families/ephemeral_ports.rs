@@ -17,6 +17,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         name: "tracepoints syscalls/sys_{enter,exit}_connect",
         programs: &[CONNECT_ENTER, CONNECT_EXIT],
         needs: &[],
+        fast_path: None,
     }],
     extras: &[],
 };

@@ -27,6 +27,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             Program::tracepoint("openat_exit", "syscalls", "sys_exit_openat"),
         ],
         needs: &[],
+        fast_path: None,
     }],
     extras: &[],
 };

@@ -5,7 +5,7 @@
 //! listener, so the host's listener table names it from the address.
 use std::time::{Duration, Instant};
 
-use tracer_common::ConnectFailure;
+use tracer_common::{ConnectFailure, FAST_PATH_UNIX_CONNECT};
 
 use super::{
     backlog::{self, backlog_facts, nginx_backlog, Transport},
@@ -17,25 +17,36 @@ use crate::{
         address::UnixAddress,
         listeners::{Listener, Task},
     },
-    probes::hooks::{FamilyHooks, Mechanism},
+    probes::hooks::{FamilyHooks, Mechanism, Program},
 };
 
 /// How long a sampled queue length is reused under a storm.
 const QUEUE_SAMPLE_TTL: Duration = Duration::from_millis(100);
 
+/// fexit on the function that refuses (unix_stream_connect) costs nothing
+/// to other syscalls; the connect tracepoints put every syscall of every
+/// process on the traced path, and are the fallback where fexit is refused.
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "unix_backlog",
-    mechanisms: &[Mechanism {
-        name: "tracepoints syscalls/sys_{enter,exit}_connect",
-        programs: &[
-            CONNECT_ENTER,
-            CONNECT_EXIT,
-            // The listener table learns listen() calls as they happen.
-            LISTEN_ENTER,
-            LISTEN_EXIT,
-        ],
-        needs: &[],
-    }],
+    mechanisms: &[
+        Mechanism {
+            name: "fexit/unix_stream_connect",
+            programs: &[
+                Program::fexit("unix_connect_refused", "unix_stream_connect"),
+                // The listener table learns listen() calls as they happen.
+                LISTEN_ENTER,
+                LISTEN_EXIT,
+            ],
+            needs: &[],
+            fast_path: Some(FAST_PATH_UNIX_CONNECT),
+        },
+        Mechanism {
+            name: "tracepoints syscalls/sys_{enter,exit}_connect",
+            programs: &[CONNECT_ENTER, CONNECT_EXIT, LISTEN_ENTER, LISTEN_EXIT],
+            needs: &[],
+            fast_path: None,
+        },
+    ],
     extras: &[],
 };
 

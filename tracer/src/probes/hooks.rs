@@ -24,6 +24,9 @@ pub enum Attach {
     BtfTracepoint { name: &'static str },
     /// cgroup_skb/ingress on the root of the cgroup v2 hierarchy.
     CgroupIngress,
+    /// fexit on a kernel function (a BPF trampoline: needs the kernel's
+    /// ftrace direct calls, refused on some machines).
+    Fexit { function: &'static str },
     /// A uretprobe on a symbol of a user binary, attached per binary once
     /// a process running it is seen (not at start-up).
     Uretprobe { symbol: &'static str },
@@ -65,6 +68,13 @@ impl Program {
         }
     }
 
+    pub const fn fexit(name: &'static str, function: &'static str) -> Self {
+        Self {
+            name,
+            attach: Attach::Fexit { function },
+        }
+    }
+
     pub const fn uretprobe(name: &'static str, symbol: &'static str) -> Self {
         Self {
             name,
@@ -90,6 +100,11 @@ pub struct Mechanism {
     pub name: &'static str,
     pub programs: &'static [Program],
     pub needs: &'static [Need],
+    /// The FAST_PATH slot (tracer_common::FAST_PATH_*) that tells the
+    /// shared syscall tracepoints this family is served here: set before
+    /// the programs attach (so no event is counted twice), cleared if they
+    /// fail.
+    pub fast_path: Option<u32>,
 }
 
 /// A family's hooks: mechanisms in order of preference, and programs that
@@ -187,10 +202,29 @@ impl<'a> Attacher<'a> {
                 }
             }
         }
-        mechanism
+        if let Some(slot) = mechanism.fast_path {
+            self.set_fast_path(slot, true)?;
+        }
+        let attached = mechanism
             .programs
             .iter()
-            .try_for_each(|program| self.program(program))
+            .try_for_each(|program| self.program(program));
+        if let (Err(_), Some(slot)) = (&attached, mechanism.fast_path) {
+            self.set_fast_path(slot, false)?;
+        }
+        attached
+    }
+
+    fn set_fast_path(&mut self, slot: u32, on: bool) -> Result<(), String> {
+        let map = self
+            .ebpf
+            .map_mut("FAST_PATH")
+            .ok_or("eBPF object lacks map FAST_PATH")?;
+        let mut array: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(map).map_err(|e| e.to_string())?;
+        array
+            .set(slot, u32::from(on), 0)
+            .map_err(|e| format!("cannot set FAST_PATH[{slot}]: {e}"))
     }
 
     fn program(&mut self, program: &Program) -> Result<(), String> {
@@ -258,6 +292,24 @@ impl<'a> Attacher<'a> {
                 .with_context(|| {
                     format!("cannot attach cgroup_skb/ingress to {}", root.display())
                 })?;
+            }
+            Attach::Fexit { function } => {
+                if self.aya_btf.is_none() {
+                    self.aya_btf =
+                        Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?);
+                }
+                let btf = self.aya_btf.as_ref().expect("parsed above");
+                let fexit: &mut aya::programs::FExit = self
+                    .ebpf
+                    .program_mut(name)
+                    .expect("found above")
+                    .try_into()?;
+                fexit
+                    .load(function, btf)
+                    .with_context(|| format!("cannot load fexit/{function}"))?;
+                fexit
+                    .attach()
+                    .with_context(|| format!("cannot attach fexit/{function}"))?;
             }
             Attach::Uretprobe { .. } => {
                 // Attached per nginx binary when one is seen; loading it now

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{uprobe::UProbeScope, UProbe},
+    programs::{uprobe::UProbeScope, RawTracePoint, TestRun, UProbe},
     Ebpf, EbpfLoader,
 };
 use tracer_common::{TcpOverflowKey, LOST_COUNTERS_FULL, LOST_PENDING_FULL, LOST_RINGBUF_FULL};
@@ -30,14 +30,44 @@ pub struct Probes {
     pub tcp_overflows: PerCpuHashMap<MapData, TcpOverflowKey, u64>,
     /// Which mechanism each family uses on this kernel.
     pub choices: Vec<Choice>,
+    /// The final TCP catch-up program loaded (see `catch_up_tcp`).
+    pub catch_up: bool,
 }
 
 /// The kernel side's count of records userspace never saw.
 pub struct LostCounters(PerCpuArray<MapData, u64>);
 
+/// The oldest kernel droptrace supports: BPF ring buffers (5.8),
+/// bpf_skc_to_tcp_sock (5.9), and the oldest LTS kernel it is tested on
+/// (Debian 11's 5.10).
+pub const OLDEST_KERNEL: (u32, u32) = (5, 10);
+
+/// "5.10.0-46-cloud-amd64" -> (5, 10).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 /// Checks what droptrace needs before touching the kernel, so that a user
 /// gets one line naming what is missing instead of a raw errno.
 pub fn preflight() -> Result<()> {
+    let release = kernel_release();
+    if let Some(version) = kernel_version(&release).filter(|v| *v < OLDEST_KERNEL) {
+        bail!(
+            "Linux {}.{} ({release}) is older than {}.{}, the oldest kernel droptrace supports (it needs BPF ring buffers, BTF and bpf_skc_to_tcp_sock)",
+            version.0,
+            version.1,
+            OLDEST_KERNEL.0,
+            OLDEST_KERNEL.1
+        );
+    }
     if EBPF_OBJECT.is_empty() {
         bail!("this droptrace was built without its eBPF programs: build it with `cargo xtask build` (or run `cargo xtask run -- ARGS`)");
     }
@@ -83,6 +113,7 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         .context("the kernel refused droptrace's eBPF programs")?;
     let choices = Attacher::new(&mut ebpf, &btf).choose(families);
     Attacher::require(&choices)?;
+    let catch_up = load_catch_up(&mut ebpf);
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| anyhow!("eBPF object lacks map {name}"))
@@ -96,7 +127,54 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         lost,
         tcp_overflows,
         choices,
+        catch_up,
     })
+}
+
+/// The program that counts, on one CPU, what its packet in flight has cost
+/// (tcp_listen.rs): run on every CPU when droptrace stops. Needs
+/// BPF_PROG_TEST_RUN on a chosen CPU (5.10+); without it, a drop whose
+/// packet left through a path with no free tracepoint waits for the next
+/// packet on that CPU, as during the run.
+fn load_catch_up(ebpf: &mut Ebpf) -> bool {
+    let loaded = (|| -> Result<()> {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(CATCH_UP)
+            .ok_or_else(|| anyhow!("eBPF object lacks program {CATCH_UP}"))?
+            .try_into()?;
+        program.load()?;
+        Ok(())
+    })();
+    if let Err(err) = &loaded {
+        tracing::debug!("no final TCP catch-up: {}", short(err));
+    }
+    loaded.is_ok()
+}
+
+const CATCH_UP: &str = "tcp_catch_up";
+
+/// Count the TCP drops of packets still in flight on every CPU (when the
+/// catch-up program loaded).
+pub fn catch_up_tcp(ebpf: &mut Ebpf, loaded: bool) {
+    if !loaded {
+        return;
+    }
+    {
+        let Some(program) = ebpf.program_mut(CATCH_UP) else {
+            return;
+        };
+        let Ok(program): Result<&mut RawTracePoint, _> = program.try_into() else {
+            return;
+        };
+        let cpus = aya::util::online_cpus().unwrap_or_default();
+        for cpu in cpus {
+            let mut options = aya::programs::RawTracePointRunOptions::new();
+            options.cpu = Some(cpu);
+            if let Err(err) = program.test_run(options) {
+                tracing::debug!("TCP catch-up on CPU {cpu}: {err}");
+            }
+        }
+    }
 }
 
 /// An error in one line. A verifier refusal carries the whole verifier
@@ -159,5 +237,21 @@ impl LostCounters {
             pending_map_full: sum(LOST_PENDING_FULL)?,
             counter_map_full: sum(LOST_COUNTERS_FULL)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_are_read_as_major_and_minor() {
+        assert_eq!(kernel_version("5.10.0-46-cloud-amd64"), Some((5, 10)));
+        assert_eq!(kernel_version("6.12.117+deb13-cloud-amd64"), Some((6, 12)));
+        assert_eq!(kernel_version("4.19.0"), Some((4, 19)));
+        assert!(kernel_version("4.19.0").unwrap() < OLDEST_KERNEL);
+        assert!(kernel_version("5.9.1").unwrap() < OLDEST_KERNEL);
+        assert!(kernel_version("6.1.0").unwrap() >= OLDEST_KERNEL);
+        assert_eq!(kernel_version("garbage"), None);
     }
 }

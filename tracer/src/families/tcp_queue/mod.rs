@@ -21,22 +21,48 @@ use crate::{
 };
 pub use listeners::{Batch, TcpListeners};
 
-pub const HOOKS: FamilyHooks = FamilyHooks {
-    family: "tcp_accept_queue/tcp_syn_queue",
-    mechanisms: &[Mechanism {
-        name: "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb",
-        programs: &[
+/// Ingress, consume and the ACK-time free: what every mechanism shares but
+/// the kfree_skb program.
+/// Each free program is attached twice: the kernel skips a tracing program
+/// already running on this CPU (a softirq freeing our packet inside a
+/// task's consume_skb), never both copies.
+macro_rules! tcp_programs {
+    ($kfree:literal) => {
+        &[
             Program::cgroup_ingress("tcp_syn_ingress"),
             Program::btf_tracepoint("tcp_syn_done", "consume_skb"),
-            Program::btf_tracepoint("tcp_ack_drop", "kfree_skb"),
+            Program::btf_tracepoint("tcp_syn_done_nested", "consume_skb"),
+            Program::btf_tracepoint($kfree, "kfree_skb"),
+            Program::btf_tracepoint(concat!($kfree, "_nested"), "kfree_skb"),
             LISTEN_ENTER,
             LISTEN_EXIT,
-        ],
-        needs: &[Need::EnumValue {
-            enumeration: "skb_drop_reason",
-            value: "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW",
-        }],
-    }],
+        ]
+    };
+}
+
+/// Counting never depends on a drop reason: it is the kernel's own MIB
+/// increments, charged per packet. The reason only tells a SYN-cookie ACK
+/// from a plain one, where kfree_skb has it (5.17+).
+pub const HOOKS: FamilyHooks = FamilyHooks {
+    family: "tcp_accept_queue/tcp_syn_queue",
+    mechanisms: &[
+        Mechanism {
+            name: "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb with drop reasons",
+            programs: tcp_programs!("tcp_ack_drop"),
+            // kfree_skb has its reason argument since 5.17, with the enum.
+            needs: &[Need::EnumValue {
+                enumeration: "skb_drop_reason",
+                value: "SKB_DROP_REASON_NO_SOCKET",
+            }],
+            fast_path: None,
+        },
+        Mechanism {
+            name: "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb (no drop reasons: SYN-cookie ACKs counted as ack)",
+            programs: tcp_programs!("tcp_ack_drop_noreason"),
+            needs: &[],
+            fast_path: None,
+        },
+    ],
     // Names the local process that sent a dropped SYN; without it, drops
     // name the client's address only.
     extras: &[Program::btf_tracepoint(

@@ -22,6 +22,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         name: "uretprobe on ngx_get_connection in each nginx binary (nginx's error log where the symbol is missing)",
         programs: &[Program::uretprobe(watch::NGINX_PROGRAM, watch::NGINX_SYMBOL)],
         needs: &[],
+        fast_path: None,
     }],
     extras: &[],
 };
