@@ -87,6 +87,19 @@ pub const UNIX_BACKLOG_HOOKS: &[&str] = &[
     "fexit/unix_stream_connect",
     "tracepoints syscalls/sys_{enter,exit}_connect",
 ];
+pub const NOFILE_HOOKS: &[&str] = &[
+    "fexit/__x64_sys_{accept,accept4,socket,open,openat}",
+    "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
+];
+pub const EPHEMERAL_PORTS_HOOKS: &[&str] = &[
+    "fexit/__sys_connect",
+    "tracepoints syscalls/sys_{enter,exit}_connect",
+];
+pub const LISTEN: &str = "listen (backlog_clamped, listener tables)";
+pub const LISTEN_HOOKS: &[&str] = &[
+    "fexit/__sys_listen",
+    "tracepoints syscalls/sys_{enter,exit}_listen",
+];
 pub const TCP_HOOKS: &[&str] = &[
     "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb with drop reasons",
     "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb (no drop reasons: SYN-cookie ACKs counted as ack)",

@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use droptrace_tests::{
-    droptrace::{hook_variable, TCP_HOOKS, UNIX_BACKLOG_HOOKS},
+    droptrace::{
+        hook_variable, EPHEMERAL_PORTS_HOOKS, LISTEN, LISTEN_HOOKS, NOFILE_HOOKS, TCP_HOOKS,
+        UNIX_BACKLOG_HOOKS,
+    },
     guest, require_root,
 };
 
@@ -22,12 +25,21 @@ fn expected_hooks(series: &str) -> String {
     } else {
         TCP_HOOKS[0]
     };
-    format!(
-        "export DROPTRACE_EXPECT_{}_HOOK='{}' DROPTRACE_EXPECT_{}_HOOK='{tcp}'\n",
-        hook_variable("unix_backlog"),
-        UNIX_BACKLOG_HOOKS[0],
-        hook_variable("tcp_accept_queue/tcp_syn_queue"),
-    )
+    [
+        ("unix_backlog", UNIX_BACKLOG_HOOKS[0]),
+        ("tcp_accept_queue/tcp_syn_queue", tcp),
+        ("nofile/file_max", NOFILE_HOOKS[0]),
+        ("ephemeral_ports", EPHEMERAL_PORTS_HOOKS[0]),
+        (LISTEN, LISTEN_HOOKS[0]),
+    ]
+    .iter()
+    .map(|(family, hook)| {
+        format!(
+            "export DROPTRACE_EXPECT_{}_HOOK='{hook}'\n",
+            hook_variable(family)
+        )
+    })
+    .collect()
 }
 
 /// Run the test binaries listed in $`list` inside Linux `series`.

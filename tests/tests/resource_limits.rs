@@ -10,7 +10,7 @@ use std::{
 };
 
 use droptrace_tests::{
-    droptrace::{Droptrace, Report},
+    droptrace::{Droptrace, Report, EPHEMERAL_PORTS_HOOKS, LISTEN, LISTEN_HOOKS, NOFILE_HOOKS},
     netns::Netns,
     require_root,
 };
@@ -49,6 +49,7 @@ fn emfile_is_counted_per_syscall_with_the_limit_and_who_set_it() {
     require_root(test);
     let me = std::process::id().to_string();
     let tracer = Droptrace::start(&["--pid", &me]);
+    tracer.assert_mechanism("nofile/file_max", NOFILE_HOOKS);
     let mut helper = Command::new(env!("CARGO_BIN_EXE_exhaust"));
     helper.args(["nofile", "16"]);
     let (pid, line, report) = run_helper(helper, tracer);
@@ -97,6 +98,7 @@ fn eaddrnotavail_is_counted_and_names_the_port_range() {
     require_root(test);
     let netns = Netns::create("ports", &[("net.ipv4.ip_local_port_range", "40000 40003")]);
     let tracer = Droptrace::start(&[]);
+    tracer.assert_mechanism("ephemeral_ports", EPHEMERAL_PORTS_HOOKS);
     let mut helper = netns.command(env!("CARGO_BIN_EXE_exhaust"));
     helper.args(["ports", "10"]);
     let (pid, line, report) = run_helper(helper, tracer);
@@ -171,6 +173,7 @@ fn a_backlog_clamped_by_somaxconn_is_noticed_once_before_any_drop() {
     let netns = Netns::create("clamp", &[("net.core.somaxconn", "8")]);
     let me = std::process::id().to_string();
     let tracer = Droptrace::start(&["--pid", &me]);
+    tracer.assert_mechanism(LISTEN, LISTEN_HOOKS);
     let (clamped_port, inode) = std::thread::scope(|s| {
         s.spawn(|| {
             netns.enter_on_this_thread();

@@ -18,7 +18,9 @@ pub const AF_INET6: u16 = 10;
 /// fast hook (fexit) attached, so the syscall tracepoints it shares with
 /// other families leave that family's events to it (counted once).
 pub const FAST_PATH_UNIX_CONNECT: u32 = 0;
-pub const FAST_PATHS: u32 = 1;
+/// EADDRNOTAVAIL from connect() to IPv4/IPv6 (fexit on __sys_connect).
+pub const FAST_PATH_INET_CONNECT: u32 = 1;
+pub const FAST_PATHS: u32 = 2;
 
 /// Tag at the start of every ring-buffer record.
 #[repr(u32)]

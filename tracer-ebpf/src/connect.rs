@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::{FExitContext, TracePointContext},
 };
 use tracer_common::{
-    ConnectFailure, RecordKind, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, FAST_PATH_UNIX_CONNECT, LOST_PENDING_FULL,
-    UNIX_PATH_MAX,
+    ConnectFailure, RecordKind, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, FAST_PATH_INET_CONNECT, FAST_PATH_UNIX_CONNECT,
+    LOST_PENDING_FULL, UNIX_PATH_MAX,
 };
 
 use crate::{
@@ -73,22 +73,45 @@ pub fn on_exit(ctx: &TracePointContext) {
     let reported = match family {
         // With fexit on unix_stream_connect attached, it reports these.
         AF_UNIX => ret == -EAGAIN && !fast_path(FAST_PATH_UNIX_CONNECT),
-        AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL,
+        // With fexit on __sys_connect attached, it reports these.
+        AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT),
         _ => false,
     };
     if !reported {
         return;
     }
-    let mut record = failure(pid_tgid, ret as i32, family);
+    emit_with_user_address(pid_tgid, ret as i32, family, pending.uservaddr, pending.addrlen);
+}
+
+/// Report a refused connect whose address is in the caller's memory.
+#[inline(always)]
+fn emit_with_user_address(pid_tgid: u64, ret: i32, family: u16, uservaddr: u64, addrlen: u64) {
+    let mut record = failure(pid_tgid, ret, family);
     // The address follows the 2-byte family; addrlen bounds it.
-    let addr_len = (pending.addrlen as usize).saturating_sub(2).min(UNIX_PATH_MAX);
-    let src = (pending.uservaddr + 2) as *const u8;
+    let addr_len = (addrlen as usize).saturating_sub(2).min(UNIX_PATH_MAX);
+    let src = (uservaddr + 2) as *const u8;
     if unsafe { bpf_probe_read_user_buf(src, &mut record.addr) }.is_err() {
         // The address may end near the end of a mapping: read only what was given.
         let _ = unsafe { bpf_probe_read_user_buf(src, &mut record.addr[..addr_len]) };
     }
     record.addr_len = addr_len as u16;
     emit(&record);
+}
+
+/// fexit/__sys_connect(fd, uservaddr, addrlen) -> int: EADDRNOTAVAIL to an
+/// IPv4/IPv6 address, on connect() calls only (the kernel copied the
+/// address a moment ago, so it is resident).
+pub fn on_sys_connect_exit(ctx: &FExitContext) {
+    let ret: i32 = ctx.arg(3);
+    if ret as i64 != -EADDRNOTAVAIL {
+        return;
+    }
+    let uservaddr: u64 = ctx.arg(1);
+    let addrlen: i32 = ctx.arg(2);
+    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else { return };
+    if family == AF_INET || family == AF_INET6 {
+        emit_with_user_address(bpf_get_current_pid_tgid(), ret, family, uservaddr, addrlen.max(0) as u64);
+    }
 }
 
 /// A refused connect of the current thread, its address still to be filled.

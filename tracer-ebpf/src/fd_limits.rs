@@ -27,6 +27,16 @@ const ARG_RET: usize = 16;
 /// sys_exit_<syscall>: report the call if it failed for lack of a file descriptor.
 pub fn on_exit(ctx: &TracePointContext, syscall: u32) {
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG_RET) }) else { return };
+    report(ret, syscall);
+}
+
+/// fexit on the entry point of `syscall`, which returned `ret`.
+pub fn on_fexit(ret: i64, syscall: u32) {
+    report(ret, syscall);
+}
+
+#[inline(always)]
+fn report(ret: i64, syscall: u32) {
     if ret != -EMFILE && ret != -ENFILE {
         return;
     }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::HashMap,
-    programs::TracePointContext,
+    programs::{FExitContext, TracePointContext},
 };
 use tracer_common::{ListenRecord, RecordKind, AF_UNIX, COMM_LEN, LOST_PENDING_FULL, UNIX_PATH_MAX};
 
@@ -41,13 +41,31 @@ pub fn on_enter(ctx: &TracePointContext) {
 }
 
 pub fn on_exit(ctx: &TracePointContext) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
+    let tid = bpf_get_current_pid_tgid() as u32;
     let Some(pending) = (unsafe { PENDING_LISTEN.get(&tid) }).copied() else { return };
     let _ = PENDING_LISTEN.remove(&tid);
     if unsafe { ctx.read_at::<i64>(ARG0) } != Ok(0) {
         return;
     }
+    report(pending);
+}
+
+/// fexit/__sys_listen(fd, backlog) -> int: arguments and result at once.
+pub fn on_sys_listen_exit(ctx: &FExitContext) {
+    let ret: i32 = ctx.arg(2);
+    if ret != 0 {
+        return;
+    }
+    let fd: i32 = ctx.arg(0);
+    let backlog: i32 = ctx.arg(1);
+    report(PendingListen { fd, backlog: backlog as u32 });
+}
+
+/// A listen() that succeeded: what the kernel made of it.
+#[inline(always)]
+fn report(pending: PendingListen) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
     let Some(sock) = current_task_sock(pending.fd) else { return };
     let family = sock.family().unwrap_or(0);
     let (netns, somaxconn) = sock.netns().unwrap_or((0, 0));

@@ -41,6 +41,43 @@ pub fn unix_connect_refused(ctx: FExitContext) -> i32 {
     0
 }
 
+/// fexit on the syscalls' own entry points (x86-64: __x64_sys_NAME, called
+/// through the syscall table, so never inlined): only those calls pay, not
+/// every syscall of every process. The return value follows the one
+/// argument (the caller's registers).
+macro_rules! fd_syscall_fexit {
+    ($($program:ident => $function:literal, $syscall:expr),* $(,)?) => {$(
+        #[fexit(function = $function)]
+        pub fn $program(ctx: FExitContext) -> i32 {
+            let ret: i64 = ctx.arg(1);
+            fd_limits::on_fexit(ret, $syscall);
+            0
+        }
+    )*};
+}
+
+fd_syscall_fexit! {
+    accept_fexit => "__x64_sys_accept", fd_syscall::ACCEPT,
+    accept4_fexit => "__x64_sys_accept4", fd_syscall::ACCEPT4,
+    socket_fexit => "__x64_sys_socket", fd_syscall::SOCKET,
+    open_fexit => "__x64_sys_open", fd_syscall::OPEN,
+    openat_fexit => "__x64_sys_openat", fd_syscall::OPENAT,
+}
+
+/// fexit/__sys_connect: EADDRNOTAVAIL, on connect() calls only.
+#[fexit(function = "__sys_connect")]
+pub fn connect_fexit(ctx: FExitContext) -> i32 {
+    connect::on_sys_connect_exit(&ctx);
+    0
+}
+
+/// fexit/__sys_listen: new listeners, on listen() calls only.
+#[fexit(function = "__sys_listen")]
+pub fn listen_fexit(ctx: FExitContext) -> i32 {
+    listen::on_sys_listen_exit(&ctx);
+    0
+}
+
 /// syscalls/sys_exit_{accept,accept4,socket,open,openat}: report calls that
 /// failed for lack of a file descriptor (EMFILE, ENFILE).
 macro_rules! fd_syscall_exit {

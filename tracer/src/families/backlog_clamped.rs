@@ -12,17 +12,27 @@ use super::{
 use crate::{
     contract::{Family, Notice, NoticeKind},
     host::{address::UnixAddress, owners::Owner},
-    probes::hooks::{FamilyHooks, Mechanism},
+    probes::hooks::{FamilyHooks, Mechanism, Program},
 };
 
+/// listen() records also keep the UNIX and TCP listener tables current
+/// (requested backlogs, owners), so these hooks serve every listen family.
 pub const HOOKS: FamilyHooks = FamilyHooks {
-    family: "backlog_clamped",
-    mechanisms: &[Mechanism {
-        name: "tracepoints syscalls/sys_{enter,exit}_listen",
-        programs: &[LISTEN_ENTER, LISTEN_EXIT],
-        needs: &[],
-        fast_path: None,
-    }],
+    family: "listen (backlog_clamped, listener tables)",
+    mechanisms: &[
+        Mechanism {
+            name: "fexit/__sys_listen",
+            programs: &[Program::fexit("listen_fexit", "__sys_listen")],
+            needs: &[],
+            fast_path: None,
+        },
+        Mechanism {
+            name: "tracepoints syscalls/sys_{enter,exit}_listen",
+            programs: &[LISTEN_ENTER, LISTEN_EXIT],
+            needs: &[],
+            fast_path: None,
+        },
+    ],
     extras: &[],
 };
 

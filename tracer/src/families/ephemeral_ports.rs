@@ -3,22 +3,25 @@
 //! towards that destination. The drop's "listener" is the destination.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use tracer_common::{ConnectFailure, AF_INET, AF_INET6};
+use tracer_common::{ConnectFailure, AF_INET, AF_INET6, FAST_PATH_INET_CONNECT};
 
-use super::{comm_of, listener_view, Families, VerdictKey, CONNECT_ENTER, CONNECT_EXIT};
+use super::{comm_of, listener_view, Families, VerdictKey, CONNECT_TRACEPOINTS};
 use crate::{
     contract::{socket_label, Drop, DropKind, Family, LimitName, Verdict},
-    probes::hooks::{FamilyHooks, Mechanism},
+    probes::hooks::{FamilyHooks, Mechanism, Program},
 };
 
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "ephemeral_ports",
-    mechanisms: &[Mechanism {
-        name: "tracepoints syscalls/sys_{enter,exit}_connect",
-        programs: &[CONNECT_ENTER, CONNECT_EXIT],
-        needs: &[],
-        fast_path: None,
-    }],
+    mechanisms: &[
+        Mechanism {
+            name: "fexit/__sys_connect",
+            programs: &[Program::fexit("connect_fexit", "__sys_connect")],
+            needs: &[],
+            fast_path: Some(FAST_PATH_INET_CONNECT),
+        },
+        CONNECT_TRACEPOINTS,
+    ],
     extras: &[],
 };
 

@@ -17,20 +17,38 @@ const ENFILE: i32 = -23;
 
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "nofile/file_max",
-    mechanisms: &[Mechanism {
-        name: "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
-        programs: &[
-            Program::tracepoint("accept_exit", "syscalls", "sys_exit_accept"),
-            Program::tracepoint("accept4_exit", "syscalls", "sys_exit_accept4"),
-            Program::tracepoint("socket_exit", "syscalls", "sys_exit_socket"),
-            Program::tracepoint("open_exit", "syscalls", "sys_exit_open"),
-            Program::tracepoint("openat_exit", "syscalls", "sys_exit_openat"),
-        ],
-        needs: &[],
-        fast_path: None,
-    }],
+    mechanisms: &[
+        Mechanism {
+            name: FEXIT,
+            programs: &[
+                Program::fexit("accept_fexit", "__x64_sys_accept"),
+                Program::fexit("accept4_fexit", "__x64_sys_accept4"),
+                Program::fexit("socket_fexit", "__x64_sys_socket"),
+                Program::fexit("open_fexit", "__x64_sys_open"),
+                Program::fexit("openat_fexit", "__x64_sys_openat"),
+            ],
+            needs: &[],
+            fast_path: None,
+        },
+        Mechanism {
+            name: "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
+            programs: &[
+                Program::tracepoint("accept_exit", "syscalls", "sys_exit_accept"),
+                Program::tracepoint("accept4_exit", "syscalls", "sys_exit_accept4"),
+                Program::tracepoint("socket_exit", "syscalls", "sys_exit_socket"),
+                Program::tracepoint("open_exit", "syscalls", "sys_exit_open"),
+                Program::tracepoint("openat_exit", "syscalls", "sys_exit_openat"),
+            ],
+            needs: &[],
+            fast_path: None,
+        },
+    ],
     extras: &[],
 };
+
+/// fexit on the syscalls' own entry points: only those calls pay. (Not
+/// do_sys_open: openat calls an inlined copy of it, which fexit never sees.)
+const FEXIT: &str = "fexit/__x64_sys_{accept,accept4,socket,open,openat}";
 
 fn syscall_of(raw: u32) -> Option<Syscall> {
     Some(match raw {

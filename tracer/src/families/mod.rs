@@ -29,7 +29,7 @@ use tracer_common::{
 use crate::{
     contract::{Cause, Client, Drop, Family, ListenerView, Notice, Role, Verdict},
     host::{owners::Owner, process::PidFilter, Host},
-    probes::hooks::{FamilyHooks, Program},
+    probes::hooks::{FamilyHooks, Mechanism, Program},
 };
 
 /// The syscall tracepoints several families share (attached once).
@@ -38,6 +38,14 @@ const CONNECT_ENTER: Program =
 const CONNECT_EXIT: Program = Program::tracepoint("connect_exit", "syscalls", "sys_exit_connect");
 const LISTEN_ENTER: Program = Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen");
 const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen");
+
+/// The fallback of the families that see failed connect() calls.
+const CONNECT_TRACEPOINTS: Mechanism = Mechanism {
+    name: "tracepoints syscalls/sys_{enter,exit}_connect",
+    programs: &[CONNECT_ENTER, CONNECT_EXIT],
+    needs: &[],
+    fast_path: None,
+};
 
 /// Every family's hooks, in the order the start-up line names them.
 pub const HOOKS: &[FamilyHooks] = &[

@@ -9,7 +9,7 @@ use tracer_common::{ConnectFailure, FAST_PATH_UNIX_CONNECT};
 
 use super::{
     backlog::{self, backlog_facts, nginx_backlog, Transport},
-    comm_of, listener_view, Families, CONNECT_ENTER, CONNECT_EXIT, LISTEN_ENTER, LISTEN_EXIT,
+    comm_of, listener_view, Families, CONNECT_TRACEPOINTS,
 };
 use crate::{
     contract::{Drop, DropKind, Family},
@@ -31,21 +31,14 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
     mechanisms: &[
         Mechanism {
             name: "fexit/unix_stream_connect",
-            programs: &[
-                Program::fexit("unix_connect_refused", "unix_stream_connect"),
-                // The listener table learns listen() calls as they happen.
-                LISTEN_ENTER,
-                LISTEN_EXIT,
-            ],
+            programs: &[Program::fexit(
+                "unix_connect_refused",
+                "unix_stream_connect",
+            )],
             needs: &[],
             fast_path: Some(FAST_PATH_UNIX_CONNECT),
         },
-        Mechanism {
-            name: "tracepoints syscalls/sys_{enter,exit}_connect",
-            programs: &[CONNECT_ENTER, CONNECT_EXIT, LISTEN_ENTER, LISTEN_EXIT],
-            needs: &[],
-            fast_path: None,
-        },
+        CONNECT_TRACEPOINTS,
     ],
     extras: &[],
 };

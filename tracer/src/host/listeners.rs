@@ -358,14 +358,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app.sock");
         let socket = UnixListener::bind(&path).unwrap();
-        let inode: u64 = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd()))
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim_start_matches("socket:[")
-            .trim_end_matches(']')
-            .parse()
-            .unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).unwrap();
+        let inode = super::super::owners::socket_inode(&link).unwrap();
         let pid = std::process::id();
         let mut raw = [0u8; tracer_common::UNIX_PATH_MAX];
         let bytes = path.as_os_str().as_encoded_bytes();

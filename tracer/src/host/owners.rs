@@ -131,7 +131,7 @@ pub fn owners_of(wanted: &HashSet<u64>) -> HashMap<u64, Process> {
 }
 
 /// "socket:[12345]" -> 12345
-fn socket_inode(link: &Path) -> Option<u64> {
+pub fn socket_inode(link: &Path) -> Option<u64> {
     link.to_str()?
         .strip_prefix("socket:[")?
         .strip_suffix(']')?

@@ -45,13 +45,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let link = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
-        let inode: u64 = link
-            .to_str()
-            .unwrap()
-            .trim_start_matches("socket:[")
-            .trim_end_matches(']')
-            .parse()
-            .unwrap();
+        let inode = super::super::owners::socket_inode(&link).unwrap();
         let port = listener.local_addr().unwrap().port();
         assert_eq!(
             local_address_of(std::process::id(), std::process::id(), inode),

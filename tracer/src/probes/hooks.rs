@@ -231,7 +231,15 @@ impl<'a> Attacher<'a> {
         if let Some(done) = self.attached.get(program.name) {
             return done.clone();
         }
-        let result = self.attach(program).map_err(|err| short(&err));
+        // A refusal without a verifier log repeats the errno after "Verifier
+        // output:": once is enough.
+        let result = self.attach(program).map_err(|err| {
+            let text = short(&err);
+            match text.split_once(". Verifier output: :") {
+                Some((head, _)) => head.to_string(),
+                None => text,
+            }
+        });
         self.attached.insert(program.name, result.clone());
         result
     }

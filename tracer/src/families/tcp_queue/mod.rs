@@ -13,7 +13,7 @@ use tracer_common::{stage, TcpOverflowKey, TcpOverflowRecord};
 
 use super::{
     backlog::{self, backlog_facts, nginx_backlog, Transport},
-    listener_view, Families, LISTEN_ENTER, LISTEN_EXIT,
+    listener_view, Families,
 };
 use crate::{
     contract::{Client, Drop, DropKind, Family, Reconciliation, Stage},
@@ -34,8 +34,6 @@ macro_rules! tcp_programs {
             Program::btf_tracepoint("tcp_syn_done_nested", "consume_skb"),
             Program::btf_tracepoint($kfree, "kfree_skb"),
             Program::btf_tracepoint(concat!($kfree, "_nested"), "kfree_skb"),
-            LISTEN_ENTER,
-            LISTEN_EXIT,
         ]
     };
 }
