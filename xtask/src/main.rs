@@ -32,16 +32,21 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run droptrace as root (through sudo when not root).
+    /// Build the release profile, then run droptrace as root (through sudo
+    /// when not root): what an operator runs during a storm.
     /// Example: cargo xtask run -- --pid 4242 --json
     Run {
+        /// Build and run the unoptimised debug profile instead (faster to
+        /// build while developing).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build, then run every test: unit, kernel integration and end to end
-    /// (the last two need root and skip loudly without it).
+    /// Build, then run every test: unit, kernel integration (on this kernel
+    /// and on Debian's 5.10, 6.1 and 6.12 under QEMU) and end to end. As root
+    /// on Debian it installs what the tests drive; what cannot be had is
+    /// left out and counted as skipped.
     Test {
         /// Run only the kernel matrix, on this Debian kernel (5.10, 6.1 or
         /// 6.12; repeat for several): the kernel integration tests inside
@@ -79,8 +84,8 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::BuildEbpf => build_ebpf().map(drop),
         Task::Build { release } => build(release).map(drop),
-        Task::Run { release, args } => {
-            let binary = build(release)?;
+        Task::Run { debug, args } => {
+            let binary = build(!debug)?;
             run_as_root(&binary, &args)
         }
         Task::Test { kernels, args } => test(&kernels, &args),
