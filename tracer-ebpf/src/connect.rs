@@ -86,13 +86,29 @@ pub fn on_exit(ctx: &TracePointContext) {
 /// Report a refused connect whose address is in the caller's memory.
 #[inline(always)]
 fn emit_with_user_address(pid_tgid: u64, ret: i32, family: u16, uservaddr: u64, addrlen: u64) {
+    // SAFETY: the helper checks the address.
+    emit_with_address(pid_tgid, ret, family, uservaddr, addrlen, |src, dst| unsafe {
+        bpf_probe_read_user_buf(src, dst).is_ok()
+    });
+}
+
+/// Report a refused connect to the sockaddr at `sockaddr` (`addrlen`
+/// bytes), read with `read`: the address follows the 2-byte family.
+#[inline(always)]
+fn emit_with_address(
+    pid_tgid: u64,
+    ret: i32,
+    family: u16,
+    sockaddr: u64,
+    addrlen: u64,
+    read: impl Fn(*const u8, &mut [u8]) -> bool,
+) {
     let mut record = failure(pid_tgid, ret, family);
-    // The address follows the 2-byte family; addrlen bounds it.
     let addr_len = (addrlen as usize).saturating_sub(2).min(UNIX_PATH_MAX);
-    let src = (uservaddr + 2) as *const u8;
-    if unsafe { bpf_probe_read_user_buf(src, &mut record.addr) }.is_err() {
+    let src = (sockaddr + 2) as *const u8;
+    if !read(src, &mut record.addr) {
         // The address may end near the end of a mapping: read only what was given.
-        let _ = unsafe { bpf_probe_read_user_buf(src, &mut record.addr[..addr_len]) };
+        let _ = read(src, &mut record.addr[..addr_len]);
     }
     record.addr_len = addr_len as u16;
     emit(&record);
@@ -144,13 +160,8 @@ pub fn on_unix_stream_connect_exit(ctx: &FExitContext) {
     }
     let uaddr: u64 = ctx.arg(1);
     let addr_len: i32 = ctx.arg(2);
-    let mut record = failure(bpf_get_current_pid_tgid(), ret, AF_UNIX);
-    let len = (addr_len.max(2) as usize - 2).min(UNIX_PATH_MAX);
-    let src = (uaddr + 2) as *const u8;
-    // SAFETY: a kernel copy of the caller's sockaddr; the helper checks it.
-    if unsafe { bpf_probe_read_kernel_buf(src, &mut record.addr) }.is_err() {
-        let _ = unsafe { bpf_probe_read_kernel_buf(src, &mut record.addr[..len]) };
-    }
-    record.addr_len = len as u16;
-    emit(&record);
+    // A kernel copy of the caller's sockaddr. SAFETY: the helper checks it.
+    emit_with_address(bpf_get_current_pid_tgid(), ret, AF_UNIX, uaddr, addr_len.max(0) as u64, |src, dst| unsafe {
+        bpf_probe_read_kernel_buf(src, dst).is_ok()
+    });
 }

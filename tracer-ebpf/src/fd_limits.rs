@@ -30,13 +30,10 @@ pub fn on_exit(ctx: &TracePointContext, syscall: u32) {
     report(ret, syscall);
 }
 
-/// fexit on the entry point of `syscall`, which returned `ret`.
-pub fn on_fexit(ret: i64, syscall: u32) {
-    report(ret, syscall);
-}
-
+/// `syscall` returned `ret` (from its exit tracepoint, or fexit on its
+/// entry point): report it if it failed for lack of a file descriptor.
 #[inline(always)]
-fn report(ret: i64, syscall: u32) {
+pub fn report(ret: i64, syscall: u32) {
     if ret != -EMFILE && ret != -ENFILE {
         return;
     }

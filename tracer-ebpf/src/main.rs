@@ -49,8 +49,7 @@ macro_rules! fd_syscall_fexit {
     ($($program:ident => $function:literal, $syscall:expr),* $(,)?) => {$(
         #[fexit(function = $function)]
         pub fn $program(ctx: FExitContext) -> i32 {
-            let ret: i64 = ctx.arg(1);
-            fd_limits::on_fexit(ret, $syscall);
+            fd_limits::report(ctx.arg(1), $syscall);
             0
         }
     )*};
@@ -143,7 +142,7 @@ pub fn tcp_ack_drop_nested(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn tcp_ack_drop_noreason_nested(ctx: BtfTracePointContext) -> i32 {
-    tcp_listen::on_kfree_skb_noreason(&ctx);
+    tcp_listen::on_freed(&ctx);
     0
 }
 
@@ -151,7 +150,7 @@ pub fn tcp_ack_drop_noreason_nested(ctx: BtfTracePointContext) -> i32 {
 /// 5.17): the stage comes from the packet alone.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn tcp_ack_drop_noreason(ctx: BtfTracePointContext) -> i32 {
-    tcp_listen::on_kfree_skb_noreason(&ctx);
+    tcp_listen::on_freed(&ctx);
     0
 }
 
@@ -159,7 +158,7 @@ pub fn tcp_ack_drop_noreason(ctx: BtfTracePointContext) -> i32 {
 /// (a refused SYN is consumed, not dropped).
 #[btf_tracepoint(function = "consume_skb")]
 pub fn tcp_syn_done(ctx: BtfTracePointContext) -> i32 {
-    tcp_listen::on_consume_skb(&ctx);
+    tcp_listen::on_freed(&ctx);
     0
 }
 
@@ -168,7 +167,7 @@ pub fn tcp_syn_done(ctx: BtfTracePointContext) -> i32 {
 /// consume_skb runs it), never both copies; the second settle is a no-op.
 #[btf_tracepoint(function = "consume_skb")]
 pub fn tcp_syn_done_nested(ctx: BtfTracePointContext) -> i32 {
-    tcp_listen::on_consume_skb(&ctx);
+    tcp_listen::on_freed(&ctx);
     0
 }
 

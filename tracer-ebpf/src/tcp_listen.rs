@@ -255,8 +255,10 @@ fn syn_queue_stage(sock: &Sock) -> u32 {
     }
 }
 
-/// tp_btf/consume_skb(skb, location): a packet the kernel is done with.
-pub fn on_consume_skb(ctx: &BtfTracePointContext) {
+/// tp_btf/consume_skb(skb, ...), and tp_btf/kfree_skb(skb, location) of
+/// kernels before 5.17 (no reason argument): a packet the kernel is done
+/// with; its stage comes from the packet alone.
+pub fn on_freed(ctx: &BtfTracePointContext) {
     let skb: u64 = ctx.arg(0);
     settle(skb, None);
 }
@@ -266,12 +268,6 @@ pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
     let skb: u64 = ctx.arg(0);
     let reason: u64 = ctx.arg(2);
     settle(skb, Some(reason as u32));
-}
-
-/// tp_btf/kfree_skb(skb, location) of kernels before 5.17.
-pub fn on_kfree_skb_noreason(ctx: &BtfTracePointContext) {
-    let skb: u64 = ctx.arg(0);
-    settle(skb, None);
 }
 
 /// Count what the packet in flight on this CPU has cost so far (run at stop,

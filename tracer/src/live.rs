@@ -118,7 +118,6 @@ async fn watch_until_stopped<W: Destination>(
         lost,
         tcp_overflows,
         choices,
-        catch_up,
     } = probes;
     tracing::info!(
         "hooks on this kernel: {}",
@@ -189,7 +188,7 @@ async fn watch_until_stopped<W: Destination>(
     show(&mut aggregator, &mut sink, families.logged_shortages())?;
     // A packet still in flight on a CPU may have cost drops no later
     // packet will catch up: count them now.
-    probes::catch_up_tcp(&mut ebpf, catch_up);
+    probes::catch_up_tcp(&mut ebpf);
     show(
         &mut aggregator,
         &mut sink,

@@ -82,6 +82,7 @@ impl LiveHost {
     }
 }
 
+/// The first number of a /proc file ("1234\t0\t9223..." -> 1234).
 fn read_number(path: &str) -> Option<u64> {
     std::fs::read_to_string(path)
         .ok()?
@@ -89,6 +90,14 @@ fn read_number(path: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// fs.file-max, and the files allocated now (the first field of fs.file-nr).
+pub fn file_max() -> (Option<u64>, Option<u64>) {
+    (
+        read_number("/proc/sys/fs/file-max"),
+        read_number("/proc/sys/fs/file-nr"),
+    )
 }
 
 impl Host for LiveHost {
@@ -125,10 +134,7 @@ impl Host for LiveHost {
     }
 
     fn file_max(&mut self) -> (Option<u64>, Option<u64>) {
-        (
-            read_number("/proc/sys/fs/file-max"),
-            read_number("/proc/sys/fs/file-nr"),
-        )
+        file_max()
     }
 
     fn ip_local_port_range(&mut self, netns: u32) -> Option<(u32, u32)> {

@@ -135,18 +135,15 @@ impl HostFacts {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default()
         };
-        let file_nr = text("/proc/sys/fs/file-nr");
+        let (file_max, files_open) = super::file_max();
         // SAFETY: sysconf has no memory effects.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
         HostFacts {
             hostname: text("/proc/sys/kernel/hostname"),
             kernel: text("/proc/sys/kernel/osrelease"),
             cpus: u32::try_from(cpus).unwrap_or(1),
-            file_max: text("/proc/sys/fs/file-max").parse().ok(),
-            files_open: file_nr
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok()),
+            file_max,
+            files_open,
         }
     }
 }

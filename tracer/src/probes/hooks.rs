@@ -143,6 +143,15 @@ impl Choice {
     }
 }
 
+/// aya's parse of the kernel's BTF, which tp_btf and fexit programs need:
+/// made once, on first use.
+fn parsed_btf(slot: &mut Option<aya::Btf>) -> Result<&aya::Btf> {
+    if slot.is_none() {
+        *slot = Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?);
+    }
+    Ok(slot.as_ref().expect("parsed above"))
+}
+
 /// Attaches programs, each once however many families share it.
 pub struct Attacher<'a> {
     ebpf: &'a mut Ebpf,
@@ -264,12 +273,7 @@ impl<'a> Attacher<'a> {
                     .with_context(|| format!("cannot attach to tracepoint {category}/{event}"))?;
             }
             Attach::BtfTracepoint { name: event } => {
-                // aya parses the kernel's BTF for tp_btf programs: once.
-                if self.aya_btf.is_none() {
-                    self.aya_btf =
-                        Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?);
-                }
-                let btf = self.aya_btf.as_ref().expect("parsed above");
+                let btf = parsed_btf(&mut self.aya_btf)?;
                 let tracepoint: &mut BtfTracePoint = self
                     .ebpf
                     .program_mut(name)
@@ -302,11 +306,7 @@ impl<'a> Attacher<'a> {
                 })?;
             }
             Attach::Fexit { function } => {
-                if self.aya_btf.is_none() {
-                    self.aya_btf =
-                        Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?);
-                }
-                let btf = self.aya_btf.as_ref().expect("parsed above");
+                let btf = parsed_btf(&mut self.aya_btf)?;
                 let fexit: &mut aya::programs::FExit = self
                     .ebpf
                     .program_mut(name)

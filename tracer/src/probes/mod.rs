@@ -30,8 +30,6 @@ pub struct Probes {
     pub tcp_overflows: PerCpuHashMap<MapData, TcpOverflowKey, u64>,
     /// Which mechanism each family uses on this kernel.
     pub choices: Vec<Choice>,
-    /// The final TCP catch-up program loaded (see `catch_up_tcp`).
-    pub catch_up: bool,
 }
 
 /// The kernel side's count of records userspace never saw.
@@ -113,7 +111,7 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         .context("the kernel refused droptrace's eBPF programs")?;
     let choices = Attacher::new(&mut ebpf, &btf).choose(families);
     Attacher::require(&choices)?;
-    let catch_up = load_catch_up(&mut ebpf);
+    load_catch_up(&mut ebpf);
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| anyhow!("eBPF object lacks map {name}"))
@@ -127,7 +125,6 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         lost,
         tcp_overflows,
         choices,
-        catch_up,
     })
 }
 
@@ -136,7 +133,7 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
 /// BPF_PROG_TEST_RUN on a chosen CPU (5.10+); without it, a drop whose
 /// packet left through a path with no free tracepoint waits for the next
 /// packet on that CPU, as during the run.
-fn load_catch_up(ebpf: &mut Ebpf) -> bool {
+fn load_catch_up(ebpf: &mut Ebpf) {
     let loaded = (|| -> Result<()> {
         let program: &mut RawTracePoint = ebpf
             .program_mut(CATCH_UP)
@@ -148,31 +145,29 @@ fn load_catch_up(ebpf: &mut Ebpf) -> bool {
     if let Err(err) = &loaded {
         tracing::debug!("no final TCP catch-up: {}", short(err));
     }
-    loaded.is_ok()
 }
 
 const CATCH_UP: &str = "tcp_catch_up";
 
 /// Count the TCP drops of packets still in flight on every CPU (when the
 /// catch-up program loaded).
-pub fn catch_up_tcp(ebpf: &mut Ebpf, loaded: bool) {
-    if !loaded {
+pub fn catch_up_tcp(ebpf: &mut Ebpf) {
+    let Some(program) = ebpf.program_mut(CATCH_UP) else {
+        return;
+    };
+    let Ok(program): Result<&mut RawTracePoint, _> = program.try_into() else {
+        return;
+    };
+    if program.fd().is_err() {
         return;
     }
-    {
-        let Some(program) = ebpf.program_mut(CATCH_UP) else {
-            return;
+    for cpu in aya::util::online_cpus().unwrap_or_default() {
+        let options = aya::programs::RawTracePointRunOptions {
+            cpu: Some(cpu),
+            ..Default::default()
         };
-        let Ok(program): Result<&mut RawTracePoint, _> = program.try_into() else {
-            return;
-        };
-        let cpus = aya::util::online_cpus().unwrap_or_default();
-        for cpu in cpus {
-            let mut options = aya::programs::RawTracePointRunOptions::new();
-            options.cpu = Some(cpu);
-            if let Err(err) = program.test_run(options) {
-                tracing::debug!("TCP catch-up on CPU {cpu}: {err}");
-            }
+        if let Err(err) = program.test_run(options) {
+            tracing::debug!("TCP catch-up on CPU {cpu}: {err}");
         }
     }
 }
