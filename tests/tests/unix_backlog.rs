@@ -203,3 +203,57 @@ fn a_backlog_clamped_by_somaxconn_blames_somaxconn() {
     }
     unix::close_all(queued);
 }
+
+/// A storm on both CPUs, far faster than any one-event-per-drop path could
+/// hand over: the count is still exactly the number of EAGAINs the kernel
+/// returned to the test's own connect() calls, and nothing is lost.
+#[test]
+fn a_storm_of_refused_connects_is_counted_exactly() {
+    require_root("a_storm_of_refused_connects_is_counted_exactly");
+    const THREADS: usize = 2;
+    const CONNECTS: usize = 100_000;
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("storm.sock").display().to_string();
+    let listener = unix::Listener::bind(&path, 1);
+    let (queued, refused) = unix::connect_many(&path, 2);
+    assert_eq!((queued.len(), refused), (2, 0), "backlog 1 holds 2");
+    let storm = std::time::Instant::now();
+    let refused: usize = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| scope.spawn(|| unix::connect_many(&path, CONNECTS)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                let (more, refused) = w.join().unwrap();
+                assert!(more.is_empty(), "the full queue took a connect");
+                refused
+            })
+            .sum()
+    });
+    let storm = storm.elapsed();
+    let report = tracer.stop();
+    unix::close_all(queued);
+    drop(listener);
+    assert_eq!(refused, THREADS * CONNECTS);
+    eprintln!(
+        "{refused} refused in {:.2} s ({:.0}/s); details dropped {}",
+        storm.as_secs_f64(),
+        refused as f64 / storm.as_secs_f64(),
+        report.summary["details_dropped"]
+    );
+    assert_eq!(report.lost(), 0, "summary: {}", report.summary);
+    assert_eq!(
+        report.total_at(&path),
+        refused as u64,
+        "summary: {}",
+        report.summary
+    );
+    assert_eq!(
+        report.count_at(&path),
+        refused as u64,
+        "the drop lines add up to the total"
+    );
+}

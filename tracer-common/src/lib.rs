@@ -78,6 +78,51 @@ pub struct ConnectFailure {
     pub _pad: [u8; 4],
 }
 
+/// What a refused connect's explanation depends on: the key of its exact
+/// per-CPU count (`CONNECT_FAILURES`). The record adds who and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectKey {
+    pub pid: u32,
+    pub netns: u32,
+    pub ret: i32,
+    pub family: u16,
+    pub addr_len: u16,
+    /// As [`ConnectFailure::addr`]; bytes past `addr_len` are zero.
+    pub addr: [u8; UNIX_PATH_MAX],
+}
+
+impl ConnectFailure {
+    /// The sampled record of a count: `key` plus who and when.
+    #[inline(always)]
+    pub fn new(key: &ConnectKey, tid: u32, ktime_ns: u64, comm: [u8; COMM_LEN]) -> Self {
+        Self {
+            kind: RecordKind::ConnectFailure as u32,
+            pid: key.pid,
+            tid,
+            ret: key.ret,
+            ktime_ns,
+            family: key.family,
+            addr_len: key.addr_len,
+            netns: key.netns,
+            comm,
+            addr: key.addr,
+            _pad: [0; 4],
+        }
+    }
+
+    pub fn key(&self) -> ConnectKey {
+        ConnectKey {
+            pid: self.pid,
+            netns: self.netns,
+            ret: self.ret,
+            family: self.family,
+            addr_len: self.addr_len,
+            addr: self.addr,
+        }
+    }
+}
+
 /// The syscalls that need a new file descriptor and are watched for EMFILE
 /// and ENFILE (`FdLimitRecord::syscall`).
 pub mod fd_syscall {
@@ -119,6 +164,49 @@ pub struct FdLimitRecord {
     pub comm: [u8; COMM_LEN],
 }
 
+/// What an open-file limit hit's explanation depends on: the key of its
+/// exact per-CPU count (`FD_LIMIT_HITS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FdLimitKey {
+    pub pid: u32,
+    pub ret: i32,
+    pub syscall: u32,
+    pub netns: u32,
+    pub nofile_soft: u64,
+    pub nofile_hard: u64,
+}
+
+impl FdLimitRecord {
+    /// The sampled record of a count: `key` plus who and when.
+    #[inline(always)]
+    pub fn new(key: &FdLimitKey, tid: u32, ktime_ns: u64, comm: [u8; COMM_LEN]) -> Self {
+        Self {
+            kind: RecordKind::FdLimit as u32,
+            pid: key.pid,
+            tid,
+            ret: key.ret,
+            ktime_ns,
+            syscall: key.syscall,
+            netns: key.netns,
+            nofile_soft: key.nofile_soft,
+            nofile_hard: key.nofile_hard,
+            comm,
+        }
+    }
+
+    pub fn key(&self) -> FdLimitKey {
+        FdLimitKey {
+            pid: self.pid,
+            ret: self.ret,
+            syscall: self.syscall,
+            netns: self.netns,
+            nofile_soft: self.nofile_soft,
+            nofile_hard: self.nofile_hard,
+        }
+    }
+}
+
 /// nginx's `ngx_get_connection()` returned NULL: a worker had no free
 /// connection slot left (`worker_connections are not enough`).
 #[repr(C)]
@@ -131,6 +219,35 @@ pub struct NoConnectionRecord {
     pub ktime_ns: u64,
     pub comm: [u8; COMM_LEN],
 }
+
+impl NoConnectionRecord {
+    /// The sampled record of a count (keyed by the worker's pid alone).
+    #[inline(always)]
+    pub fn new(pid: u32, tid: u32, ktime_ns: u64, comm: [u8; COMM_LEN]) -> Self {
+        Self {
+            kind: RecordKind::NoConnection as u32,
+            pid,
+            tid,
+            _pad: 0,
+            ktime_ns,
+            comm,
+        }
+    }
+}
+
+/// The value of an exact per-CPU count: the drops this CPU saw under the
+/// key, and when it last sent a sampled record of them (the first drop is
+/// sampled at once, then at most one per [`SAMPLE_INTERVAL_NS`]). Counts
+/// never depend on the ring buffer; only the details are sampled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub count: u64,
+    pub sampled_ns: u64,
+}
+
+/// At most one sampled record per key, per CPU, per this interval.
+pub const SAMPLE_INTERVAL_NS: u64 = 250_000_000;
 
 /// A successful `listen()`: what the process asked for, and what the kernel
 /// made of it, read from the socket itself right after the call returned.
@@ -319,6 +436,8 @@ const _: () = assert!(core::mem::size_of::<ListenRecord>() == 184);
 const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FdLimitRecord>() == 64);
 const _: () = assert!(core::mem::size_of::<NoConnectionRecord>() == 40);
+const _: () = assert!(core::mem::size_of::<ConnectKey>() == 124);
+const _: () = assert!(core::mem::size_of::<FdLimitKey>() == 32);
 
 impl KernelOffsets {
     /// All zero: the placeholder the eBPF object is compiled with.
@@ -333,7 +452,8 @@ impl KernelOffsets {
 pub const LOST_RINGBUF_FULL: u32 = 0;
 /// A syscall could not be followed from entry to exit (pending map full).
 pub const LOST_PENDING_FULL: u32 = 1;
-/// A TCP listener's drops could not be counted (counter map full).
+/// Drops that could not be counted: a counter map was full (TCP listeners,
+/// or the keys of refused connects, open-file limits, nginx workers).
 pub const LOST_COUNTERS_FULL: u32 = 2;
 
 #[cfg(feature = "user")]
@@ -348,4 +468,7 @@ mod user {
     unsafe impl aya::Pod for super::TcpOverflowKey {}
     unsafe impl aya::Pod for super::TcpOverflowRecord {}
     unsafe impl aya::Pod for super::DropReasons {}
+    unsafe impl aya::Pod for super::ConnectKey {}
+    unsafe impl aya::Pod for super::FdLimitKey {}
+    unsafe impl aya::Pod for super::Counter {}
 }

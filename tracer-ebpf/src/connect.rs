@@ -8,26 +8,29 @@
 //! - inet_hash_connect() returns -EADDRNOTAVAIL when every port of
 //!   net.ipv4.ip_local_port_range is in use towards that destination.
 //!
-//! Only failures cross to userspace; any other connect costs one hash
-//! insert and delete. The address is read from the caller's memory at exit,
-//! when the kernel has just copied it (so it is resident), and only then.
+//! Failures are counted in the kernel, per CPU, keyed by the caller's
+//! process, namespace and address (`CONNECT_FAILURES`): exact in any storm.
+//! Only a sample of them crosses to userspace with the caller's thread and
+//! name. On the tracepoint path any other connect costs one hash insert
+//! and delete. The address is read from the caller's memory at exit, when
+//! the kernel has just copied it (so it is resident), and only then.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_probe_read_user,
-        bpf_probe_read_user_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::map,
-    maps::HashMap,
+    maps::{HashMap, PerCpuHashMap},
     programs::{FExitContext, TracePointContext},
 };
 use tracer_common::{
-    ConnectFailure, RecordKind, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, FAST_PATH_INET_CONNECT, FAST_PATH_UNIX_CONNECT,
-    LOST_PENDING_FULL, UNIX_PATH_MAX,
+    ConnectFailure, ConnectKey, Counter, AF_INET, AF_INET6, AF_UNIX, COMM_LEN,
+    FAST_PATH_INET_CONNECT, FAST_PATH_UNIX_CONNECT, LOST_PENDING_FULL, UNIX_PATH_MAX,
 };
 
 use crate::{
     kernel::current_netns,
-    maps::{count_lost, emit, fast_path},
+    maps::{count, count_lost, emit, fast_path},
 };
 
 const EAGAIN: i64 = 11;
@@ -45,6 +48,11 @@ pub struct PendingConnect {
 #[map]
 static PENDING_CONNECT: HashMap<u32, PendingConnect> = HashMap::with_max_entries(16384, 0);
 
+/// Exact counts of refused connects (read by userspace).
+#[map]
+static CONNECT_FAILURES: PerCpuHashMap<ConnectKey, Counter> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
 // Offsets of the syscall tracepoint arguments (stable ABI, see
 // /sys/kernel/tracing/events/syscalls/sys_enter_connect/format).
 const ARG0: usize = 16;
@@ -52,10 +60,17 @@ const ARG1: usize = 24;
 const ARG2: usize = 32;
 
 pub fn on_enter(ctx: &TracePointContext) {
-    let Ok(uservaddr) = (unsafe { ctx.read_at::<u64>(ARG1) }) else { return };
-    let Ok(addrlen) = (unsafe { ctx.read_at::<u64>(ARG2) }) else { return };
+    let Ok(uservaddr) = (unsafe { ctx.read_at::<u64>(ARG1) }) else {
+        return;
+    };
+    let Ok(addrlen) = (unsafe { ctx.read_at::<u64>(ARG2) }) else {
+        return;
+    };
     let tid = bpf_get_current_pid_tgid() as u32;
-    if PENDING_CONNECT.insert(&tid, &PendingConnect { uservaddr, addrlen }, 0).is_err() {
+    if PENDING_CONNECT
+        .insert(&tid, &PendingConnect { uservaddr, addrlen }, 0)
+        .is_err()
+    {
         count_lost(LOST_PENDING_FULL);
     }
 }
@@ -63,13 +78,19 @@ pub fn on_enter(ctx: &TracePointContext) {
 pub fn on_exit(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    let Some(pending) = (unsafe { PENDING_CONNECT.get(&tid) }).copied() else { return };
+    let Some(pending) = (unsafe { PENDING_CONNECT.get(&tid) }).copied() else {
+        return;
+    };
     let _ = PENDING_CONNECT.remove(&tid);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG0) }) else { return };
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
+        return;
+    };
     if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
         return;
     }
-    let Ok(family) = (unsafe { bpf_probe_read_user(pending.uservaddr as *const u16) }) else { return };
+    let Ok(family) = (unsafe { bpf_probe_read_user(pending.uservaddr as *const u16) }) else {
+        return;
+    };
     let reported = match family {
         // With fexit on unix_stream_connect attached, it reports these.
         AF_UNIX => ret == -EAGAIN && !fast_path(FAST_PATH_UNIX_CONNECT),
@@ -80,20 +101,32 @@ pub fn on_exit(ctx: &TracePointContext) {
     if !reported {
         return;
     }
-    emit_with_user_address(pid_tgid, ret as i32, family, pending.uservaddr, pending.addrlen);
+    emit_with_user_address(
+        pid_tgid,
+        ret as i32,
+        family,
+        pending.uservaddr,
+        pending.addrlen,
+    );
 }
 
 /// Report a refused connect whose address is in the caller's memory.
 #[inline(always)]
 fn emit_with_user_address(pid_tgid: u64, ret: i32, family: u16, uservaddr: u64, addrlen: u64) {
     // SAFETY: the helper checks the address.
-    emit_with_address(pid_tgid, ret, family, uservaddr, addrlen, |src, dst| unsafe {
-        bpf_probe_read_user_buf(src, dst).is_ok()
-    });
+    emit_with_address(
+        pid_tgid,
+        ret,
+        family,
+        uservaddr,
+        addrlen,
+        |src, dst| unsafe { bpf_probe_read_user_buf(src, dst).is_ok() },
+    );
 }
 
-/// Report a refused connect to the sockaddr at `sockaddr` (`addrlen`
-/// bytes), read with `read`: the address follows the 2-byte family.
+/// Count a refused connect to the sockaddr at `sockaddr` (`addrlen`
+/// bytes), read with `read`: the address follows the 2-byte family. Its
+/// details are sent when a sample is due.
 #[inline(always)]
 fn emit_with_address(
     pid_tgid: u64,
@@ -103,15 +136,23 @@ fn emit_with_address(
     addrlen: u64,
     read: impl Fn(*const u8, &mut [u8]) -> bool,
 ) {
-    let mut record = failure(pid_tgid, ret, family);
+    let mut key = ConnectKey {
+        pid: (pid_tgid >> 32) as u32,
+        netns: current_netns().unwrap_or(0),
+        ret,
+        family,
+        addr_len: 0,
+        addr: [0; UNIX_PATH_MAX],
+    };
+    // Exactly the bytes given: the rest stays zero (it is part of the key).
     let addr_len = (addrlen as usize).saturating_sub(2).min(UNIX_PATH_MAX);
-    let src = (sockaddr + 2) as *const u8;
-    if !read(src, &mut record.addr) {
-        // The address may end near the end of a mapping: read only what was given.
-        let _ = read(src, &mut record.addr[..addr_len]);
+    if addr_len > 0 && read((sockaddr + 2) as *const u8, &mut key.addr[..addr_len]) {
+        key.addr_len = addr_len as u16;
     }
-    record.addr_len = addr_len as u16;
-    emit(&record);
+    if let Some(now) = count(&CONNECT_FAILURES, &key) {
+        let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+        emit(&ConnectFailure::new(&key, pid_tgid as u32, now, comm));
+    }
 }
 
 /// fexit/__sys_connect(fd, uservaddr, addrlen) -> int: EADDRNOTAVAIL to an
@@ -124,27 +165,17 @@ pub fn on_sys_connect_exit(ctx: &FExitContext) {
     }
     let uservaddr: u64 = ctx.arg(1);
     let addrlen: i32 = ctx.arg(2);
-    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else { return };
+    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else {
+        return;
+    };
     if family == AF_INET || family == AF_INET6 {
-        emit_with_user_address(bpf_get_current_pid_tgid(), ret, family, uservaddr, addrlen.max(0) as u64);
-    }
-}
-
-/// A refused connect of the current thread, its address still to be filled.
-#[inline(always)]
-fn failure(pid_tgid: u64, ret: i32, family: u16) -> ConnectFailure {
-    ConnectFailure {
-        kind: RecordKind::ConnectFailure as u32,
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        ret,
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        family,
-        addr_len: 0,
-        netns: current_netns().unwrap_or(0),
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-        addr: [0; UNIX_PATH_MAX],
-        _pad: [0; 4],
+        emit_with_user_address(
+            bpf_get_current_pid_tgid(),
+            ret,
+            family,
+            uservaddr,
+            addrlen.max(0) as u64,
+        );
     }
 }
 
@@ -161,7 +192,12 @@ pub fn on_unix_stream_connect_exit(ctx: &FExitContext) {
     let uaddr: u64 = ctx.arg(1);
     let addr_len: i32 = ctx.arg(2);
     // A kernel copy of the caller's sockaddr. SAFETY: the helper checks it.
-    emit_with_address(bpf_get_current_pid_tgid(), ret, AF_UNIX, uaddr, addr_len.max(0) as u64, |src, dst| unsafe {
-        bpf_probe_read_kernel_buf(src, dst).is_ok()
-    });
+    emit_with_address(
+        bpf_get_current_pid_tgid(),
+        ret,
+        AF_UNIX,
+        uaddr,
+        addr_len.max(0) as u64,
+        |src, dst| unsafe { bpf_probe_read_kernel_buf(src, dst).is_ok() },
+    );
 }

@@ -4,15 +4,22 @@
 //! Only the exit tracepoints are needed: the return value says it all, and
 //! the limit is read from the task at that moment (task->signal->rlim).
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task},
+    macros::map,
+    maps::PerCpuHashMap,
     programs::TracePointContext,
 };
-use tracer_common::{FdLimitRecord, RecordKind, COMM_LEN};
+use tracer_common::{Counter, FdLimitKey, FdLimitRecord, COMM_LEN};
 
 use crate::{
     kernel::{current_netns, offsets, read, read_ptr},
-    maps::emit,
+    maps::{count, emit},
 };
+
+/// Exact counts, keyed by process, syscall and the limit it hit (read by
+/// userspace); a sample of them is sent with the thread and its name.
+#[map]
+static FD_LIMIT_HITS: PerCpuHashMap<FdLimitKey, Counter> = PerCpuHashMap::with_max_entries(4096, 0);
 
 const ENFILE: i64 = 23;
 const EMFILE: i64 = 24;
@@ -26,7 +33,9 @@ const ARG_RET: usize = 16;
 
 /// sys_exit_<syscall>: report the call if it failed for lack of a file descriptor.
 pub fn on_exit(ctx: &TracePointContext, syscall: u32) {
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG_RET) }) else { return };
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG_RET) }) else {
+        return;
+    };
     report(ret, syscall);
 }
 
@@ -39,19 +48,18 @@ pub fn report(ret: i64, syscall: u32) {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (nofile_soft, nofile_hard) = current_nofile().unwrap_or((0, 0));
-    let record = FdLimitRecord {
-        kind: RecordKind::FdLimit as u32,
+    let key = FdLimitKey {
         pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
         ret: ret as i32,
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
         syscall,
         netns: current_netns().unwrap_or(0),
         nofile_soft,
         nofile_hard,
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     };
-    emit(&record);
+    if let Some(now) = count(&FD_LIMIT_HITS, &key) {
+        let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+        emit(&FdLimitRecord::new(&key, pid_tgid as u32, now, comm));
+    }
 }
 
 /// The current task's RLIMIT_NOFILE (soft, hard).

@@ -65,7 +65,10 @@ pub fn current_task_sock(fd: i32) -> Option<Sock> {
     let sk = read_ptr(socket, off.socket_sk)?;
     let inode = read_ptr(file, off.file_inode)?;
     let ino: u64 = read(inode, off.inode_ino)?;
-    Some(Sock { addr: sk, inode: ino })
+    Some(Sock {
+        addr: sk,
+        inode: ino,
+    })
 }
 
 impl Sock {
@@ -79,7 +82,10 @@ impl Sock {
         let socket = read_ptr(addr, off.sock_socket)?;
         let file = read_ptr(socket, off.socket_file)?;
         let inode = read_ptr(file, off.file_inode)?;
-        Some(Sock { addr, inode: read(inode, off.inode_ino)? })
+        Some(Sock {
+            addr,
+            inode: read(inode, off.inode_ino)?,
+        })
     }
 
     /// sk_ack_backlog: connections waiting in the accept queue.

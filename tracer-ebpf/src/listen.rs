@@ -10,7 +10,9 @@ use aya_ebpf::{
     maps::HashMap,
     programs::{FExitContext, TracePointContext},
 };
-use tracer_common::{ListenRecord, RecordKind, AF_UNIX, COMM_LEN, LOST_PENDING_FULL, UNIX_PATH_MAX};
+use tracer_common::{
+    ListenRecord, RecordKind, AF_UNIX, COMM_LEN, LOST_PENDING_FULL, UNIX_PATH_MAX,
+};
 
 use crate::{
     kernel::current_task_sock,
@@ -31,9 +33,16 @@ const ARG0: usize = 16;
 const ARG1: usize = 24;
 
 pub fn on_enter(ctx: &TracePointContext) {
-    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else { return };
-    let Ok(backlog) = (unsafe { ctx.read_at::<u64>(ARG1) }) else { return };
-    let pending = PendingListen { fd: fd as i32, backlog: backlog as u32 };
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
+        return;
+    };
+    let Ok(backlog) = (unsafe { ctx.read_at::<u64>(ARG1) }) else {
+        return;
+    };
+    let pending = PendingListen {
+        fd: fd as i32,
+        backlog: backlog as u32,
+    };
     let tid = bpf_get_current_pid_tgid() as u32;
     if PENDING_LISTEN.insert(&tid, &pending, 0).is_err() {
         count_lost(LOST_PENDING_FULL);
@@ -42,7 +51,9 @@ pub fn on_enter(ctx: &TracePointContext) {
 
 pub fn on_exit(ctx: &TracePointContext) {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(pending) = (unsafe { PENDING_LISTEN.get(&tid) }).copied() else { return };
+    let Some(pending) = (unsafe { PENDING_LISTEN.get(&tid) }).copied() else {
+        return;
+    };
     let _ = PENDING_LISTEN.remove(&tid);
     if unsafe { ctx.read_at::<i64>(ARG0) } != Ok(0) {
         return;
@@ -58,7 +69,10 @@ pub fn on_sys_listen_exit(ctx: &FExitContext) {
     }
     let fd: i32 = ctx.arg(0);
     let backlog: i32 = ctx.arg(1);
-    report(PendingListen { fd, backlog: backlog as u32 });
+    report(PendingListen {
+        fd,
+        backlog: backlog as u32,
+    });
 }
 
 /// A listen() that succeeded: what the kernel made of it.
@@ -66,7 +80,9 @@ pub fn on_sys_listen_exit(ctx: &FExitContext) {
 fn report(pending: PendingListen) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    let Some(sock) = current_task_sock(pending.fd) else { return };
+    let Some(sock) = current_task_sock(pending.fd) else {
+        return;
+    };
     let family = sock.family().unwrap_or(0);
     let (netns, somaxconn) = sock.netns().unwrap_or((0, 0));
     let mut record = ListenRecord {

@@ -14,7 +14,8 @@ mod tcp_listen;
 use aya_ebpf::{
     macros::{btf_tracepoint, cgroup_skb, fexit, raw_tracepoint, tracepoint, uretprobe},
     programs::{
-        BtfTracePointContext, FExitContext, RawTracePointContext, RetProbeContext, SkBuffContext, TracePointContext,
+        BtfTracePointContext, FExitContext, RawTracePointContext, RetProbeContext, SkBuffContext,
+        TracePointContext,
     },
 };
 use tracer_common::fd_syscall;

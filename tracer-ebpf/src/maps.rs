@@ -1,9 +1,13 @@
 //! Maps shared by every drop family.
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use tracer_common::{FAST_PATHS, LOST_RINGBUF_FULL};
+use tracer_common::{
+    Counter, FAST_PATHS, LOST_COUNTERS_FULL, LOST_RINGBUF_FULL, SAMPLE_INTERVAL_NS,
+};
 
 /// Records for userspace. Userspace may resize it at load time.
 #[map]
@@ -16,7 +20,8 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 /// Which families a fast hook serves (tracer_common::FAST_PATH_*): set by
 /// userspace after load, read by the shared syscall tracepoints.
 #[map]
-pub static FAST_PATH: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(FAST_PATHS, 0);
+pub static FAST_PATH: aya_ebpf::maps::Array<u32> =
+    aya_ebpf::maps::Array::with_max_entries(FAST_PATHS, 0);
 
 /// True when the fast hook of `slot` is attached.
 #[inline(always)]
@@ -42,4 +47,43 @@ pub fn emit<T: 'static>(record: &T) {
         }
         None => count_lost(LOST_RINGBUF_FULL),
     }
+}
+
+/// Count one drop under `key` in this CPU's slot of `counters`. Returns the
+/// time when a sampled record of it is due (this CPU's first of the key, or
+/// the first after SAMPLE_INTERVAL_NS), None otherwise. A drop is counted
+/// whether or not its record then finds room in the ring buffer.
+#[inline(always)]
+pub fn count<K>(counters: &PerCpuHashMap<K, Counter>, key: &K) -> Option<u64> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    for _ in 0..2 {
+        if let Some(counter) = counters.get_ptr_mut(key) {
+            // SAFETY: this CPU's slot. Programs run with migration off, and
+            // the kernels servers run do not preempt them (no PREEMPT_RT).
+            unsafe {
+                (*counter).count += 1;
+                if now.wrapping_sub((*counter).sampled_ns) < SAMPLE_INTERVAL_NS {
+                    return None;
+                }
+                (*counter).sampled_ns = now;
+            }
+            return Some(now);
+        }
+        // NOEXIST: if another program inserted the key meanwhile, add to it.
+        if counters
+            .insert(
+                key,
+                &Counter {
+                    count: 1,
+                    sampled_ns: now,
+                },
+                BPF_NOEXIST as u64,
+            )
+            .is_ok()
+        {
+            return Some(now);
+        }
+    }
+    count_lost(LOST_COUNTERS_FULL);
+    None
 }

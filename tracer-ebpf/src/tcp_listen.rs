@@ -32,8 +32,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext},
 };
 use tracer_common::{
-    stage, DropReasons, LocalClient, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET, AF_INET6,
-    LOST_COUNTERS_FULL,
+    stage, DropReasons, LocalClient, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET,
+    AF_INET6, LOST_COUNTERS_FULL,
 };
 
 use crate::{
@@ -43,7 +43,10 @@ use crate::{
 
 /// Filled by userspace from the kernel's BTF (enum skb_drop_reason).
 #[unsafe(no_mangle)]
-static DROP_REASONS: DropReasons = DropReasons { tcp_listen_overflow: u32::MAX, no_socket: u32::MAX };
+static DROP_REASONS: DropReasons = DropReasons {
+    tcp_listen_overflow: u32::MAX,
+    no_socket: u32::MAX,
+};
 
 #[map]
 static TCP_OVERFLOWS: PerCpuHashMap<TcpOverflowKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
@@ -180,7 +183,10 @@ fn listen_counters(sock: &Sock) -> Option<(u64, u64)> {
     let net = read_ptr(sock.addr, off.sock_net)?;
     let per_cpu: u64 = read(net, off.net_mib_statistics)?;
     let mib = per_cpu.wrapping_add(this_cpu_offset()?) as usize;
-    Some((read(mib, off.mib_listen_overflows * 8)?, read(mib, off.mib_listen_drops * 8)?))
+    Some((
+        read(mib, off.mib_listen_overflows * 8)?,
+        read(mib, off.mib_listen_drops * 8)?,
+    ))
 }
 
 /// cgroup_skb/ingress: a TCP packet reaches a listener.
@@ -194,21 +200,33 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     }
     // Fixed-size loads: the verifier refuses a length that may be zero.
     let load = |at: usize, buf: &mut [u8]| match buf.len() {
-        20 => ctx.load::<[u8; 20]>(at).map(|bytes| buf.copy_from_slice(&bytes)).is_ok(),
-        14 => ctx.load::<[u8; 14]>(at).map(|bytes| buf.copy_from_slice(&bytes)).is_ok(),
+        20 => ctx
+            .load::<[u8; 20]>(at)
+            .map(|bytes| buf.copy_from_slice(&bytes))
+            .is_ok(),
+        14 => ctx
+            .load::<[u8; 14]>(at)
+            .map(|bytes| buf.copy_from_slice(&bytes))
+            .is_ok(),
         _ => false,
     };
     let Some(packet) = parse(load) else { return };
     // A typed pointer we may read through with runtime offsets.
     let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as usize;
-    let Some(sock) = Sock::at(tcp_sock) else { return };
-    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else { return };
+    let Some(sock) = Sock::at(tcp_sock) else {
+        return;
+    };
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else {
+        return;
+    };
     // SAFETY: this CPU's slot.
     let previous = unsafe { &mut *in_flight };
     if previous.sk != 0 {
         catch_up(previous, None);
     }
-    let Some((overflows, drops)) = listen_counters(&sock) else { return };
+    let Some((overflows, drops)) = listen_counters(&sock) else {
+        return;
+    };
     let is_syn = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let syn_queue_stage = if is_syn { syn_queue_stage(&sock) } else { 0 };
     // The sender's process is looked up only when a drop is likely: a SYN
@@ -230,7 +248,10 @@ pub fn on_ingress(ctx: &SkBuffContext) {
             syn_queue_stage,
             _pad: 0,
             packet,
-            client: client.unwrap_or(LocalClient { pid: 0, comm: [0; 16] }),
+            client: client.unwrap_or(LocalClient {
+                pid: 0,
+                comm: [0; 16],
+            }),
         };
     }
 }
@@ -239,9 +260,12 @@ pub fn on_ingress(ctx: &SkBuffContext) {
 /// With syncookies on, a full SYN queue is answered with a cookie.
 #[inline(always)]
 fn syn_queue_stage(sock: &Sock) -> u32 {
-    let (Some(cookies), Some(queued), Some(backlog), Some(max)) =
-        (sock.syncookies(), sock.syn_queue(), sock.max_ack_backlog(), sock.max_syn_backlog())
-    else {
+    let (Some(cookies), Some(queued), Some(backlog), Some(max)) = (
+        sock.syncookies(),
+        sock.syn_queue(),
+        sock.max_ack_backlog(),
+        sock.max_syn_backlog(),
+    ) else {
         return 0;
     };
     if cookies != 0 {
@@ -273,7 +297,9 @@ pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
 /// Count what the packet in flight on this CPU has cost so far (run at stop,
 /// when no later packet may come to catch it up).
 pub fn catch_up_this_cpu() {
-    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else { return };
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else {
+        return;
+    };
     // SAFETY: this CPU's slot.
     let flight = unsafe { &mut *in_flight };
     // Only through a listener that is still the one recorded: a closed
@@ -287,7 +313,9 @@ pub fn catch_up_this_cpu() {
 /// If `skb` is the packet in flight on this CPU, count what it cost.
 #[inline(always)]
 fn settle(skb: u64, reason: Option<u32>) {
-    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else { return };
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else {
+        return;
+    };
     // SAFETY: this CPU's slot.
     let flight = unsafe { &mut *in_flight };
     if flight.skb != skb || skb == 0 {
@@ -305,8 +333,13 @@ fn settle(skb: u64, reason: Option<u32>) {
 /// have caused it.
 #[inline(always)]
 fn catch_up(flight: &mut InFlight, reason: Option<u32>) {
-    let sock = Sock { addr: flight.sk as usize, inode: flight.inode };
-    let Some((overflows, drops)) = listen_counters(&sock) else { return };
+    let sock = Sock {
+        addr: flight.sk as usize,
+        inode: flight.inode,
+    };
+    let Some((overflows, drops)) = listen_counters(&sock) else {
+        return;
+    };
     let overflowed = overflows.wrapping_sub(flight.overflows);
     let other_drops = drops.wrapping_sub(flight.drops).saturating_sub(overflowed);
     flight.overflows = overflows;
@@ -325,7 +358,11 @@ fn catch_up(flight: &mut InFlight, reason: Option<u32>) {
         count(&sock, stage, overflowed, flight);
     }
     if other_drops > 0 && other_drops < 1 << 20 && is_syn {
-        let stage = if flight.syn_queue_stage != 0 { flight.syn_queue_stage } else { stage::SYN_QUEUE };
+        let stage = if flight.syn_queue_stage != 0 {
+            flight.syn_queue_stage
+        } else {
+            stage::SYN_QUEUE
+        };
         count(&sock, stage, other_drops, flight);
     }
 }
@@ -367,7 +404,13 @@ fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<LocalClient> {
         12
     };
     let sk = unsafe {
-        bpf_sk_lookup_tcp(ctx.skb.skb.cast(), tuple.as_mut_ptr().cast(), size, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_sk_lookup_tcp(
+            ctx.skb.skb.cast(),
+            tuple.as_mut_ptr().cast(),
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if sk.is_null() {
         return None;
@@ -380,7 +423,11 @@ fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<LocalClient> {
 /// Add `n` drops of `sock` at `stage`; send the details when a sample is due.
 #[inline(always)]
 fn count(sock: &Sock, stage: u32, n: u64, flight: &InFlight) {
-    let key = TcpOverflowKey { inode: sock.inode, stage, _pad: 0 };
+    let key = TcpOverflowKey {
+        inode: sock.inode,
+        stage,
+        _pad: 0,
+    };
     match TCP_OVERFLOWS.get_ptr_mut(&key) {
         // SAFETY: this CPU's slot.
         Some(counter) => unsafe { *counter += n },

@@ -4,17 +4,16 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use aya::maps::{MapData, PerCpuHashMap};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
 };
-use tracer_common::TcpOverflowKey;
 
 use crate::{
     cli::Watch,
+    contract::Notice,
     contract::{Drop, Snapshot},
-    families::{self, Clock, Event, Families},
+    families::{self, Clock, Families},
     host::{process::PidFilter, LiveHost},
     probes,
     record::{Recorder, Recording},
@@ -23,17 +22,6 @@ use crate::{
 
 /// At most this many lines per second per (kind, listener, limit).
 const LINE_INTERVAL: Duration = Duration::from_millis(250);
-
-/// Current totals of the kernel's per-CPU TCP drop counters.
-fn counter_totals(
-    counters: &PerCpuHashMap<MapData, TcpOverflowKey, u64>,
-) -> Vec<(TcpOverflowKey, u64)> {
-    counters
-        .iter()
-        .filter_map(|entry| entry.ok())
-        .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
-        .collect()
-}
 
 /// Count drops (each standing for `count`) and print the lines now due.
 fn show<W: Destination>(
@@ -49,14 +37,9 @@ fn show<W: Destination>(
     Ok(())
 }
 
-fn show_event<W: Destination>(
-    aggregator: &mut Aggregator,
-    sink: &mut Sink<W>,
-    event: Option<Event>,
-) -> std::io::Result<()> {
-    match event {
-        Some(Event::Drop(drop)) => show(aggregator, sink, [(*drop, 1)]),
-        Some(Event::Notice(notice)) => sink.notice(&notice),
+fn show_notice<W: Destination>(sink: &mut Sink<W>, notice: Option<Notice>) -> std::io::Result<()> {
+    match notice {
+        Some(notice) => sink.notice(&notice),
         None => Ok(()),
     }
 }
@@ -116,7 +99,7 @@ async fn watch_until_stopped<W: Destination>(
         mut ebpf,
         records,
         lost,
-        tcp_overflows,
+        counters,
         choices,
     } = probes;
     tracing::info!(
@@ -152,16 +135,16 @@ async fn watch_until_stopped<W: Destination>(
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    let event = families.handle(&item);
-                    show_event(&mut aggregator, &mut sink, event)?;
+                    let notice = families.handle(&item);
+                    show_notice(&mut sink, notice)?;
                 }
                 guard.clear_ready();
-                if families.tcp.pending {
-                    show(&mut aggregator, &mut sink, families.tcp_drops(counter_totals(&tcp_overflows), false))?;
+                if families.pending {
+                    show(&mut aggregator, &mut sink, families.drops(counters.read(), false))?;
                 }
             }
             _ = tick.tick() => {
-                show(&mut aggregator, &mut sink, families.tcp_drops(counter_totals(&tcp_overflows), false))?;
+                show(&mut aggregator, &mut sink, families.drops(counters.read(), false))?;
                 families.worker_connections.scan(&mut ebpf);
                 show(&mut aggregator, &mut sink, families.logged_shortages())?;
                 for line in aggregator.due(Instant::now()) {
@@ -182,8 +165,8 @@ async fn watch_until_stopped<W: Destination>(
     // What the kernel submitted or counted before we stopped still counts.
     let ring = records.get_mut();
     while let Some(item) = ring.next() {
-        let event = families.handle(&item);
-        show_event(&mut aggregator, &mut sink, event)?;
+        let notice = families.handle(&item);
+        show_notice(&mut sink, notice)?;
     }
     show(&mut aggregator, &mut sink, families.logged_shortages())?;
     // A packet still in flight on a CPU may have cost drops no later
@@ -192,7 +175,7 @@ async fn watch_until_stopped<W: Destination>(
     show(
         &mut aggregator,
         &mut sink,
-        families.tcp_drops(counter_totals(&tcp_overflows), true),
+        families.drops(counters.read(), true),
     )?;
     for line in aggregator.drain() {
         sink.line(&line)?;

@@ -112,9 +112,14 @@ pub struct TotalRecord {
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SummaryRecord {
     pub totals: Vec<TotalRecord>,
-    /// Drop events the kernel could not hand over: the totals are short by
-    /// this much.
+    /// Drops the kernel could not count (its tables were full): the totals
+    /// are short by this much.
     pub lost: u64,
+    /// Sampled records (who, when) and listen() records the ring buffer had
+    /// no room for: the counts are exact all the same, some drops are
+    /// explained with fewer details.
+    #[serde(default)]
+    pub details_dropped: u64,
     pub lost_by_cause: Lost,
     pub kernel_listen_overflows: Vec<Reconciliation>,
     pub duration_s: f64,
@@ -143,13 +148,17 @@ pub struct Reconciliation {
     schemars::JsonSchema,
 )]
 pub struct Lost {
+    /// Records, not drops: see `SummaryRecord::details_dropped`.
     pub ring_buffer_full: u64,
+    /// Connects whose address could not be kept from entry to exit.
     pub pending_map_full: u64,
+    /// Drops under a key the kernel's counter table had no room for.
     pub counter_map_full: u64,
 }
 
 impl Lost {
+    /// Drops that were not counted.
     pub fn total(&self) -> u64 {
-        self.ring_buffer_full + self.pending_map_full + self.counter_map_full
+        self.pending_map_full + self.counter_map_full
     }
 }

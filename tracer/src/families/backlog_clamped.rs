@@ -126,7 +126,7 @@ mod tests {
         let mut host = FakeHost::default();
         host.add_process(4200, "nginx", Role::NginxMaster, Some(1));
         let mut families = families(host);
-        let line = json_line(families.handle(&bytes_of(&listen(511))));
+        let line = notice_line(families.handle(&bytes_of(&listen(511))));
         assert_eq!(
             line,
             json!({

@@ -175,7 +175,7 @@ mod tests {
             addr,
             _pad: [0; 4],
         };
-        let line = json_line(families.handle(&super::super::bytes_of(&record)));
+        let line = drop_line(&mut families, &super::super::bytes_of(&record), 1);
         assert_eq!(
             line,
             json!({

@@ -399,7 +399,11 @@ mod tests {
             },
         );
         let mut families = families(host);
-        let line = json_line(families.handle(&bytes_of(&failed(fd_syscall::ACCEPT4, -24))));
+        let line = drop_line(
+            &mut families,
+            &bytes_of(&failed(fd_syscall::ACCEPT4, -24)),
+            1,
+        );
         assert_eq!(
             line,
             json!({
@@ -421,7 +425,11 @@ mod tests {
         host.add_process(29006, "nginx", Role::Other, Some(1));
         host.file_max = (Some(1000), Some(990));
         let mut families = families(host);
-        let line = json_line(families.handle(&bytes_of(&failed(fd_syscall::SOCKET, -23))));
+        let line = drop_line(
+            &mut families,
+            &bytes_of(&failed(fd_syscall::SOCKET, -23)),
+            1,
+        );
         assert_eq!(
             line,
             json!({

@@ -9,6 +9,7 @@
 //! the failed accepts that explain later overflows (`caused_by`).
 pub mod backlog;
 mod backlog_clamped;
+mod counted;
 mod ephemeral_ports;
 mod fd_limits;
 pub mod tcp_queue;
@@ -22,15 +23,18 @@ use std::{
 };
 
 use tracer_common::{
-    ConnectFailure, FdLimitRecord, ListenRecord, NoConnectionRecord, RecordKind, TcpOverflowRecord,
-    AF_UNIX,
+    ConnectFailure, FdLimitRecord, ListenRecord, NoConnectionRecord, RecordKind, AF_UNIX,
 };
 
 use crate::{
     contract::{Cause, Client, Drop, Family, ListenerView, Notice, Role, Verdict},
     host::{owners::Owner, process::PidFilter, Host},
-    probes::hooks::{FamilyHooks, Mechanism, Program},
+    probes::{
+        hooks::{FamilyHooks, Mechanism, Program},
+        Totals,
+    },
 };
+use counted::{Batch, Counted};
 
 /// The syscall tracepoints several families share (attached once).
 const CONNECT_ENTER: Program =
@@ -95,6 +99,17 @@ impl Clock {
     fn wall(&self, ktime_ns: u64) -> SystemTime {
         self.wall_at_zero + Duration::from_nanos(ktime_ns)
     }
+
+    /// The kernel's bpf_ktime_get_ns now.
+    fn ktime_now(&self) -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
 }
 
 /// What a reusable verdict depends on.
@@ -116,12 +131,6 @@ enum VerdictKey {
     },
 }
 
-/// What a record becomes.
-pub enum Event {
-    Drop(Box<Drop>),
-    Notice(Notice),
-}
-
 /// Everything that turns kernel records into drops and notices.
 pub struct Families {
     host: Box<dyn Host>,
@@ -132,6 +141,11 @@ pub struct Families {
     verdicts: HashMap<VerdictKey, (Instant, Verdict)>,
     /// The latest failed accept() of each process and of its parent.
     accept_failures: HashMap<u32, (SystemTime, Cause)>,
+    /// A sample arrived: read the kernel's counts now rather than at the tick.
+    pub pending: bool,
+    connects: Counted<ConnectFailure>,
+    fd_limits: Counted<FdLimitRecord>,
+    no_connections: Counted<NoConnectionRecord>,
     unix: unix_backlog::UnixBacklog,
     pub tcp: tcp_queue::TcpQueue,
     clamps: backlog_clamped::BacklogClamped,
@@ -147,6 +161,10 @@ impl Families {
             client_roles: HashMap::new(),
             verdicts: HashMap::new(),
             accept_failures: HashMap::new(),
+            pending: false,
+            connects: Default::default(),
+            fd_limits: Default::default(),
+            no_connections: Default::default(),
             unix: Default::default(),
             tcp: Default::default(),
             clamps: Default::default(),
@@ -154,37 +172,68 @@ impl Families {
         }
     }
 
-    /// Decode one ring-buffer record; returns what it means to the operator.
-    pub fn handle(&mut self, bytes: &[u8]) -> Option<Event> {
+    /// Decode one ring-buffer record. A listen() may become a notice; a
+    /// sample of counted drops is kept to explain the counts (`drops`).
+    pub fn handle(&mut self, bytes: &[u8]) -> Option<Notice> {
         let tag = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
-        let drop = match RecordKind::from_u32(tag)? {
-            RecordKind::ConnectFailure => {
-                let record: ConnectFailure = read_record(bytes)?;
+        match RecordKind::from_u32(tag)? {
+            RecordKind::Listen => return self.on_listen(&read_record(bytes)?),
+            RecordKind::ConnectFailure => self.connects.sample(read_record(bytes)?),
+            RecordKind::TcpOverflow => self.tcp_sample(&read_record(bytes)?),
+            RecordKind::FdLimit => self.fd_limits.sample(read_record(bytes)?),
+            RecordKind::NoConnection => self.no_connections.sample(read_record(bytes)?),
+        }
+        self.pending = true;
+        None
+    }
+
+    /// The drops the kernel counted since the last call, one per key with
+    /// the number it stands for. `last`: droptrace is stopping; count
+    /// everything now, even keys whose sample never came.
+    pub fn drops(&mut self, totals: Totals, last: bool) -> Vec<(Drop, u64)> {
+        self.pending = false;
+        let now_ns = self.clock.ktime_now();
+        let host = &mut self.host;
+        let mut comm = |pid| {
+            let name = host.process(pid).map(|p| p.comm).unwrap_or_default();
+            let mut comm = [0u8; 16];
+            let len = name.len().min(15);
+            comm[..len].copy_from_slice(&name.as_bytes()[..len]);
+            comm
+        };
+        let connects = self.connects.poll(totals.connects, last, now_ns, &mut comm);
+        let fd_limits = self
+            .fd_limits
+            .poll(totals.fd_limits, last, now_ns, &mut comm);
+        let no_connections =
+            self.no_connections
+                .poll(totals.no_connection, last, now_ns, &mut comm);
+        let mut drops = self.tcp_drops(totals.tcp, last);
+        let mut add = |drop: Option<Drop>, batch_count: u64| {
+            if let Some(drop) = drop {
+                drops.push((drop, batch_count));
+            }
+        };
+        for Batch { record, count, .. } in connects {
+            add(
                 match record.family {
                     AF_UNIX => self.unix_connect_refused(&record),
                     _ => self.ephemeral_ports(&record),
-                }
-            }
-            RecordKind::Listen => {
-                let record: ListenRecord = read_record(bytes)?;
-                return self.on_listen(&record).map(Event::Notice);
-            }
-            RecordKind::TcpOverflow => {
-                let record: TcpOverflowRecord = read_record(bytes)?;
-                self.tcp_sample(&record);
-                None
-            }
-            RecordKind::FdLimit => {
-                let record: FdLimitRecord = read_record(bytes)?;
-                self.fd_limit(&record)
-            }
-            RecordKind::NoConnection => {
-                let record: NoConnectionRecord = read_record(bytes)?;
-                let time = self.clock.wall(record.ktime_ns);
-                self.no_connection(record.pid, comm_of(&record.comm), time)
-            }
-        };
-        drop.map(|d| Event::Drop(Box::new(d)))
+                },
+                count,
+            );
+        }
+        for Batch { record, count, .. } in fd_limits {
+            add(self.fd_limit(&record), count);
+        }
+        for Batch { record, count, .. } in no_connections {
+            let time = self.clock.wall(record.ktime_ns);
+            add(
+                self.no_connection(record.pid, comm_of(&record.comm), time),
+                count,
+            );
+        }
+        drops
     }
 
     /// A listen() call: the listener tables learn it, and a clamped backlog
@@ -307,17 +356,42 @@ pub mod testing {
         )
     }
 
-    /// The JSON line a sink writes for `drop` standing for one drop.
-    pub fn json_line(event: Option<Event>) -> serde_json::Value {
-        let record = match event.expect("the record became nothing") {
-            Event::Drop(drop) => crate::contract::Record::Drop(crate::contract::Line {
-                drop: *drop,
-                count: 1,
-                first: true,
-            }),
-            Event::Notice(notice) => crate::contract::Record::Notice(notice),
-        };
-        serde_json::to_value(&record).unwrap()
+    /// The JSON line a sink writes for a notice.
+    pub fn notice_line(notice: Option<Notice>) -> serde_json::Value {
+        let notice = notice.expect("the record became no notice");
+        serde_json::to_value(crate::contract::Record::Notice(notice)).unwrap()
+    }
+
+    /// The JSON line a sink writes for `count` drops the kernel counted
+    /// under `record`'s key, `record` being their sample.
+    pub fn drop_line(families: &mut Families, record: &[u8], count: u64) -> serde_json::Value {
+        assert!(families.handle(record).is_none());
+        let tag = u32::from_ne_bytes(record[..4].try_into().unwrap());
+        let mut totals = Totals::default();
+        match RecordKind::from_u32(tag).unwrap() {
+            RecordKind::ConnectFailure => {
+                let record: ConnectFailure = read_record(record).unwrap();
+                totals.connects.push((record.key(), count));
+            }
+            RecordKind::FdLimit => {
+                let record: FdLimitRecord = read_record(record).unwrap();
+                totals.fd_limits.push((record.key(), count));
+            }
+            RecordKind::NoConnection => {
+                let record: NoConnectionRecord = read_record(record).unwrap();
+                totals.no_connection.push((record.pid, count));
+            }
+            other => panic!("{other:?} is not a counted record"),
+        }
+        let mut drops = families.drops(totals, false);
+        assert_eq!(drops.len(), 1, "one key, one drop");
+        let (drop, count) = drops.remove(0);
+        serde_json::to_value(crate::contract::Record::Drop(crate::contract::Line {
+            drop,
+            count,
+            first: true,
+        }))
+        .unwrap()
     }
 
     pub fn comm(name: &str) -> [u8; 16] {

@@ -164,7 +164,7 @@ mod tests {
             queue: Some(101),
         });
         let mut families = families(host);
-        let line = json_line(families.handle(&bytes_of(&refused("/run/app.sock"))));
+        let line = drop_line(&mut families, &bytes_of(&refused("/run/app.sock")), 1);
         assert_eq!(
             line,
             json!({
@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn a_listener_the_host_does_not_know_is_counted_as_unknown() {
         let mut families = families(FakeHost::default());
-        let line = json_line(families.handle(&bytes_of(&refused("/run/gone.sock"))));
+        let line = drop_line(&mut families, &bytes_of(&refused("/run/gone.sock")), 1);
         assert_eq!(line["kind"], "unix_backlog");
         assert_eq!(line["listener"]["path"], "/run/gone.sock");
         assert_eq!(line["limit"]["name"], "unknown");

@@ -11,7 +11,10 @@ use aya::{
     programs::{uprobe::UProbeScope, RawTracePoint, TestRun, UProbe},
     Ebpf, EbpfLoader,
 };
-use tracer_common::{TcpOverflowKey, LOST_COUNTERS_FULL, LOST_PENDING_FULL, LOST_RINGBUF_FULL};
+use tracer_common::{
+    ConnectKey, Counter, FdLimitKey, TcpOverflowKey, LOST_COUNTERS_FULL, LOST_PENDING_FULL,
+    LOST_RINGBUF_FULL,
+};
 
 use crate::contract::Lost;
 use hooks::{Attacher, Choice, FamilyHooks};
@@ -26,10 +29,50 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub records: RingBuf<MapData>,
     pub lost: LostCounters,
-    /// Exact per-CPU drop counts of TCP listeners, by listener and stage.
-    pub tcp_overflows: PerCpuHashMap<MapData, TcpOverflowKey, u64>,
+    pub counters: Counters,
     /// Which mechanism each family uses on this kernel.
     pub choices: Vec<Choice>,
+}
+
+/// The kernel's exact per-CPU drop counts, by family.
+pub struct Counters {
+    /// TCP listeners, by listener and stage.
+    tcp: PerCpuHashMap<MapData, TcpOverflowKey, u64>,
+    connects: PerCpuHashMap<MapData, ConnectKey, Counter>,
+    fd_limits: PerCpuHashMap<MapData, FdLimitKey, Counter>,
+    /// nginx workers out of connection slots, by pid.
+    no_connection: PerCpuHashMap<MapData, u32, Counter>,
+}
+
+/// Every key's count so far, summed over CPUs.
+#[derive(Default)]
+pub struct Totals {
+    pub tcp: Vec<(TcpOverflowKey, u64)>,
+    pub connects: Vec<(ConnectKey, u64)>,
+    pub fd_limits: Vec<(FdLimitKey, u64)>,
+    pub no_connection: Vec<(u32, u64)>,
+}
+
+impl Counters {
+    pub fn read(&self) -> Totals {
+        fn counted<K: aya::Pod>(map: &PerCpuHashMap<MapData, K, Counter>) -> Vec<(K, u64)> {
+            map.iter()
+                .filter_map(|entry| entry.ok())
+                .map(|(key, per_cpu)| (key, per_cpu.iter().map(|c| c.count).sum()))
+                .collect()
+        }
+        Totals {
+            tcp: self
+                .tcp
+                .iter()
+                .filter_map(|entry| entry.ok())
+                .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
+                .collect(),
+            connects: counted(&self.connects),
+            fd_limits: counted(&self.fd_limits),
+            no_connection: counted(&self.no_connection),
+        }
+    }
 }
 
 /// The kernel side's count of records userspace never saw.
@@ -118,12 +161,17 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
     };
     let records = RingBuf::try_from(take("EVENTS")?)?;
     let lost = LostCounters(PerCpuArray::try_from(take("LOST")?)?);
-    let tcp_overflows = PerCpuHashMap::try_from(take("TCP_OVERFLOWS")?)?;
+    let counters = Counters {
+        tcp: PerCpuHashMap::try_from(take("TCP_OVERFLOWS")?)?,
+        connects: PerCpuHashMap::try_from(take("CONNECT_FAILURES")?)?,
+        fd_limits: PerCpuHashMap::try_from(take("FD_LIMIT_HITS")?)?,
+        no_connection: PerCpuHashMap::try_from(take("NO_CONNECTION")?)?,
+    };
     Ok(Probes {
         ebpf,
         records,
         lost,
-        tcp_overflows,
+        counters,
         choices,
     })
 }

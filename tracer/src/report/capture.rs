@@ -204,6 +204,7 @@ mod tests {
                 count: 41,
             }],
             lost: 0,
+            details_dropped: 0,
             lost_by_cause: Lost::default(),
             kernel_listen_overflows: Vec::new(),
             duration_s: 1.0,

@@ -119,6 +119,7 @@ impl<W: Write> Sink<W> {
                 let record = SummaryRecord {
                     totals: totals.iter().map(TotalRecord::from).collect(),
                     lost: lost.total(),
+                    details_dropped: lost.ring_buffer_full,
                     lost_by_cause: lost,
                     kernel_listen_overflows: kernel.to_vec(),
                     duration_s: elapsed.as_secs_f64(),
@@ -155,11 +156,17 @@ impl<W: Write> Sink<W> {
                 if lost.total() > 0 {
                     writeln!(
                         self.out,
-                        "WARNING: {} drop events were lost before droptrace could read them (ring buffer full: {}, syscall table full: {}, counter table full: {}); the counts above are short by that much",
+                        "WARNING: {} drops could not be counted (syscall table full: {}, counter table full: {}); the counts above are short by that much",
                         lost.total(),
-                        lost.ring_buffer_full,
                         lost.pending_map_full,
                         lost.counter_map_full
+                    )?;
+                }
+                if lost.ring_buffer_full > 0 {
+                    writeln!(
+                        self.out,
+                        "note: {} sampled records found the ring buffer full; the counts are exact, some drops are named with fewer details",
+                        lost.ring_buffer_full
                     )?;
                 }
             }
@@ -229,7 +236,11 @@ mod tests {
         .unwrap();
         let value: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
         assert_eq!(value["type"], "summary");
-        assert_eq!(value["lost"], 5);
+        assert_eq!(
+            value["lost"], 2,
+            "drops not counted: the sampled records are not drops"
+        );
+        assert_eq!(value["details_dropped"], 3);
         assert_eq!(
             value["kernel_listen_overflows"],
             json!([{"netns": 4026531840u64, "droptrace": 7, "kernel": 7}])
@@ -321,9 +332,9 @@ mod tests {
                 count: 5,
             }],
             Lost {
-                ring_buffer_full: 2,
+                ring_buffer_full: 7,
                 pending_map_full: 0,
-                counter_map_full: 0,
+                counter_map_full: 2,
             },
             &[Reconciliation {
                 netns: 1,
@@ -339,7 +350,16 @@ mod tests {
             text.contains("TCP listen overflows in netns 1: droptrace 3, kernel TcpExtListenOverflows 4 (MISMATCH)"),
             "{text}"
         );
-        assert!(text.contains("WARNING: 2 drop events were lost"), "{text}");
+        assert!(
+            text.contains("WARNING: 2 drops could not be counted"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "note: 7 sampled records found the ring buffer full; the counts are exact"
+            ),
+            "{text}"
+        );
     }
 
     fn nofile_drop() -> Drop {

@@ -72,8 +72,6 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
 #[derive(Default)]
 pub struct TcpQueue {
     pub listeners: TcpListeners,
-    /// A sample arrived: read the counters now rather than at the tick.
-    pub pending: bool,
 }
 
 /// The stage names of the kernel's stages, and the kind they count as.
@@ -90,7 +88,6 @@ fn kind_of(kernel_stage: u32) -> Option<(DropKind, Stage)> {
 impl Families {
     pub(super) fn tcp_sample(&mut self, record: &TcpOverflowRecord) {
         self.tcp.listeners.on_sample(record, self.host.as_mut());
-        self.tcp.pending = true;
     }
 
     /// New TCP drops from the kernel's counters, one Drop per listener and
@@ -101,7 +98,6 @@ impl Families {
         totals: Vec<(TcpOverflowKey, u64)>,
         last: bool,
     ) -> Vec<(Drop, u64)> {
-        self.tcp.pending = false;
         let batches = self.tcp.listeners.poll(totals, last, self.host.as_mut());
         batches
             .iter()

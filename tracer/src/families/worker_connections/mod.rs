@@ -150,7 +150,7 @@ mod tests {
             ktime_ns: 22_000_000,
             comm: comm("nginx"),
         };
-        let line = json_line(families.handle(&bytes_of(&record)));
+        let line = drop_line(&mut families, &bytes_of(&record), 1);
         assert_eq!(
             line,
             json!({
