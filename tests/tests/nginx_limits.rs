@@ -13,14 +13,21 @@ use droptrace_tests::{
 const SHORTAGE: &str = "worker_connections are not enough";
 const EMFILE: &str = "(24: Too many open files)";
 
-/// Start droptrace on the running stack, send the burst, stop.
-fn burst_through(stack: &Stack) -> (http::Outcomes, Report) {
+/// Start droptrace on the running stack (with `extra` arguments), send
+/// the burst, stop.
+fn burst_through_with(stack: &Stack, extra: &[&str]) -> (http::Outcomes, Report) {
     let (nginx, uwsgi) = (stack.nginx.id().to_string(), stack.uwsgi.id().to_string());
-    let tracer = Droptrace::start(&["--pid", &nginx, "--pid", &uwsgi]);
+    let mut args = vec!["--pid", &nginx, "--pid", &uwsgi];
+    args.extend_from_slice(extra);
+    let tracer = Droptrace::start(&args);
     let addr: SocketAddr = format!("127.0.0.1:{}", stack.port).parse().unwrap();
     let outcomes = http::burst(addr, None);
     let report = tracer.stop();
     (outcomes, report)
+}
+
+fn burst_through(stack: &Stack) -> (http::Outcomes, Report) {
+    burst_through_with(stack, &[])
 }
 
 fn conf(stack: &Stack) -> String {
@@ -96,6 +103,8 @@ fn short_of_connections(nginx_without_symbol: bool) -> Stack {
     })
 }
 
+/// By default the shortages are read from nginx's own error log: nothing
+/// is attached to nginx.
 #[test]
 fn worker_connections_shortages_equal_nginx_alerts() {
     let test = "worker_connections_shortages_equal_nginx_alerts";
@@ -104,19 +113,40 @@ fn worker_connections_shortages_equal_nginx_alerts() {
     let stack = short_of_connections(false);
     let (outcomes, report) = burst_through(&stack);
     let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
+    let log = stack.dir.path().join("error.log");
+    assert!(
+        source.ends_with(&format!(
+            "(seen through nginx's error log {})",
+            log.display()
+        )),
+        "{source}"
+    );
+}
+
+/// --nginx-uretprobe counts them in the kernel, from ngx_get_connection
+/// returning NULL: the same count as nginx's alerts.
+#[test]
+fn with_the_uretprobe_shortages_equal_nginx_alerts() {
+    let test = "with_the_uretprobe_shortages_equal_nginx_alerts";
+    require_root(test);
+    stack::require(test);
+    let stack = short_of_connections(false);
+    let (outcomes, report) = burst_through_with(&stack, &["--nginx-uretprobe"]);
+    let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
     assert!(
         source.ends_with("(seen through a uretprobe on ngx_get_connection in /usr/sbin/nginx)"),
         "{source}"
     );
 }
 
+/// --nginx-uretprobe on a binary without the symbol falls back to the log.
 #[test]
 fn without_the_symbol_shortages_are_read_from_nginx_error_log() {
     let test = "without_the_symbol_shortages_are_read_from_nginx_error_log";
     require_root(test);
     stack::require(test);
     let stack = short_of_connections(true);
-    let (outcomes, report) = burst_through(&stack);
+    let (outcomes, report) = burst_through_with(&stack, &["--nginx-uretprobe"]);
     let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
     let log = stack.dir.path().join("error.log");
     assert!(

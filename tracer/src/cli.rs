@@ -63,6 +63,14 @@ pub struct Watch {
     /// Stop after this many seconds and print the summary.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: Option<u64>,
+
+    /// See nginx's worker_connections shortages through a uretprobe on
+    /// ngx_get_connection instead of nginx's error log. By default the log
+    /// is read (nginx writes an [alert] for every shortage, at no cost to
+    /// nginx); the uretprobe costs a trap on every connection nginx opens,
+    /// and is used anyway when nginx logs to no file.
+    #[arg(long)]
+    pub nginx_uretprobe: bool,
 }
 
 #[derive(Debug, Subcommand)]

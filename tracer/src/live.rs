@@ -65,7 +65,7 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
         Output::Terminal { json } => {
             let format = if json { Format::Json } else { Format::Human };
             let sink = Sink::new(format, std::io::stdout().lock());
-            watch_until_stopped(probes, filter, sink, None, duration).await
+            watch_until_stopped(probes, filter, sink, None, duration, watch.nginx_uretprobe).await
         }
         Output::Capture { path, max_size } => {
             let mut writer = CaptureWriter::create(&path)?;
@@ -74,8 +74,15 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
             writer.header(std::env::args().collect(), snapshot)?;
             tracing::info!("recording to {} (created 0600)", path.display());
             let sink = Sink::new(Format::Json, writer);
-            let stopped_by =
-                watch_until_stopped(probes, filter, sink, Some(recorder), duration).await;
+            let stopped_by = watch_until_stopped(
+                probes,
+                filter,
+                sink,
+                Some(recorder),
+                duration,
+                watch.nginx_uretprobe,
+            )
+            .await;
             if stopped_by.is_ok() {
                 tracing::info!(
                     "capture {} complete; read it anywhere with: droptrace report {}",
@@ -94,6 +101,7 @@ async fn watch_until_stopped<W: Destination>(
     mut sink: Sink<W>,
     mut recorder: Option<Recorder>,
     duration: Option<Duration>,
+    nginx_uretprobe: bool,
 ) -> Result<()> {
     let probes::Probes {
         mut ebpf,
@@ -114,6 +122,7 @@ async fn watch_until_stopped<W: Destination>(
     let mut families = Families::new(Box::new(LiveHost::new()), filter, Clock::new());
     let baseline = families.listen_overflows();
     let scope = families.describe_filter();
+    families.worker_connections.uretprobe_first = nginx_uretprobe;
     families.worker_connections.scan(&mut ebpf);
     let mut aggregator = Aggregator::new(LINE_INTERVAL);
 

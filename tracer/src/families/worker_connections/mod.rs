@@ -1,8 +1,8 @@
 //! worker_connections: nginx had no free connection slot ("worker_connections
 //! are not enough"). No kernel event marks it: accept4() succeeded and nginx
 //! closes the socket itself. `watch` finds the way to see it per nginx
-//! binary: a uretprobe on ngx_get_connection returning NULL, or nginx's own
-//! error log.
+//! master: nginx's own error log, or a uretprobe on ngx_get_connection
+//! returning NULL.
 mod watch;
 
 use std::time::SystemTime;
@@ -19,7 +19,7 @@ pub use watch::WorkerConnections;
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "worker_connections",
     mechanisms: &[Mechanism {
-        name: "uretprobe on ngx_get_connection in each nginx binary (nginx's error log where the symbol is missing)",
+        name: "nginx's error log (a uretprobe on ngx_get_connection where nginx logs to no file, or with --nginx-uretprobe)",
         programs: &[Program::uretprobe(watch::NGINX_PROGRAM, watch::NGINX_SYMBOL)],
         needs: &[],
         fast_path: None,

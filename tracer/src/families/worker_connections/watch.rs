@@ -1,9 +1,13 @@
-//! How worker_connections shortages are seen, per nginx binary (the first
+//! How worker_connections shortages are seen, per nginx master (the first
 //! way that works):
-//! - a uretprobe on `ngx_get_connection` (an exported symbol of Debian's and
-//!   most distributions' nginx) returning NULL: exact, and live;
-//! - nginx's own error log, for stripped or static builds: the `[alert]`
-//!   lines, read as they are written.
+//! - nginx's own error log: the `[alert]` line nginx writes for every
+//!   shortage, read as it is written (exact: one line per NULL returned by
+//!   ngx_get_connection), at no cost to nginx;
+//! - where nginx logs to no file (stderr, syslog), or with
+//!   `--nginx-uretprobe` first: a uretprobe on `ngx_get_connection` (an
+//!   exported symbol of Debian's and most distributions' nginx) returning
+//!   NULL, counted in the kernel. It costs a trap on every connection
+//!   nginx opens.
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
@@ -108,6 +112,8 @@ fn alert_pid(line: &str) -> Option<u32> {
 
 #[derive(Default)]
 pub struct WorkerConnections {
+    /// Try the uretprobe before the error log (--nginx-uretprobe).
+    pub uretprobe_first: bool,
     /// nginx binaries with the uretprobe attached, by file identity.
     probed: HashSet<FileId>,
     /// Binaries without the symbol.
@@ -144,56 +150,67 @@ impl WorkerConnections {
     }
 
     fn watch(&mut self, ebpf: &mut Ebpf, master: &process::Process) -> Method {
-        let exe_link = PathBuf::from(format!("/proc/{}/exe", master.pid));
-        let exe = std::fs::read_link(&exe_link).unwrap_or_else(|_| exe_link.clone());
-        let id = FileId::of(&exe_link);
-        if let Some(id) = id {
-            if self.probed.contains(&id) {
-                return Method::Uretprobe { exe };
-            }
-            if !self.unprobeable.contains(&id) {
-                // The /proc link reaches the binary in any mount namespace.
-                match probes::attach_uretprobe(ebpf, NGINX_PROGRAM, NGINX_SYMBOL, &exe_link) {
-                    Ok(()) => {
-                        self.probed.insert(id);
-                        return Method::Uretprobe { exe };
-                    }
-                    Err(err) => {
-                        tracing::info!(
-                            "nginx[{}]: no uretprobe on {}: {err:#}; falling back to its error log",
-                            master.pid,
-                            exe.display()
-                        );
-                        self.unprobeable.insert(id);
-                    }
-                }
-            }
+        if self.uretprobe_first {
+            return self
+                .uretprobe(ebpf, master)
+                .or_else(|why| {
+                    tracing::info!(
+                        "nginx[{}]: {why}; falling back to its error log",
+                        master.pid
+                    );
+                    self.error_log(master)
+                })
+                .unwrap_or_else(|why| Method::None { why });
         }
-        let Some(config) = configs::nginx_of(master) else {
-            return Method::None {
-                why: "its configuration could not be read".into(),
-            };
-        };
-        let Some(path) = config.error_logs.first() else {
-            return Method::None {
-                why: "ngx_get_connection is not exported and no error_log file is configured"
-                    .into(),
-            };
-        };
+        self.error_log(master)
+            .or_else(|log| {
+                self.uretprobe(ebpf, master)
+                    .map_err(|probe| format!("{log}, and {probe}"))
+            })
+            .unwrap_or_else(|why| Method::None { why })
+    }
+
+    /// The first error_log file of `master`'s configuration, read from
+    /// where it ends now.
+    fn error_log(&mut self, master: &process::Process) -> Result<Method, String> {
+        let config = configs::nginx_of(master)
+            .ok_or_else(|| "its configuration could not be read".to_string())?;
+        let path = config
+            .error_logs
+            .first()
+            .ok_or_else(|| "its configuration names no error_log file".to_string())?;
         let real = under_root(Path::new(&format!("/proc/{}/root", master.pid)), path);
         if !self.tails.contains_key(path) {
-            match LogTail::open(&real) {
-                Ok(tail) => {
-                    self.tails.insert(path.clone(), tail);
-                }
-                Err(err) => {
-                    return Method::None {
-                        why: format!("cannot read {}: {err}", path.display()),
-                    }
-                }
+            let tail = LogTail::open(&real)
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+            self.tails.insert(path.clone(), tail);
+        }
+        Ok(Method::ErrorLog { path: path.clone() })
+    }
+
+    /// The uretprobe on ngx_get_connection of `master`'s binary.
+    fn uretprobe(&mut self, ebpf: &mut Ebpf, master: &process::Process) -> Result<Method, String> {
+        let exe_link = PathBuf::from(format!("/proc/{}/exe", master.pid));
+        let exe = std::fs::read_link(&exe_link).unwrap_or_else(|_| exe_link.clone());
+        let id = FileId::of(&exe_link)
+            .ok_or_else(|| format!("cannot identify its binary {}", exe.display()))?;
+        if self.probed.contains(&id) {
+            return Ok(Method::Uretprobe { exe });
+        }
+        if self.unprobeable.contains(&id) {
+            return Err(format!("no uretprobe on {}", exe.display()));
+        }
+        // The /proc link reaches the binary in any mount namespace.
+        match probes::attach_uretprobe(ebpf, NGINX_PROGRAM, NGINX_SYMBOL, &exe_link) {
+            Ok(()) => {
+                self.probed.insert(id);
+                Ok(Method::Uretprobe { exe })
+            }
+            Err(err) => {
+                self.unprobeable.insert(id);
+                Err(format!("no uretprobe on {}: {err:#}", exe.display()))
             }
         }
-        Method::ErrorLog { path: path.clone() }
     }
 
     /// How shortages of `master`'s workers are seen.
