@@ -103,6 +103,12 @@ fn short_of_connections(nginx_without_symbol: bool) -> Stack {
     })
 }
 
+fn assert_seen_in_error_log(stack: &Stack, source: &str) {
+    let log = stack.dir.path().join("error.log");
+    let how = format!("(seen through nginx's error log {})", log.display());
+    assert!(source.ends_with(&how), "{source}");
+}
+
 /// By default the shortages are read from nginx's own error log: nothing
 /// is attached to nginx.
 #[test]
@@ -113,14 +119,7 @@ fn worker_connections_shortages_equal_nginx_alerts() {
     let stack = short_of_connections(false);
     let (outcomes, report) = burst_through(&stack);
     let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
-    let log = stack.dir.path().join("error.log");
-    assert!(
-        source.ends_with(&format!(
-            "(seen through nginx's error log {})",
-            log.display()
-        )),
-        "{source}"
-    );
+    assert_seen_in_error_log(&stack, &source);
 }
 
 /// --nginx-uretprobe counts them in the kernel, from ngx_get_connection
@@ -148,14 +147,7 @@ fn without_the_symbol_shortages_are_read_from_nginx_error_log() {
     let stack = short_of_connections(true);
     let (outcomes, report) = burst_through_with(&stack, &["--nginx-uretprobe"]);
     let source = assert_shortages_match_nginx(&stack, &report, &outcomes);
-    let log = stack.dir.path().join("error.log");
-    assert!(
-        source.ends_with(&format!(
-            "(seen through nginx's error log {})",
-            log.display()
-        )),
-        "{source}"
-    );
+    assert_seen_in_error_log(&stack, &source);
     assert!(
         report.stderr.contains("falling back to its error log"),
         "{}",
