@@ -10,8 +10,10 @@ use std::{
 
 use crate::netns::Netns;
 
-/// A WSGI app slow enough (100 ms) for a burst to fill uWSGI's queue.
-const APP: &str = "import time\n\ndef application(env, start_response):\n    time.sleep(0.1)\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [b'ok\\n']\n";
+/// A WSGI app that answers after `delay` seconds.
+fn app(delay: f64) -> String {
+    format!("import time\n\ndef application(env, start_response):\n    time.sleep({delay})\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [b'ok\\n']\n")
+}
 
 /// What nginx and uWSGI need that is not installed.
 fn missing() -> Vec<&'static str> {
@@ -63,6 +65,9 @@ pub struct StackConfig<'a> {
     /// in a stripped or static build.
     pub nginx_without_symbol: bool,
     pub port: u16,
+    /// How long the app takes per request: 100 ms by default, slow enough
+    /// for a burst to fill uWSGI's queue; 0 for throughput.
+    pub app_delay_ms: u32,
 }
 
 impl Default for StackConfig<'_> {
@@ -78,6 +83,7 @@ impl Default for StackConfig<'_> {
             prlimit_nofile: None,
             nginx_without_symbol: false,
             port: 18080,
+            app_delay_ms: 100,
         }
     }
 }
@@ -118,7 +124,11 @@ impl Stack {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let d = dir.path();
         let socket = d.join("app.sock");
-        fs::write(d.join("app.py"), APP).unwrap();
+        fs::write(
+            d.join("app.py"),
+            app(f64::from(config.app_delay_ms) / 1000.0),
+        )
+        .unwrap();
         // What uWSGI listens on, as uWSGI and nginx each spell it.
         let (uwsgi_socket, upstream) = match config.uwsgi_tcp_port {
             Some(port) => (format!("127.0.0.1:{port}"), format!("127.0.0.1:{port}")),

@@ -64,11 +64,14 @@ enum Task {
         #[arg(long = "kernel", value_name = "SERIES")]
         kernels: Vec<String>,
     },
-    /// Measure how many refused connects per second droptrace delivers, and
-    /// what it loses (needs root).
+    /// Measure droptrace's cost side by side with bpftrace and with no
+    /// tracer, in one run, as ratios (needs root; installs bpftrace, wrk,
+    /// nginx and uWSGI on Debian): the storm of refused UNIX connects, nginx
+    /// → uWSGI requests under wrk, each program's time per run, start-up
+    /// time and memory. Prints figures; asserts only exactness.
     Bench {
-        /// Refused connects to generate.
-        #[arg(long, default_value_t = 200_000)]
+        /// Refused connects per storm round.
+        #[arg(long, default_value_t = 1_000_000)]
         connects: u64,
     },
 }
@@ -95,6 +98,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Bench { connects } => {
             let binary = build(true)?;
+            prerequisites::ensure_bench(is_root());
             let status = cargo()
                 .args([
                     "run",

@@ -57,27 +57,7 @@ pub fn ensure(root: bool) -> Result<Option<String>> {
                 .into(),
         ));
     } else {
-        let wanted = missing();
-        if !wanted.is_empty() && Path::new("/usr/bin/apt-get").exists() {
-            eprintln!(
-                "xtask: installing what the tests drive: {}",
-                wanted.join(" ")
-            );
-            let apt = |args: &[&str]| {
-                Command::new("apt-get")
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-            install.extend(&wanted);
-            // The package lists may be stale or absent: update once, retry.
-            let done = apt(&install) || (apt(&["update", "-qq"]) && apt(&install));
-            if !done {
-                eprintln!("xtask: apt-get could not install {}", wanted.join(" "));
-            }
-        }
+        apt_install("the tests drive", &missing());
         let stack = ["nginx", "uwsgi", "uwsgi-plugin-python3", "iproute2"];
         if !stack.iter().all(|p| installed(p)) {
             left_out.push((
@@ -112,4 +92,49 @@ pub fn ensure(root: bool) -> Result<Option<String>> {
     }
     let filters: Vec<&str> = left_out.iter().map(|(filter, _)| *filter).collect();
     Ok(Some(format!("not ({})", filters.join(" | "))))
+}
+
+/// Install Debian `packages` (as root, where apt-get exists).
+fn apt_install(why: &str, packages: &[&str]) {
+    if packages.is_empty() || !Path::new("/usr/bin/apt-get").exists() {
+        return;
+    }
+    eprintln!("xtask: installing what {why}: {}", packages.join(" "));
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(packages);
+    // The package lists may be stale or absent: update once, retry.
+    let done = apt(&install) || (apt(&["update", "-qq"]) && apt(&install));
+    if !done {
+        eprintln!("xtask: apt-get could not install {}", packages.join(" "));
+    }
+}
+
+/// What the benchmark compares droptrace with, and drives: bpftrace, wrk,
+/// nginx and uWSGI. Installed as root on Debian; the benchmark says what
+/// it could not measure without them.
+pub fn ensure_bench(root: bool) {
+    let wanted: Vec<&str> = [
+        ("bpftrace", "/usr/bin/bpftrace"),
+        ("wrk", "/usr/bin/wrk"),
+        ("nginx", "/usr/sbin/nginx"),
+        ("uwsgi", "/usr/bin/uwsgi"),
+        (
+            "uwsgi-plugin-python3",
+            "/usr/lib/uwsgi/plugins/python3_plugin.so",
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, file)| !Path::new(file).exists())
+    .map(|(package, _)| package)
+    .collect();
+    if root {
+        apt_install("the benchmark compares and drives", &wanted);
+    }
 }

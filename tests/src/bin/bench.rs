@@ -1,12 +1,283 @@
-//! `cargo xtask bench`: a storm of refused connects against a listener of
-//! backlog 1, and the cost droptrace adds to connects that succeed.
-//! Prints figures; asserts nothing about time (that is not a test's job).
+//! `cargo xtask bench`: droptrace's cost beside what an operator would run
+//! instead (bpftrace, or no tracer), measured in one run with the rounds
+//! interleaved so that this machine's noise hits every side alike, and
+//! reported as ratios:
+//! - a storm of refused non-blocking UNIX connects against a full listener;
+//! - nginx → uWSGI on a UNIX socket under wrk, keep-alive and a new
+//!   connection per request;
+//! - the time each kind of droptrace program takes per run
+//!   (kernel.bpf_stats_enabled), on ordinary loopback traffic;
+//! - start-up to attached, and peak memory;
+//! - a successful UNIX connect + accept.
+//!
+//! Prints figures and asserts only exactness (every refusal counted, none
+//! lost): time is not a test's job.
 use std::{
+    io::{BufRead, BufReader, Read},
     os::fd::RawFd,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use droptrace_tests::{droptrace::Droptrace, unix};
+use droptrace_tests::{droptrace::Droptrace, stack, unix};
+
+const ROUNDS: usize = 3;
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// bpftrace running a script, attached.
+struct Bpftrace {
+    child: Child,
+}
+
+impl Bpftrace {
+    /// None when bpftrace is not installed (the figure is then left out).
+    fn start(script: &str) -> Option<Self> {
+        let mut child = Command::new("bpftrace")
+            .args(["-e", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while stdout.read_line(&mut line).ok()? > 0 && !line.contains("Attaching") {
+            line.clear();
+        }
+        assert!(line.contains("Attaching"), "bpftrace did not attach");
+        // "Attaching N probes..." is printed before the attach itself.
+        std::thread::sleep(Duration::from_millis(1000));
+        child.stdout = Some(stdout.into_inner());
+        Some(Self { child })
+    }
+
+    /// Stop it; what it printed (its maps).
+    fn stop(mut self) -> String {
+        droptrace_tests::signal(self.child.id(), libc::SIGINT);
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        self.child.wait().unwrap();
+        out
+    }
+}
+
+/// Counting refused connects by command name in the kernel: the cheapest
+/// bpftrace an operator would write.
+const BPFTRACE_STORM: &str =
+    "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { @[comm] = count(); }";
+
+/// bpftrace on the syscall tracepoints droptrace uses where fexit is
+/// refused, doing as little as droptrace does on them.
+const BPFTRACE_SYSCALLS: &str = "tracepoint:syscalls:sys_enter_connect { @pending[tid] = args->uservaddr; } \
+tracepoint:syscalls:sys_exit_connect { if (args->ret == -11 || args->ret == -99) { @connect[comm] = count(); } delete(@pending[tid]); } \
+tracepoint:syscalls:sys_exit_accept, tracepoint:syscalls:sys_exit_accept4, tracepoint:syscalls:sys_exit_socket, \
+tracepoint:syscalls:sys_exit_open, tracepoint:syscalls:sys_exit_openat /args->ret == -24 || args->ret == -23/ { @fd[comm] = count(); } \
+tracepoint:syscalls:sys_enter_listen { @listen[tid] = args->backlog; } \
+tracepoint:syscalls:sys_exit_listen { delete(@listen[tid]); }";
+
+/// Refused connects per second against the full listener at `path`.
+fn storm_rate(path: &str, connects: usize) -> f64 {
+    let start = Instant::now();
+    let (more, refused) = unix::connect_many(path, connects);
+    let elapsed = start.elapsed();
+    assert!(more.is_empty() && refused == connects);
+    refused as f64 / elapsed.as_secs_f64()
+}
+
+struct Figures {
+    rows: Vec<(String, String)>,
+}
+
+impl Figures {
+    fn add(&mut self, what: impl Into<String>, value: impl Into<String>) {
+        let (what, value) = (what.into(), value.into());
+        println!("{what:<58} {value}");
+        self.rows.push((what, value));
+    }
+}
+
+fn ratio(with: f64, without: f64) -> String {
+    format!("{:.3}", with / without)
+}
+
+/// The storm: no tracer, bpftrace, droptrace, interleaved.
+fn storm(figures: &mut Figures, me: &str, connects: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("storm.sock").display().to_string();
+    let listener = unix::Listener::bind(&path, 1);
+    let (queued, _) = unix::connect_many(&path, 2);
+    let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut counted, mut lost, mut details_dropped) = (0, 0, 0);
+    for _ in 0..ROUNDS {
+        none.push(storm_rate(&path, connects));
+        if let Some(tracer) = Bpftrace::start(BPFTRACE_STORM) {
+            bpftrace.push(storm_rate(&path, connects));
+            tracer.stop();
+        }
+        let tracer = Droptrace::start(&["--pid", me]);
+        droptrace.push(storm_rate(&path, connects));
+        let report = tracer.stop();
+        counted += report.total_at(&path);
+        lost += report.lost();
+        details_dropped += report.summary["details_dropped"].as_u64().unwrap();
+    }
+    unix::close_all(queued);
+    drop(listener);
+    let refused = (ROUNDS * connects) as u64;
+    assert_eq!(
+        (counted, lost),
+        (refused, 0),
+        "droptrace counted {counted} of {refused} refusals, lost {lost}"
+    );
+    let none = median(none);
+    figures.add(
+        format!("storm: refused connects/s, no tracer ({connects} per round)"),
+        format!("{none:.0}"),
+    );
+    if !bpftrace.is_empty() {
+        let bpftrace = median(bpftrace);
+        figures.add(
+            "storm: ratio with bpftrace counting them by comm",
+            ratio(bpftrace, none),
+        );
+    } else {
+        println!("(bpftrace not installed: apt-get install bpftrace)");
+    }
+    let droptrace = median(droptrace);
+    figures.add("storm: ratio with droptrace", ratio(droptrace, none));
+    figures.add(
+        "storm: droptrace counted / refused, lost, details dropped",
+        format!("{counted} / {refused}, {lost}, {details_dropped}"),
+    );
+}
+
+/// (run_time_ns, run_cnt) per BPF program type of `pid`'s programs, from
+/// /proc/PID/fdinfo (counted while kernel.bpf_stats_enabled=1).
+fn program_stats(pid: u32) -> std::collections::BTreeMap<u64, (u64, u64)> {
+    let mut totals = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        };
+        if let Some(prog_type) = field("prog_type:") {
+            let total: &mut (u64, u64) = totals.entry(prog_type).or_default();
+            total.0 += field("run_time_ns:").unwrap_or(0);
+            total.1 += field("run_cnt:").unwrap_or(0);
+        }
+    }
+    totals
+}
+
+/// BPF program types, as /proc/PID/fdinfo numbers them.
+const PROGRAM_TYPES: &[(u64, &str)] = &[
+    (5, "syscall tracepoints"),
+    (8, "cgroup_skb/ingress"),
+    (
+        26,
+        "tp_btf consume_skb/kfree_skb/inet_sock_set_state, fexit",
+    ),
+    (2, "uretprobe"),
+];
+
+struct Stats;
+
+impl Stats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    /// Run `load` with kernel.bpf_stats_enabled=1; ns per run of each
+    /// program type of `pid`, and runs.
+    fn during(pid: u32, load: impl FnOnce()) -> Vec<(u64, f64, u64)> {
+        let previous = std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into());
+        std::fs::write(Self::PATH, "1").expect("cannot enable kernel.bpf_stats_enabled");
+        let before = program_stats(pid);
+        load();
+        let after = program_stats(pid);
+        std::fs::write(Self::PATH, previous.trim()).unwrap();
+        after
+            .iter()
+            .map(|(prog_type, (time, runs))| {
+                let (time0, runs0) = before.get(prog_type).copied().unwrap_or_default();
+                let runs = runs - runs0;
+                (*prog_type, (time - time0) as f64 / runs.max(1) as f64, runs)
+            })
+            .collect()
+    }
+}
+
+/// Ordinary loopback TCP: connect, write, read, close, `n` times.
+fn loopback_traffic(n: usize) {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    for _ in 0..n {
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let (mut peer, _) = server.accept().unwrap();
+        std::io::Write::write_all(&mut client, b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        std::io::Read::read_exact(&mut peer, &mut buf).unwrap();
+    }
+}
+
+/// Time per run of each of droptrace's program types.
+fn program_costs(figures: &mut Figures, me: &str) {
+    let tracer = Droptrace::start(&["--pid", me]);
+    let stats = Stats::during(tracer.pid(), || loopback_traffic(5_000));
+    tracer.stop();
+    for (prog_type, ns, runs) in stats {
+        if runs == 0 {
+            continue;
+        }
+        let name = PROGRAM_TYPES
+            .iter()
+            .find(|(t, _)| *t == prog_type)
+            .map_or("other", |(_, name)| name);
+        figures.add(
+            format!("per run on loopback TCP: {name}"),
+            format!("{ns:.0} ns ({runs} runs)"),
+        );
+    }
+}
+
+/// Start-up to the "watching" line, and peak memory once idle.
+fn startup(figures: &mut Figures, me: &str) {
+    let (mut times, mut peaks) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        let tracer = Droptrace::start(&["--pid", me]);
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_secs(1));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
+        let hwm_kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        peaks.push(hwm_kb / 1024.0);
+        tracer.stop();
+    }
+    figures.add(
+        "start-up to attached (watching)",
+        format!("{:.0} ms", median(times)),
+    );
+    figures.add(
+        "peak RSS (VmHWM), idle",
+        format!("{:.1} MiB", median(peaks)),
+    );
+}
 
 fn connect_accept_cycles(path: &str, listener: RawFd, cycles: usize) -> Duration {
     let start = Instant::now();
@@ -23,139 +294,89 @@ fn connect_accept_cycles(path: &str, listener: RawFd, cycles: usize) -> Duration
     start.elapsed()
 }
 
-/// BPF_PROG_TYPE_CGROUP_SKB: droptrace's per-packet hook.
-const PROG_TYPE_CGROUP_SKB: u64 = 8;
-
-/// (run_time_ns, run_cnt) summed over `pid`'s BPF programs of `prog_type`,
-/// from /proc/PID/fdinfo (filled while kernel.bpf_stats_enabled=1).
-fn program_stats(pid: u32, prog_type: u64) -> (u64, u64) {
-    let mut totals = (0, 0);
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        let field = |name: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        };
-        if field("prog_type:") == Some(prog_type) {
-            totals.0 += field("run_time_ns:").unwrap_or(0);
-            totals.1 += field("run_cnt:").unwrap_or(0);
-        }
-    }
-    totals
-}
-
-/// Nanoseconds per run of droptrace's cgroup_skb program while `load` runs.
-fn ns_per_packet(pid: u32, load: impl FnOnce()) -> (f64, u64) {
-    let (time_before, runs_before) = program_stats(pid, PROG_TYPE_CGROUP_SKB);
-    load();
-    let (time_after, runs_after) = program_stats(pid, PROG_TYPE_CGROUP_SKB);
-    let runs = runs_after - runs_before;
-    ((time_after - time_before) as f64 / runs.max(1) as f64, runs)
-}
-
-/// The per-packet hook's cost: ordinary loopback connections (SYN, ACK,
-/// data, FIN: the common path), then a SYN flood against a full listener.
-fn tcp_hook_cost(me: &str) {
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    let previous = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
-    std::fs::write(STATS, "1").expect("cannot enable kernel.bpf_stats_enabled");
-    let tracer = Droptrace::start(&["--pid", me]);
-    let roomy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let roomy_addr = roomy.local_addr().unwrap();
-    let (ordinary, ordinary_runs) = ns_per_packet(tracer.pid(), || {
-        for _ in 0..5_000 {
-            let mut client = std::net::TcpStream::connect(roomy_addr).unwrap();
-            let (mut server, _) = roomy.accept().unwrap();
-            std::io::Write::write_all(&mut client, b"ping").unwrap();
-            let mut buf = [0u8; 4];
-            std::io::Read::read_exact(&mut server, &mut buf).unwrap();
-        }
-    });
-    let full = droptrace_tests::tcp::listener("127.0.0.1:0".parse().unwrap(), 1);
-    let full_addr = full.local_addr().unwrap();
-    let (flood, flood_runs) = ns_per_packet(tracer.pid(), || {
-        let fds = droptrace_tests::tcp::connect_many(full_addr, 2_000);
-        std::thread::sleep(Duration::from_millis(1500));
-        droptrace_tests::tcp::close_all(fds);
-    });
-    let report = tracer.stop();
-    std::fs::write(STATS, previous.trim()).unwrap();
-    let dropped = report
-        .tcp_drops_at("127.0.0.1", full_addr.port())
-        .iter()
-        .map(|d| d["count"].as_u64().unwrap())
-        .sum::<u64>();
-    println!("cgroup_skb per packet         {ordinary:.0} ns on ordinary loopback traffic ({ordinary_runs} packets)");
-    println!("cgroup_skb per packet         {flood:.0} ns under a SYN flood on a full listener ({flood_runs} packets, {dropped} drops counted)");
-}
-
-/// BPF_PROG_TYPE_KPROBE: uprobes and uretprobes are of this type.
-const PROG_TYPE_KPROBE: u64 = 2;
-
-/// `requests` GETs of nginx's /ping, each on a new connection; ns each.
-fn ping_nginx(port: u16, requests: usize) -> f64 {
-    let start = Instant::now();
-    for _ in 0..requests {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        std::io::Write::write_all(&mut stream, b"GET /ping HTTP/1.0\r\n\r\n").unwrap();
-        let mut response = Vec::new();
-        std::io::Read::read_to_end(&mut stream, &mut response).unwrap();
-        assert!(
-            response.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&response)
-        );
-    }
-    start.elapsed().as_nanos() as f64 / requests as f64
-}
-
-/// What droptrace costs nginx: requests on new connections (each one call
-/// of ngx_get_connection, where the uretprobe sits) with and without it.
-fn nginx_cost() {
-    use droptrace_tests::stack::{self, Stack, StackConfig};
-    if !stack::available() {
-        eprintln!(
-            "bench: nginx's cost not measured: apt-get install nginx uwsgi uwsgi-plugin-python3"
-        );
-        return;
-    }
-    const ROUNDS: usize = 3;
-    const REQUESTS: usize = 3_000;
-    let stack = Stack::start(StackConfig {
-        port: stack::free_port(),
-        ..StackConfig::default()
-    });
-    let nginx = stack.nginx.id().to_string();
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    let previous = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
-    std::fs::write(STATS, "1").expect("cannot enable kernel.bpf_stats_enabled");
-    let (mut without, mut with, mut probe) = (Vec::new(), Vec::new(), Vec::new());
+/// A successful UNIX connect + accept, with and without droptrace.
+fn connect_cost(figures: &mut Figures, me: &str) {
+    const CYCLES: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("roomy.sock").display().to_string();
+    let roomy = unix::Listener::bind(&path, 4096);
+    let ns = |d: Duration| d.as_nanos() as f64 / CYCLES as f64;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        without.push(ping_nginx(stack.port, REQUESTS));
-        let tracer = Droptrace::start(&["--pid", &nginx]);
-        let (before, runs_before) = program_stats(tracer.pid(), PROG_TYPE_KPROBE);
-        with.push(ping_nginx(stack.port, REQUESTS));
-        let (after, runs_after) = program_stats(tracer.pid(), PROG_TYPE_KPROBE);
-        probe.push((after - before) as f64 / (runs_after - runs_before).max(1) as f64);
-        tracer.stop();
+        without.push(ns(connect_accept_cycles(&path, roomy.fd, CYCLES)));
+        let tracer = Droptrace::start(&["--pid", me]);
+        with.push(ns(connect_accept_cycles(&path, roomy.fd, CYCLES)));
+        let report = tracer.stop();
+        assert!(report.drops.is_empty(), "successful connects were reported");
     }
-    std::fs::write(STATS, previous.trim()).unwrap();
-    let (without, with, probe) = (median(without), median(with), median(probe));
-    println!(
-        "nginx request, new connection median of {ROUNDS} rounds: {without:.0} ns without droptrace, {with:.0} ns with it ({:+.0} ns, {:+.1} %); the uretprobe's program {probe:.0} ns per call",
-        with - without,
-        100.0 * (with / without - 1.0)
+    let (without, with) = (median(without), median(with));
+    figures.add(
+        "UNIX connect+accept: ns without, with droptrace",
+        format!("{without:.0}, {with:.0} ({:+.0} ns)", with - without),
     );
 }
 
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+/// wrk's requests per second.
+fn wrk(port: u16, close: bool) -> f64 {
+    let mut command = Command::new("wrk");
+    command.args(["-t2", "-c16", "-d4s"]);
+    if close {
+        command.args(["-H", "Connection: close"]);
+    }
+    let output = command
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("cannot run wrk");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("wrk printed no rate: {text}"))
+}
+
+/// nginx → uWSGI (UNIX socket) under wrk: none, bpftrace, droptrace.
+fn wrk_cost(figures: &mut Figures) {
+    if !stack::available() || Command::new("wrk").arg("-v").output().is_err() {
+        println!(
+            "(nginx → uWSGI not measured: apt-get install wrk nginx uwsgi uwsgi-plugin-python3)"
+        );
+        return;
+    }
+    let stack = stack::Stack::start(stack::StackConfig {
+        port: stack::free_port(),
+        app_delay_ms: 0,
+        uwsgi_listen: Some(1024),
+        ..stack::StackConfig::default()
+    });
+    let pids = [stack.nginx.id().to_string(), stack.uwsgi.id().to_string()];
+    for (close, label) in [(false, "keep-alive"), (true, "new connection per request")] {
+        let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            none.push(wrk(stack.port, close));
+            if let Some(tracer) = Bpftrace::start(BPFTRACE_SYSCALLS) {
+                bpftrace.push(wrk(stack.port, close));
+                tracer.stop();
+            }
+            let tracer = Droptrace::start(&["--pid", &pids[0], "--pid", &pids[1]]);
+            droptrace.push(wrk(stack.port, close));
+            tracer.stop();
+        }
+        let none = median(none);
+        figures.add(
+            format!("nginx → uWSGI, {label}: requests/s, no tracer"),
+            format!("{none:.0}"),
+        );
+        if !bpftrace.is_empty() {
+            figures.add(
+                format!("nginx → uWSGI, {label}: ratio with bpftrace (same syscall tracepoints)"),
+                ratio(median(bpftrace), none),
+            );
+        }
+        figures.add(
+            format!("nginx → uWSGI, {label}: ratio with droptrace"),
+            ratio(median(droptrace), none),
+        );
+    }
 }
 
 fn main() {
@@ -163,77 +384,23 @@ fn main() {
     let connects: usize = std::env::args()
         .nth(1)
         .and_then(|n| n.parse().ok())
-        .unwrap_or(200_000);
-    let dir = tempfile::tempdir().unwrap();
-    let storm_path = dir.path().join("storm.sock").display().to_string();
-    let roomy_path = dir.path().join("roomy.sock").display().to_string();
+        .unwrap_or(1_000_000);
     let me = std::process::id().to_string();
-    let roomy = unix::Listener::bind(&roomy_path, 4096);
-
-    // Successful connects with and without droptrace, interleaved over
-    // several rounds so that machine noise hits both sides alike.
-    const ROUNDS: usize = 5;
-    const CYCLES: usize = 10_000;
-    let ns_per_cycle = |d: Duration| d.as_nanos() as f64 / CYCLES as f64;
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        without.push(ns_per_cycle(connect_accept_cycles(
-            &roomy_path,
-            roomy.fd,
-            CYCLES,
-        )));
-        let tracer = Droptrace::start(&["--pid", &me]);
-        with.push(ns_per_cycle(connect_accept_cycles(
-            &roomy_path,
-            roomy.fd,
-            CYCLES,
-        )));
-        let report = tracer.stop();
-        assert!(report.drops.is_empty(), "successful connects were reported");
-    }
-
-    // A storm of refused connects against a full backlog-1 listener.
-    let tracer = Droptrace::start(&["--pid", &me]);
-    let storm = unix::Listener::bind(&storm_path, 1);
-    let (queued, _) = unix::connect_many(&storm_path, 2);
-    let start = Instant::now();
-    let (more, refused) = unix::connect_many(&storm_path, connects);
-    let storm_time = start.elapsed();
-    assert!(more.is_empty());
-    std::thread::sleep(Duration::from_secs(1));
-    let report = tracer.stop();
-    unix::close_all(queued);
-    drop(storm);
-
-    let delivered = report.total_at(&storm_path);
-    let lost = report.lost();
-    let (without, with) = (median(without), median(with));
     println!(
-        "droptrace benchmark ({} cores)",
+        "droptrace benchmark: Linux {}, {} cores, median of {ROUNDS} interleaved rounds",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!(
-        "refused connects generated   {refused} in {:.3} s ({:.0}/s)",
-        storm_time.as_secs_f64(),
-        refused as f64 / storm_time.as_secs_f64()
-    );
-    println!(
-        "drops delivered to userspace {delivered} ({:.0}/s over the storm)",
-        delivered as f64 / storm_time.as_secs_f64()
-    );
-    println!(
-        "lost (counted by the kernel) {lost} ({:.4} %)",
-        100.0 * lost as f64 / refused.max(1) as f64
-    );
-    println!(
-        "unaccounted                  {}",
-        refused as i64 - delivered as i64 - lost as i64
-    );
-    tcp_hook_cost(&me);
-    nginx_cost();
-    println!(
-        "successful connect+accept    median of {ROUNDS} rounds: {without:.0} ns without droptrace, {with:.0} ns with it ({:+.0} ns, {:+.1} %)",
-        with - without,
-        100.0 * (with / without - 1.0)
-    );
+    let mut figures = Figures { rows: Vec::new() };
+    storm(&mut figures, &me, connects);
+    wrk_cost(&mut figures);
+    program_costs(&mut figures, &me);
+    startup(&mut figures, &me);
+    connect_cost(&mut figures, &me);
+    println!("\n| figure | value |\n|---|---|");
+    for (what, value) in &figures.rows {
+        println!("| {what} | {value} |");
+    }
 }
