@@ -85,6 +85,7 @@ pub fn hook_variable(family: &str) -> String {
 /// The mechanisms droptrace declares, as its start-up line names them.
 pub const UNIX_BACKLOG_HOOKS: &[&str] = &[
     "fexit/unix_stream_connect",
+    "tracepoint syscalls/sys_exit_connect (the caller's registers)",
     "tracepoints syscalls/sys_{enter,exit}_connect",
 ];
 pub const NOFILE_HOOKS: &[&str] = &[
@@ -93,6 +94,7 @@ pub const NOFILE_HOOKS: &[&str] = &[
 ];
 pub const EPHEMERAL_PORTS_HOOKS: &[&str] = &[
     "fexit/__sys_connect",
+    "tracepoint syscalls/sys_exit_connect (the caller's registers)",
     "tracepoints syscalls/sys_{enter,exit}_connect",
 ];
 pub const LISTEN: &str = "listen (backlog_clamped, listener tables)";
@@ -113,9 +115,15 @@ impl Droptrace {
 
     /// Like `start`, with RUST_LOG=`log` (its stderr is in the report).
     pub fn start_with_log(args: &[&str], log: &str) -> Self {
+        Self::start_with_env(args, &[("RUST_LOG", log)])
+    }
+
+    /// Like `start`, with more environment (RUST_LOG=info unless given).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary());
         command
-            .env("RUST_LOG", log)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .arg("--json")
             .args(args)
             .stdout(Stdio::piped());

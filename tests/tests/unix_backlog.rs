@@ -10,8 +10,18 @@ use droptrace_tests::{
 /// Refuse `extra` connects to a listener of `backlog` at `name`, return what
 /// droptrace reported about it.
 fn refuse(name: &str, backlog: i32, extra: usize) -> (usize, droptrace_tests::droptrace::Report) {
+    refuse_with(name, backlog, extra, &[])
+}
+
+/// `refuse`, droptrace started with `env`.
+fn refuse_with(
+    name: &str,
+    backlog: i32,
+    extra: usize,
+    env: &[(&str, &str)],
+) -> (usize, droptrace_tests::droptrace::Report) {
     let me = std::process::id().to_string();
-    let tracer = Droptrace::start(&["--pid", &me]);
+    let tracer = Droptrace::start_with_env(&["--pid", &me], env);
     tracer.assert_mechanism("unix_backlog", UNIX_BACKLOG_HOOKS);
     let listener = unix::Listener::bind(name, backlog);
     // The queue takes backlog + 1 (unix_recvq_full: queue > backlog).
@@ -83,6 +93,26 @@ fn refused_connects_to_a_path_socket_are_each_reported() {
     let (refused, report) = refuse(&path, 1, 9);
     assert_eq!(refused, 9);
     assert_attributed(&path, 1, refused, &report);
+}
+
+/// Where neither fexit nor the registers at exit can be had (kernels before
+/// 5.15 that refuse fexit), the enter/exit pair counts the same.
+#[test]
+fn the_enter_exit_fallback_reports_each_refused_connect() {
+    require_root("the_enter_exit_fallback_reports_each_refused_connect");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fallback.sock").display().to_string();
+    let avoid = [("DROPTRACE_AVOID", "unix_connect_refused,connect_exit_regs")];
+    let (refused, report) = refuse_with(&path, 1, 9, &avoid);
+    assert_eq!(refused, 9);
+    assert_attributed(&path, 1, refused, &report);
+    assert!(
+        report.stderr.contains(
+            "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (skipped fexit/unix_stream_connect"
+        ),
+        "{}",
+        report.stderr
+    );
 }
 
 #[test]

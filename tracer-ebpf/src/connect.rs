@@ -11,13 +11,16 @@
 //! Failures are counted in the kernel, per CPU, keyed by the caller's
 //! process, namespace and address (`CONNECT_FAILURES`): exact in any storm.
 //! Only a sample of them crosses to userspace with the caller's thread and
-//! name. On the tracepoint path any other connect costs one hash insert
-//! and delete. The address is read from the caller's memory at exit, when
-//! the kernel has just copied it (so it is resident), and only then.
+//! name. On the exit tracepoint alone (5.15+) any other connect costs one
+//! comparison; with the enter/exit pair, one hash insert and delete. The
+//! address is read from the caller's memory at exit, when the kernel has
+//! just copied it (so it is resident), and only then.
 use aya_ebpf::{
+    bindings::pt_regs,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
-        bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::map,
     maps::{HashMap, PerCpuHashMap},
@@ -35,6 +38,9 @@ use crate::{
 
 const EAGAIN: i64 = 11;
 const EADDRNOTAVAIL: i64 = 99;
+/// connect()'s syscall number on x86-64, and in the i386 ABI.
+const NR_CONNECT: u64 = 42;
+const NR_CONNECT_I386: u64 = 362;
 
 /// The caller's sockaddr, kept by thread id from sys_enter_connect to
 /// sys_exit_connect.
@@ -88,7 +94,15 @@ pub fn on_exit(ctx: &TracePointContext) {
     if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
         return;
     }
-    let Ok(family) = (unsafe { bpf_probe_read_user(pending.uservaddr as *const u16) }) else {
+    report_user_connect(pid_tgid, ret, pending.uservaddr, pending.addrlen);
+}
+
+/// A connect() that returned `ret` (EAGAIN or EADDRNOTAVAIL) for the
+/// address at `uservaddr` in the caller's memory: report it unless a fast
+/// hook does.
+#[inline(always)]
+fn report_user_connect(pid_tgid: u64, ret: i64, uservaddr: u64, addrlen: u64) {
+    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else {
         return;
     };
     let reported = match family {
@@ -98,15 +112,42 @@ pub fn on_exit(ctx: &TracePointContext) {
         AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT),
         _ => false,
     };
-    if !reported {
+    if reported {
+        emit_with_user_address(pid_tgid, ret as i32, family, uservaddr, addrlen);
+    }
+}
+
+/// syscalls/sys_exit_connect alone: the address and its length are read
+/// from the caller's saved registers (bpf_task_pt_regs, 5.15+), so that a
+/// connect that succeeds costs one comparison and no map at all.
+pub fn on_exit_with_regs(ctx: &TracePointContext) {
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
+        return;
+    };
+    if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
         return;
     }
-    emit_with_user_address(
-        pid_tgid,
-        ret as i32,
-        family,
-        pending.uservaddr,
-        pending.addrlen,
+    // SAFETY: the helpers return the current task and its user registers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    // SAFETY: bpf_probe_read_kernel checks the addresses.
+    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.ok();
+    let Some(syscall) = read(unsafe { &raw const (*regs).orig_rax }) else {
+        return;
+    };
+    // connect(fd, uservaddr, addrlen) of x86-64, or of the i386 ABI.
+    let (uservaddr, addrlen) = match syscall {
+        NR_CONNECT => unsafe { (read(&raw const (*regs).rsi), read(&raw const (*regs).rdx)) },
+        NR_CONNECT_I386 => unsafe { (read(&raw const (*regs).rcx), read(&raw const (*regs).rdx)) },
+        _ => return,
+    };
+    let (Some(uservaddr), Some(addrlen)) = (uservaddr, addrlen) else {
+        return;
+    };
+    report_user_connect(
+        bpf_get_current_pid_tgid(),
+        ret,
+        uservaddr,
+        addrlen as u32 as u64,
     );
 }
 

@@ -34,6 +34,14 @@ pub fn connect_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// syscalls/sys_exit_connect alone, the address read from the caller's
+/// registers (5.15+): preferred to the pair above where fexit is refused.
+#[tracepoint]
+pub fn connect_exit_regs(ctx: TracePointContext) -> u32 {
+    connect::on_exit_with_regs(&ctx);
+    0
+}
+
 /// fexit/unix_stream_connect: a refused UNIX connect, where the kernel
 /// allows fexit (the connect tracepoints then leave UNIX sockets to it).
 #[fexit(function = "unix_stream_connect")]

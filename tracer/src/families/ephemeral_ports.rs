@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{ConnectFailure, AF_INET, AF_INET6, FAST_PATH_INET_CONNECT};
 
-use super::{comm_of, listener_view, Families, VerdictKey, CONNECT_TRACEPOINTS};
+use super::{
+    comm_of, listener_view, Families, VerdictKey, CONNECT_EXIT_TRACEPOINT, CONNECT_TRACEPOINTS,
+};
 use crate::{
     contract::{socket_label, Drop, DropKind, Family, LimitName, Verdict},
     probes::hooks::{FamilyHooks, Mechanism, Program},
@@ -20,6 +22,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_INET_CONNECT),
         },
+        CONNECT_EXIT_TRACEPOINT,
         CONNECT_TRACEPOINTS,
     ],
     extras: &[],

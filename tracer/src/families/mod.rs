@@ -43,7 +43,22 @@ const CONNECT_EXIT: Program = Program::tracepoint("connect_exit", "syscalls", "s
 const LISTEN_ENTER: Program = Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen");
 const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen");
 
-/// The fallback of the families that see failed connect() calls.
+/// Where fexit is refused, the families that see failed connect() calls
+/// read the address from the caller's registers at exit (bpf_task_pt_regs,
+/// 5.15+): a connect that succeeds costs one comparison.
+const CONNECT_EXIT_TRACEPOINT: Mechanism = Mechanism {
+    name: "tracepoint syscalls/sys_exit_connect (the caller's registers)",
+    programs: &[Program::tracepoint(
+        "connect_exit_regs",
+        "syscalls",
+        "sys_exit_connect",
+    )],
+    needs: &[],
+    fast_path: None,
+};
+
+/// The last fallback of the families that see failed connect() calls: the
+/// address is kept from entry to exit.
 const CONNECT_TRACEPOINTS: Mechanism = Mechanism {
     name: "tracepoints syscalls/sys_{enter,exit}_connect",
     programs: &[CONNECT_ENTER, CONNECT_EXIT],
