@@ -84,11 +84,14 @@ pub struct ConnectFailure {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnectKey {
     pub pid: u32,
+    /// 0 for an absolute UNIX path, which no network namespace changes.
     pub netns: u32,
     pub ret: i32,
-    pub family: u16,
     pub addr_len: u16,
-    /// As [`ConnectFailure::addr`]; bytes past `addr_len` are zero.
+    /// `family` and `addr` are the caller's sockaddr as it lies in memory
+    /// (read in one copy); bytes past `addr_len` are zero.
+    pub family: u16,
+    /// As [`ConnectFailure::addr`].
     pub addr: [u8; UNIX_PATH_MAX],
 }
 
@@ -437,6 +440,9 @@ const _: () = assert!(core::mem::size_of::<TcpOverflowRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<FdLimitRecord>() == 64);
 const _: () = assert!(core::mem::size_of::<NoConnectionRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnectKey>() == 124);
+const _: () = assert!(
+    core::mem::offset_of!(ConnectKey, addr) == core::mem::offset_of!(ConnectKey, family) + 2
+);
 const _: () = assert!(core::mem::size_of::<FdLimitKey>() == 32);
 
 impl KernelOffsets {

@@ -15,11 +15,13 @@
 //! comparison; with the enter/exit pair, one hash insert and delete. The
 //! address is read from the caller's memory at exit, when the kernel has
 //! just copied it (so it is resident), and only then.
+use core::mem::offset_of;
+
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_probe_read_kernel_buf, bpf_probe_read_user_buf,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::map,
@@ -102,23 +104,19 @@ pub fn on_exit(ctx: &TracePointContext) {
 /// hook does.
 #[inline(always)]
 fn report_user_connect(pid_tgid: u64, ret: i64, uservaddr: u64, addrlen: u64) {
-    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else {
-        return;
-    };
-    let reported = match family {
+    let wanted = |family| match family {
         // With fexit on unix_stream_connect attached, it reports these.
         AF_UNIX => ret == -EAGAIN && !fast_path(FAST_PATH_UNIX_CONNECT),
         // With fexit on __sys_connect attached, it reports these.
         AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT),
         _ => false,
     };
-    if reported {
-        emit_with_user_address(pid_tgid, ret as i32, family, uservaddr, addrlen);
-    }
+    // SAFETY: the helper checks the address.
+    let read =
+        |src: *const u8, dst: &mut [u8]| unsafe { bpf_probe_read_user_buf(src, dst).is_ok() };
+    report(pid_tgid, ret as i32, uservaddr, addrlen, read, wanted);
 }
 
-/// syscalls/sys_exit_connect alone: the address and its length are read
-/// from the caller's saved registers (bpf_task_pt_regs, 5.15+), so that a
 /// connect that succeeds costs one comparison and no map at all.
 pub fn on_exit_with_regs(ctx: &TracePointContext) {
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
@@ -129,19 +127,17 @@ pub fn on_exit_with_regs(ctx: &TracePointContext) {
     }
     // SAFETY: the helpers return the current task and its user registers.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    // SAFETY: bpf_probe_read_kernel checks the addresses.
-    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.ok();
-    let Some(syscall) = read(unsafe { &raw const (*regs).orig_rax }) else {
+    // rcx, rdx, rsi, rdi, orig_rax: one copy. SAFETY: the helper checks it.
+    let Ok([rcx, rdx, rsi, _rdi, syscall]) =
+        (unsafe { bpf_probe_read_kernel((&raw const (*regs).rcx).cast::<[u64; 5]>()) })
+    else {
         return;
     };
     // connect(fd, uservaddr, addrlen) of x86-64, or of the i386 ABI.
     let (uservaddr, addrlen) = match syscall {
-        NR_CONNECT => unsafe { (read(&raw const (*regs).rsi), read(&raw const (*regs).rdx)) },
-        NR_CONNECT_I386 => unsafe { (read(&raw const (*regs).rcx), read(&raw const (*regs).rdx)) },
+        NR_CONNECT => (rsi, rdx),
+        NR_CONNECT_I386 => (rcx, rdx),
         _ => return,
-    };
-    let (Some(uservaddr), Some(addrlen)) = (uservaddr, addrlen) else {
-        return;
     };
     report_user_connect(
         bpf_get_current_pid_tgid(),
@@ -151,44 +147,45 @@ pub fn on_exit_with_regs(ctx: &TracePointContext) {
     );
 }
 
-/// Report a refused connect whose address is in the caller's memory.
-#[inline(always)]
-fn emit_with_user_address(pid_tgid: u64, ret: i32, family: u16, uservaddr: u64, addrlen: u64) {
-    // SAFETY: the helper checks the address.
-    emit_with_address(
-        pid_tgid,
-        ret,
-        family,
-        uservaddr,
-        addrlen,
-        |src, dst| unsafe { bpf_probe_read_user_buf(src, dst).is_ok() },
-    );
-}
-
 /// Count a refused connect to the sockaddr at `sockaddr` (`addrlen`
-/// bytes), read with `read`: the address follows the 2-byte family. Its
+/// bytes), read with `read` in one copy, if `wanted(its family)`. Its
 /// details are sent when a sample is due.
 #[inline(always)]
-fn emit_with_address(
+fn report(
     pid_tgid: u64,
     ret: i32,
-    family: u16,
     sockaddr: u64,
     addrlen: u64,
     read: impl Fn(*const u8, &mut [u8]) -> bool,
+    wanted: impl Fn(u16) -> bool,
 ) {
     let mut key = ConnectKey {
         pid: (pid_tgid >> 32) as u32,
-        netns: current_netns().unwrap_or(0),
+        netns: 0,
         ret,
-        family,
         addr_len: 0,
+        family: 0,
         addr: [0; UNIX_PATH_MAX],
     };
-    // Exactly the bytes given: the rest stays zero (it is part of the key).
-    let addr_len = (addrlen as usize).saturating_sub(2).min(UNIX_PATH_MAX);
-    if addr_len > 0 && read((sockaddr + 2) as *const u8, &mut key.addr[..addr_len]) {
-        key.addr_len = addr_len as u16;
+    // Exactly the bytes given, family first: the rest stays zero (it is
+    // part of the key).
+    let len = (addrlen as usize).clamp(2, 2 + UNIX_PATH_MAX);
+    // SAFETY: `family` and `addr` are adjacent (asserted in tracer-common);
+    // the slice stays within `key`.
+    let sockaddr_bytes = unsafe {
+        let start = (&raw mut key)
+            .cast::<u8>()
+            .add(offset_of!(ConnectKey, family));
+        core::slice::from_raw_parts_mut(start, len)
+    };
+    if !read(sockaddr as *const u8, sockaddr_bytes) || !wanted(key.family) {
+        return;
+    }
+    key.addr_len = (len - 2) as u16;
+    // Abstract UNIX names and IP addresses depend on the caller's network
+    // namespace; an absolute path does not.
+    if key.family != AF_UNIX || key.addr[0] != b'/' {
+        key.netns = current_netns().unwrap_or(0);
     }
     if let Some(now) = count(&CONNECT_FAILURES, &key) {
         let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
@@ -206,18 +203,18 @@ pub fn on_sys_connect_exit(ctx: &FExitContext) {
     }
     let uservaddr: u64 = ctx.arg(1);
     let addrlen: i32 = ctx.arg(2);
-    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else {
-        return;
-    };
-    if family == AF_INET || family == AF_INET6 {
-        emit_with_user_address(
-            bpf_get_current_pid_tgid(),
-            ret,
-            family,
-            uservaddr,
-            addrlen.max(0) as u64,
-        );
-    }
+    // SAFETY: the helper checks the address.
+    let read =
+        |src: *const u8, dst: &mut [u8]| unsafe { bpf_probe_read_user_buf(src, dst).is_ok() };
+    let inet = |family| family == AF_INET || family == AF_INET6;
+    report(
+        bpf_get_current_pid_tgid(),
+        ret,
+        uservaddr,
+        addrlen.max(0) as u64,
+        read,
+        inet,
+    );
 }
 
 /// fexit/unix_stream_connect(sock, uaddr, addr_len, flags) -> int: the fast
@@ -233,12 +230,14 @@ pub fn on_unix_stream_connect_exit(ctx: &FExitContext) {
     let uaddr: u64 = ctx.arg(1);
     let addr_len: i32 = ctx.arg(2);
     // A kernel copy of the caller's sockaddr. SAFETY: the helper checks it.
-    emit_with_address(
+    let read =
+        |src: *const u8, dst: &mut [u8]| unsafe { bpf_probe_read_kernel_buf(src, dst).is_ok() };
+    report(
         bpf_get_current_pid_tgid(),
         ret,
-        AF_UNIX,
         uaddr,
         addr_len.max(0) as u64,
-        |src, dst| unsafe { bpf_probe_read_kernel_buf(src, dst).is_ok() },
+        read,
+        |_| true,
     );
 }

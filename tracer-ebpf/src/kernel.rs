@@ -95,6 +95,12 @@ impl Sock {
 
     /// sk_acceptq_is_full(): the test tcp_conn_request drops SYNs on.
     pub fn accept_queue_full(&self) -> bool {
+        let off = offsets();
+        // Neighbours in struct sock since 5.x: one read.
+        if off.sock_max_ack_backlog == off.sock_ack_backlog + 4 {
+            return read::<[u32; 2]>(self.addr, off.sock_ack_backlog)
+                .is_some_and(|[queue, max]| queue > max);
+        }
         match (self.ack_backlog(), self.max_ack_backlog()) {
             (Some(queue), Some(max)) => queue > max,
             _ => false,

@@ -108,11 +108,12 @@ pub struct InFlight {
 }
 
 /// Parse from a reader of the packet's bytes: `load(offset, buf)` from the
-/// IP header, asked for 20 or 14 bytes at a time.
+/// IP header, asked for 40 or 14 bytes at a time. An IPv4 packet without
+/// IP options (nearly all) takes one load: its IP and TCP headers.
 #[inline(always)]
 fn parse(load: impl Fn(usize, &mut [u8]) -> bool) -> Option<Packet> {
     let mut ip = [0u8; 40];
-    if !load(0, &mut ip[..20]) {
+    if !load(0, &mut ip) {
         return None;
     }
     let mut packet = Packet {
@@ -124,27 +125,28 @@ fn parse(load: impl Fn(usize, &mut [u8]) -> bool) -> Option<Packet> {
         flags: 0,
         _pad: 0,
     };
-    let tcp_at = match ip[0] >> 4 {
+    let mut tcp = [0u8; 14];
+    match ip[0] >> 4 {
         4 if ip[9] == IPPROTO_TCP => {
             packet.family = AF_INET;
             packet.remote_addr[..4].copy_from_slice(&ip[12..16]);
             packet.local_addr[..4].copy_from_slice(&ip[16..20]);
-            ((ip[0] & 0x0f) as usize) * 4
-        }
-        6 => {
-            if !load(20, &mut ip[20..40]) || ip[6] != IPPROTO_TCP {
+            let tcp_at = ((ip[0] & 0x0f) as usize) * 4;
+            if tcp_at == 20 {
+                tcp.copy_from_slice(&ip[20..34]);
+            } else if !load(tcp_at & 0x3f, &mut tcp) {
                 return None;
             }
+        }
+        6 if ip[6] == IPPROTO_TCP => {
             packet.family = AF_INET6;
             packet.remote_addr.copy_from_slice(&ip[8..24]);
             packet.local_addr.copy_from_slice(&ip[24..40]);
-            40
+            if !load(40, &mut tcp) {
+                return None;
+            }
         }
         _ => return None,
-    };
-    let mut tcp = [0u8; 14];
-    if !load(tcp_at & 0xff, &mut tcp) {
-        return None;
     }
     packet.remote_port = u16::from_be_bytes([tcp[0], tcp[1]]);
     packet.local_port = u16::from_be_bytes([tcp[2], tcp[3]]);
@@ -183,6 +185,11 @@ fn listen_counters(sock: &Sock) -> Option<(u64, u64)> {
     let net = read_ptr(sock.addr, off.sock_net)?;
     let per_cpu: u64 = read(net, off.net_mib_statistics)?;
     let mib = per_cpu.wrapping_add(this_cpu_offset()?) as usize;
+    // Neighbours in enum linux_mib on every kernel so far: one read.
+    if off.mib_listen_drops == off.mib_listen_overflows + 1 {
+        let [overflows, drops]: [u64; 2] = read(mib, off.mib_listen_overflows * 8)?;
+        return Some((overflows, drops));
+    }
     Some((
         read(mib, off.mib_listen_overflows * 8)?,
         read(mib, off.mib_listen_drops * 8)?,
@@ -200,8 +207,8 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     }
     // Fixed-size loads: the verifier refuses a length that may be zero.
     let load = |at: usize, buf: &mut [u8]| match buf.len() {
-        20 => ctx
-            .load::<[u8; 20]>(at)
+        40 => ctx
+            .load::<[u8; 40]>(at)
             .map(|bytes| buf.copy_from_slice(&bytes))
             .is_ok(),
         14 => ctx
@@ -221,7 +228,8 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     };
     // SAFETY: this CPU's slot.
     let previous = unsafe { &mut *in_flight };
-    if previous.sk != 0 {
+    // A packet that left without a free tracepoint: count what it cost.
+    if previous.skb != 0 {
         catch_up(previous, None);
     }
     let Some((overflows, drops)) = listen_counters(&sock) else {
@@ -260,17 +268,18 @@ pub fn on_ingress(ctx: &SkBuffContext) {
 /// With syncookies on, a full SYN queue is answered with a cookie.
 #[inline(always)]
 fn syn_queue_stage(sock: &Sock) -> u32 {
-    let (Some(cookies), Some(queued), Some(backlog), Some(max)) = (
-        sock.syncookies(),
+    // With syncookies on (the default) nothing more to read.
+    if sock.syncookies() != Some(0) {
+        return 0;
+    }
+    let (Some(queued), Some(backlog), Some(max)) = (
         sock.syn_queue(),
         sock.max_ack_backlog(),
         sock.max_syn_backlog(),
     ) else {
         return 0;
     };
-    if cookies != 0 {
-        0
-    } else if queued > backlog {
+    if queued > backlog {
         stage::SYN_QUEUE_BACKLOG
     } else if max.saturating_sub(queued) < (max >> 2) {
         stage::SYN_QUEUE

@@ -73,6 +73,10 @@ enum Task {
         /// Refused connects per storm round.
         #[arg(long, default_value_t = 1_000_000)]
         connects: u64,
+        /// Only these parts, comma-separated: storm, wrk, programs,
+        /// startup, connect.
+        #[arg(long, default_value = "storm,wrk,programs,startup,connect")]
+        only: String,
     },
 }
 
@@ -96,7 +100,7 @@ fn run(task: Task) -> Result<()> {
             let series = kernels::chosen(&kernels)?;
             kernels::prepare(&series, &workspace_root().join("target/kernels"))
         }
-        Task::Bench { connects } => {
+        Task::Bench { connects, only } => {
             let binary = build(true)?;
             prerequisites::ensure_bench(is_root());
             let status = cargo()
@@ -111,6 +115,7 @@ fn run(task: Task) -> Result<()> {
                     "--",
                 ])
                 .arg(connects.to_string())
+                .arg(only)
                 .env("DROPTRACE_BIN", &binary)
                 .status()?;
             check(status, "the benchmark")

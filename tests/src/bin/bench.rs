@@ -393,12 +393,26 @@ fn main() {
             .trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let only = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "storm,wrk,programs,startup,connect".into());
+    let wanted = |part: &str| only.split(',').any(|p| p.trim() == part);
     let mut figures = Figures { rows: Vec::new() };
-    storm(&mut figures, &me, connects);
-    wrk_cost(&mut figures);
-    program_costs(&mut figures, &me);
-    startup(&mut figures, &me);
-    connect_cost(&mut figures, &me);
+    if wanted("storm") {
+        storm(&mut figures, &me, connects);
+    }
+    if wanted("wrk") {
+        wrk_cost(&mut figures);
+    }
+    if wanted("programs") {
+        program_costs(&mut figures, &me);
+    }
+    if wanted("startup") {
+        startup(&mut figures, &me);
+    }
+    if wanted("connect") {
+        connect_cost(&mut figures, &me);
+    }
     println!("\n| figure | value |\n|---|---|");
     for (what, value) in &figures.rows {
         println!("| {what} | {value} |");
