@@ -50,6 +50,28 @@ fn emfile_is_counted_per_syscall_with_the_limit_and_who_set_it() {
     let me = std::process::id().to_string();
     let tracer = Droptrace::start(&["--pid", &me]);
     tracer.assert_mechanism("nofile/file_max", NOFILE_HOOKS);
+    assert_emfile_counted(tracer);
+}
+
+/// Where neither fexit nor tp_btf/sys_exit can be had, the per-syscall
+/// exit tracepoints count the same.
+#[test]
+fn emfile_is_counted_by_the_syscall_tracepoints_too() {
+    let test = "emfile_is_counted_by_the_syscall_tracepoints_too";
+    require_root(test);
+    let me = std::process::id().to_string();
+    let avoid = "accept_fexit,accept4_fexit,socket_fexit,open_fexit,openat_fexit,syscall_exit";
+    let tracer = Droptrace::start_with_env(&["--pid", &me], &[("DROPTRACE_AVOID", avoid)]);
+    assert_eq!(
+        tracer.mechanism_of("nofile/file_max"),
+        "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}"
+    );
+    assert_emfile_counted(tracer);
+}
+
+/// A helper runs out of file descriptors under RLIMIT_NOFILE 16: each
+/// EMFILE it saw, syscall by syscall, is one drop naming the limit.
+fn assert_emfile_counted(tracer: Droptrace) {
     let mut helper = Command::new(env!("CARGO_BIN_EXE_exhaust"));
     helper.args(["nofile", "16"]);
     let (pid, line, report) = run_helper(helper, tracer);

@@ -95,14 +95,14 @@ fn refused_connects_to_a_path_socket_are_each_reported() {
     assert_attributed(&path, 1, refused, &report);
 }
 
-/// Where neither fexit nor the registers at exit can be had (kernels before
-/// 5.15 that refuse fexit), the enter/exit pair counts the same.
+/// Where neither fexit nor tp_btf/sys_exit can be had, the enter/exit
+/// tracepoints count the same.
 #[test]
 fn the_enter_exit_fallback_reports_each_refused_connect() {
     require_root("the_enter_exit_fallback_reports_each_refused_connect");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fallback.sock").display().to_string();
-    let avoid = [("DROPTRACE_AVOID", "unix_connect_refused,connect_exit_regs")];
+    let avoid = [("DROPTRACE_AVOID", "unix_connect_refused,syscall_exit")];
     let (refused, report) = refuse_with(&path, 1, 9, &avoid);
     assert_eq!(refused, 9);
     assert_attributed(&path, 1, refused, &report);

@@ -20,7 +20,9 @@ pub const AF_INET6: u16 = 10;
 pub const FAST_PATH_UNIX_CONNECT: u32 = 0;
 /// EADDRNOTAVAIL from connect() to IPv4/IPv6 (fexit on __sys_connect).
 pub const FAST_PATH_INET_CONNECT: u32 = 1;
-pub const FAST_PATHS: u32 = 2;
+/// EMFILE/ENFILE (fexit on __x64_sys_{accept,accept4,socket,open,openat}).
+pub const FAST_PATH_FD_LIMITS: u32 = 2;
+pub const FAST_PATHS: u32 = 3;
 
 /// Tag at the start of every ring-buffer record.
 #[repr(u32)]

@@ -11,18 +11,16 @@
 //! Failures are counted in the kernel, per CPU, keyed by the caller's
 //! process, namespace and address (`CONNECT_FAILURES`): exact in any storm.
 //! Only a sample of them crosses to userspace with the caller's thread and
-//! name. On the exit tracepoint alone (5.15+) any other connect costs one
-//! comparison; with the enter/exit pair, one hash insert and delete. The
+//! name. With tp_btf/sys_exit any other connect costs one comparison;
+//! with the enter/exit tracepoints, one hash insert and delete. The
 //! address is read from the caller's memory at exit, when the kernel has
 //! just copied it (so it is resident), and only then.
 use core::mem::offset_of;
 
 use aya_ebpf::{
-    bindings::pt_regs,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf, bpf_probe_read_user_buf,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user_buf,
     },
     macros::map,
     maps::{HashMap, PerCpuHashMap},
@@ -38,11 +36,8 @@ use crate::{
     maps::{count, count_lost, emit, fast_path},
 };
 
-const EAGAIN: i64 = 11;
-const EADDRNOTAVAIL: i64 = 99;
-/// connect()'s syscall number on x86-64, and in the i386 ABI.
-const NR_CONNECT: u64 = 42;
-const NR_CONNECT_I386: u64 = 362;
+pub const EAGAIN: i64 = 11;
+pub const EADDRNOTAVAIL: i64 = 99;
 
 /// The caller's sockaddr, kept by thread id from sys_enter_connect to
 /// sys_exit_connect.
@@ -117,28 +112,10 @@ fn report_user_connect(pid_tgid: u64, ret: i64, uservaddr: u64, addrlen: u64) {
     report(pid_tgid, ret as i32, uservaddr, addrlen, read, wanted);
 }
 
-/// connect that succeeds costs one comparison and no map at all.
-pub fn on_exit_with_regs(ctx: &TracePointContext) {
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
-        return;
-    };
-    if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
-        return;
-    }
-    // SAFETY: the helpers return the current task and its user registers.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    // rcx, rdx, rsi, rdi, orig_rax: one copy. SAFETY: the helper checks it.
-    let Ok([rcx, rdx, rsi, _rdi, syscall]) =
-        (unsafe { bpf_probe_read_kernel((&raw const (*regs).rcx).cast::<[u64; 5]>()) })
-    else {
-        return;
-    };
-    // connect(fd, uservaddr, addrlen) of x86-64, or of the i386 ABI.
-    let (uservaddr, addrlen) = match syscall {
-        NR_CONNECT => (rsi, rdx),
-        NR_CONNECT_I386 => (rcx, rdx),
-        _ => return,
-    };
+/// tp_btf/sys_exit saw connect() return `ret` (EAGAIN or EADDRNOTAVAIL)
+/// with these arguments, from the caller's registers.
+#[inline(always)]
+pub fn on_failed(ret: i64, uservaddr: u64, addrlen: u64) {
     report_user_connect(
         bpf_get_current_pid_tgid(),
         ret,

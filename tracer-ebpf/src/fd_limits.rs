@@ -21,8 +21,8 @@ use crate::{
 #[map]
 static FD_LIMIT_HITS: PerCpuHashMap<FdLimitKey, Counter> = PerCpuHashMap::with_max_entries(4096, 0);
 
-const ENFILE: i64 = 23;
-const EMFILE: i64 = 24;
+pub const ENFILE: i64 = 23;
+pub const EMFILE: i64 = 24;
 /// RLIMIT_NOFILE's index in signal_struct.rlim (asm-generic/resource.h;
 /// the same on x86 and arm64).
 const RLIMIT_NOFILE: u32 = 7;

@@ -9,6 +9,7 @@ mod kernel;
 mod listen;
 mod maps;
 mod nginx;
+mod syscalls;
 mod tcp_listen;
 
 use aya_ebpf::{
@@ -31,14 +32,6 @@ pub fn connect_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn connect_exit(ctx: TracePointContext) -> u32 {
     connect::on_exit(&ctx);
-    0
-}
-
-/// syscalls/sys_exit_connect alone, the address read from the caller's
-/// registers (5.15+): preferred to the pair above where fexit is refused.
-#[tracepoint]
-pub fn connect_exit_regs(ctx: TracePointContext) -> u32 {
-    connect::on_exit_with_regs(&ctx);
     0
 }
 
@@ -83,6 +76,16 @@ pub fn connect_fexit(ctx: FExitContext) -> i32 {
 #[fexit(function = "__sys_listen")]
 pub fn listen_fexit(ctx: FExitContext) -> i32 {
     listen::on_sys_listen_exit(&ctx);
+    0
+}
+
+/// tp_btf/sys_exit (the raw tracepoint every syscall passes on its way
+/// out), where fexit is refused: one program for every syscall family,
+/// cheaper than the per-syscall tracepoints (no trace record is built).
+/// A call that succeeds, or fails otherwise, costs one comparison.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn syscall_exit(ctx: BtfTracePointContext) -> i32 {
+    syscalls::on_exit(&ctx);
     0
 }
 

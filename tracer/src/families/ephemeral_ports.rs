@@ -5,9 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{ConnectFailure, AF_INET, AF_INET6, FAST_PATH_INET_CONNECT};
 
-use super::{
-    comm_of, listener_view, Families, VerdictKey, CONNECT_EXIT_TRACEPOINT, CONNECT_TRACEPOINTS,
-};
+use super::{comm_of, listener_view, Families, VerdictKey, CONNECT_TRACEPOINTS, SYSCALL_EXIT};
 use crate::{
     contract::{socket_label, Drop, DropKind, Family, LimitName, Verdict},
     probes::hooks::{FamilyHooks, Mechanism, Program},
@@ -22,7 +20,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_INET_CONNECT),
         },
-        CONNECT_EXIT_TRACEPOINT,
+        SYSCALL_EXIT,
         CONNECT_TRACEPOINTS,
     ],
     extras: &[],

@@ -3,9 +3,9 @@
 //! RLIMIT_NOFILE (nginx: `(24: Too many open files)`), or ENFILE, the whole
 //! system's fs.file-max. The kernel side reads the soft and hard limits from
 //! the task at that moment; userspace finds who set them.
-use tracer_common::{fd_syscall, FdLimitRecord};
+use tracer_common::{fd_syscall, FdLimitRecord, FAST_PATH_FD_LIMITS};
 
-use super::{comm_of, Families, VerdictKey, CAUSE_WINDOW, MAX_REMEMBERED};
+use super::{comm_of, Families, VerdictKey, CAUSE_WINDOW, MAX_REMEMBERED, SYSCALL_EXIT};
 use crate::{
     config::{self, Setting},
     contract::{rfc3339, Cause, Drop, DropKind, LimitName, Role, Syscall, Verdict},
@@ -28,8 +28,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
                 Program::fexit("openat_fexit", "__x64_sys_openat"),
             ],
             needs: &[],
-            fast_path: None,
+            fast_path: Some(FAST_PATH_FD_LIMITS),
         },
+        SYSCALL_EXIT,
         Mechanism {
             name: "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
             programs: &[

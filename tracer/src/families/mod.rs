@@ -43,16 +43,13 @@ const CONNECT_EXIT: Program = Program::tracepoint("connect_exit", "syscalls", "s
 const LISTEN_ENTER: Program = Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen");
 const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen");
 
-/// Where fexit is refused, the families that see failed connect() calls
-/// read the address from the caller's registers at exit (bpf_task_pt_regs,
-/// 5.15+): a connect that succeeds costs one comparison.
-const CONNECT_EXIT_TRACEPOINT: Mechanism = Mechanism {
-    name: "tracepoint syscalls/sys_exit_connect (the caller's registers)",
-    programs: &[Program::tracepoint(
-        "connect_exit_regs",
-        "syscalls",
-        "sys_exit_connect",
-    )],
+/// Where fexit is refused, the families that watch syscalls share one
+/// program on the raw tracepoint every syscall passes on its way out: a
+/// call that succeeds costs one comparison, no trace record is built, and
+/// the arguments come from the caller's registers.
+const SYSCALL_EXIT: Mechanism = Mechanism {
+    name: "tp_btf/sys_exit",
+    programs: &[Program::btf_tracepoint("syscall_exit", "sys_exit")],
     needs: &[],
     fast_path: None,
 };

@@ -9,7 +9,7 @@ use tracer_common::{ConnectFailure, FAST_PATH_UNIX_CONNECT};
 
 use super::{
     backlog::{self, backlog_facts, nginx_backlog, Transport},
-    comm_of, listener_view, Families, CONNECT_EXIT_TRACEPOINT, CONNECT_TRACEPOINTS,
+    comm_of, listener_view, Families, CONNECT_TRACEPOINTS, SYSCALL_EXIT,
 };
 use crate::{
     contract::{Drop, DropKind, Family},
@@ -38,7 +38,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_UNIX_CONNECT),
         },
-        CONNECT_EXIT_TRACEPOINT,
+        SYSCALL_EXIT,
         CONNECT_TRACEPOINTS,
     ],
     extras: &[],
