@@ -101,6 +101,7 @@ pub const EPHEMERAL_PORTS_HOOKS: &[&str] = &[
 pub const LISTEN: &str = "listen (backlog_clamped, listener tables)";
 pub const LISTEN_HOOKS: &[&str] = &[
     "fexit/__sys_listen",
+    "tp_btf/sys_exit",
     "tracepoints syscalls/sys_{enter,exit}_listen",
 ];
 pub const TCP_HOOKS: &[&str] = &[

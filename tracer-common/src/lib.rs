@@ -22,7 +22,9 @@ pub const FAST_PATH_UNIX_CONNECT: u32 = 0;
 pub const FAST_PATH_INET_CONNECT: u32 = 1;
 /// EMFILE/ENFILE (fexit on __x64_sys_{accept,accept4,socket,open,openat}).
 pub const FAST_PATH_FD_LIMITS: u32 = 2;
-pub const FAST_PATHS: u32 = 3;
+/// listen() (fexit on __sys_listen).
+pub const FAST_PATH_LISTEN: u32 = 3;
+pub const FAST_PATHS: u32 = 4;
 
 /// Tag at the start of every ring-buffer record.
 #[repr(u32)]
@@ -242,8 +244,9 @@ impl NoConnectionRecord {
 
 /// The value of an exact per-CPU count: the drops this CPU saw under the
 /// key, and when it last sent a sampled record of them (the first drop is
-/// sampled at once, then at most one per [`SAMPLE_INTERVAL_NS`]). Counts
-/// never depend on the ring buffer; only the details are sampled.
+/// sampled at once, then at most one per [`SAMPLE_INTERVAL_NS`], in a
+/// storm). Counts never depend on the ring buffer; only the details are
+/// sampled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {

@@ -1,9 +1,10 @@
 //! New listeners, as the kernel made them.
 //!
 //! listen(fd, N) clamps N to the network namespace's net.core.somaxconn
-//! (__sys_listen) and stores it in sk->sk_max_ack_backlog. We keep N from
-//! sys_enter_listen and, once the call succeeded, read the effective value,
-//! the namespace and the bound path from the socket itself.
+//! (__sys_listen) and stores it in sk->sk_max_ack_backlog. Once the call
+//! succeeded (fexit, tp_btf/sys_exit with the caller's registers, or
+//! sys_enter_listen keeping N for sys_exit_listen) we read the effective
+//! value, the namespace and the bound path from the socket itself.
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
@@ -59,6 +60,15 @@ pub fn on_exit(ctx: &TracePointContext) {
         return;
     }
     report(pending);
+}
+
+/// tp_btf/sys_exit saw listen(fd, backlog) succeed.
+#[inline(always)]
+pub fn on_listened(fd: u64, backlog: u64) {
+    report(PendingListen {
+        fd: fd as i32,
+        backlog: backlog as u32,
+    });
 }
 
 /// fexit/__sys_listen(fd, backlog) -> int: arguments and result at once.

@@ -50,40 +50,42 @@ pub fn emit<T: 'static>(record: &T) {
 }
 
 /// Count one drop under `key` in this CPU's slot of `counters`. Returns the
-/// time when a sampled record of it is due (this CPU's first of the key, or
-/// the first after SAMPLE_INTERVAL_NS), None otherwise. A drop is counted
-/// whether or not its record then finds room in the ring buffer.
+/// time when a sampled record of it is due: this CPU's first drop of the
+/// key, then one of every CLOCK_EVERY drops if SAMPLE_INTERVAL_NS has
+/// passed (the clock is read only then). A drop is counted whether or not
+/// its record then finds room in the ring buffer.
 #[inline(always)]
 pub fn count<K>(counters: &PerCpuHashMap<K, Counter>, key: &K) -> Option<u64> {
-    let now = unsafe { bpf_ktime_get_ns() };
     for _ in 0..2 {
         if let Some(counter) = counters.get_ptr_mut(key) {
             // SAFETY: this CPU's slot. Programs run with migration off, and
             // the kernels servers run do not preempt them (no PREEMPT_RT).
             unsafe {
                 (*counter).count += 1;
+                if (*counter).count % CLOCK_EVERY != 0 {
+                    return None;
+                }
+                let now = bpf_ktime_get_ns();
                 if now.wrapping_sub((*counter).sampled_ns) < SAMPLE_INTERVAL_NS {
                     return None;
                 }
                 (*counter).sampled_ns = now;
+                return Some(now);
             }
-            return Some(now);
         }
+        let now = unsafe { bpf_ktime_get_ns() };
+        let first = Counter {
+            count: 1,
+            sampled_ns: now,
+        };
         // NOEXIST: if another program inserted the key meanwhile, add to it.
-        if counters
-            .insert(
-                key,
-                &Counter {
-                    count: 1,
-                    sampled_ns: now,
-                },
-                BPF_NOEXIST as u64,
-            )
-            .is_ok()
-        {
+        if counters.insert(key, &first, BPF_NOEXIST as u64).is_ok() {
             return Some(now);
         }
     }
     count_lost(LOST_COUNTERS_FULL);
     None
 }
+
+/// In a storm, the clock is read for one drop in this many.
+const CLOCK_EVERY: u64 = 256;

@@ -1,14 +1,16 @@
 //! tp_btf/sys_exit: every syscall's exit, for the families that watch
-//! syscalls where fexit is refused. It hands each failure to its family:
-//! connect() to connect.rs, the calls needing a new file descriptor to
-//! fd_limits.rs. The syscall and its arguments come from the caller's
-//! saved registers.
+//! syscalls where fexit is refused. It hands each call to its family:
+//! failed connect() calls to connect.rs, the calls needing a new file
+//! descriptor that failed to fd_limits.rs, successful listen() calls to
+//! listen.rs. The syscall and its arguments come from the caller's saved
+//! registers.
 use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_kernel, programs::BtfTracePointContext};
-use tracer_common::{fd_syscall, FAST_PATH_FD_LIMITS};
+use tracer_common::{fd_syscall, FAST_PATH_FD_LIMITS, FAST_PATH_LISTEN};
 
 use crate::{
     connect::{self, EADDRNOTAVAIL, EAGAIN},
     fd_limits::{self, EMFILE, ENFILE},
+    listen,
     maps::fast_path,
 };
 
@@ -22,6 +24,7 @@ const X32_SYSCALL_BIT: u64 = 0x4000_0000;
 enum Syscall {
     Connect,
     NeedsFd(u32),
+    Listen,
     Other,
 }
 
@@ -35,9 +38,11 @@ fn syscall(nr: u64, cs: u64) -> Syscall {
             41 => Syscall::NeedsFd(fd_syscall::SOCKET),
             2 => Syscall::NeedsFd(fd_syscall::OPEN),
             257 => Syscall::NeedsFd(fd_syscall::OPENAT),
+            50 => Syscall::Listen,
             _ => Syscall::Other,
         },
         (USER32_CS, 362) => Syscall::Connect,
+        (USER32_CS, 363) => Syscall::Listen,
         (USER32_CS, 364) => Syscall::NeedsFd(fd_syscall::ACCEPT4),
         (USER32_CS, 359) => Syscall::NeedsFd(fd_syscall::SOCKET),
         (USER32_CS, 5) => Syscall::NeedsFd(fd_syscall::OPEN),
@@ -50,22 +55,33 @@ fn syscall(nr: u64, cs: u64) -> Syscall {
 #[inline(always)]
 pub fn on_exit(ctx: &BtfTracePointContext) {
     let ret: i64 = ctx.arg(1);
-    if ret != -EAGAIN && ret != -EADDRNOTAVAIL && ret != -EMFILE && ret != -ENFILE {
+    // Failures the families count, and 0 (listen() succeeded, among many).
+    if ret != -EAGAIN && ret != -EADDRNOTAVAIL && ret != -EMFILE && ret != -ENFILE && ret != 0 {
         return;
     }
     let regs: *const pt_regs = ctx.arg(0);
-    // rcx, rdx, rsi, rdi, orig_rax, rip, cs in one copy.
+    // rbx, ..., rcx, rdx, rsi, rdi, orig_rax, rip, cs in one copy (pt_regs
+    // from rbx on: rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs).
     // SAFETY: bpf_probe_read_kernel checks the address.
-    let Ok([rcx, rdx, rsi, _rdi, nr, _rip, cs]) =
-        (unsafe { bpf_probe_read_kernel((&raw const (*regs).rcx).cast::<[u64; 7]>()) })
+    let Ok([rbx, _r11, _r10, _r9, _r8, _rax, rcx, rdx, rsi, rdi, nr, _rip, cs]) =
+        (unsafe { bpf_probe_read_kernel((&raw const (*regs).rbx).cast::<[u64; 13]>()) })
     else {
         return;
     };
+    // The i386 ABI passes arguments in ebx, ecx, edx; x86-64 in rdi, rsi, rdx.
+    let (arg0, arg1, arg2) = if cs == USER32_CS {
+        (rbx, rcx, rdx)
+    } else {
+        (rdi, rsi, rdx)
+    };
     match syscall(nr, cs) {
-        // connect(fd, uservaddr, addrlen): i386 passes them in ebx, ecx, edx.
-        Syscall::Connect if cs == USER32_CS => connect::on_failed(ret, rcx, rdx),
-        Syscall::Connect => connect::on_failed(ret, rsi, rdx),
-        Syscall::NeedsFd(which) if !fast_path(FAST_PATH_FD_LIMITS) => fd_limits::report(ret, which),
+        Syscall::Connect if ret < 0 => connect::on_failed(ret, arg1, arg2),
+        Syscall::NeedsFd(which) if ret < 0 && !fast_path(FAST_PATH_FD_LIMITS) => {
+            fd_limits::report(ret, which)
+        }
+        Syscall::Listen if ret == 0 && !fast_path(FAST_PATH_LISTEN) => {
+            listen::on_listened(arg0, arg1)
+        }
         _ => {}
     }
 }

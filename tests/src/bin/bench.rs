@@ -285,6 +285,24 @@ fn program_costs(figures: &mut Figures, me: &str) {
         "all programs, per packet received (ordinary loopback TCP)",
         format!("{:.0} ns", per_packet / packets.max(1) as f64),
     );
+    // The same during a storm of refused UNIX connects.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("storm.sock").display().to_string();
+    let listener = unix::Listener::bind(&path, 1);
+    let (queued, _) = unix::connect_many(&path, 2);
+    let tracer = Droptrace::start(&["--pid", me]);
+    let stats = Stats::during(tracer.pid(), || {
+        unix::connect_many(&path, 100_000);
+    });
+    tracer.stop();
+    unix::close_all(queued);
+    drop(listener);
+    for (name, ns, runs) in &stats {
+        figures.add(
+            format!("per run in a storm of 100000 refused connects: {name}"),
+            format!("{ns:.0} ns ({runs} runs)"),
+        );
+    }
 }
 
 /// Start-up to the "watching" line, and peak memory once idle.

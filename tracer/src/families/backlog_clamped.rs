@@ -3,11 +3,11 @@
 //! before any drop, once per socket (nginx calls listen() twice on one).
 use std::collections::HashSet;
 
-use tracer_common::{ListenRecord, AF_INET6, AF_UNIX};
+use tracer_common::{ListenRecord, AF_INET6, AF_UNIX, FAST_PATH_LISTEN};
 
 use super::{
     backlog::{clamp_fix, LISTEN_MAX_REQUEST},
-    listener_view, Families, LISTEN_ENTER, LISTEN_EXIT,
+    listener_view, Families, LISTEN_ENTER, LISTEN_EXIT, SYSCALL_EXIT,
 };
 use crate::{
     contract::{Family, Notice, NoticeKind},
@@ -24,8 +24,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             name: "fexit/__sys_listen",
             programs: &[Program::fexit("listen_fexit", "__sys_listen")],
             needs: &[],
-            fast_path: None,
+            fast_path: Some(FAST_PATH_LISTEN),
         },
+        SYSCALL_EXIT,
         Mechanism {
             name: "tracepoints syscalls/sys_{enter,exit}_listen",
             programs: &[LISTEN_ENTER, LISTEN_EXIT],
