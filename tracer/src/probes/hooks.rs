@@ -2,7 +2,7 @@
 //! use, in order of preference, each a set of eBPF programs and what it
 //! needs from the running kernel. The loader tries them in turn and says on
 //! one line which one each family got, and why the others were skipped.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -10,7 +10,7 @@ use aya::{
     Ebpf,
 };
 
-use super::{cgroup2_root, offsets, short};
+use super::{btf::Btf, cgroup2_root, offsets, short};
 
 /// Where one program of the eBPF object attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl Program {
 }
 
 /// What a mechanism needs from the running kernel beyond its programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Need {
     /// An enumerator in the kernel's BTF (values differ across kernels and
     /// are read from BTF, never written as numbers).
@@ -160,19 +160,41 @@ fn parsed_btf(slot: &mut Option<aya::Btf>) -> Result<&aya::Btf> {
     Ok(slot.as_ref().expect("parsed above"))
 }
 
+impl Need {
+    fn met(&self, btf: &Btf) -> bool {
+        match self {
+            Need::EnumValue { enumeration, value } => {
+                offsets::enum_value(btf, enumeration, value).is_some()
+            }
+        }
+    }
+}
+
+/// The needs of `families`' mechanisms that this kernel meets, decided
+/// while its BTF is at hand (it is dropped before anything is attached).
+pub fn met_needs(families: &[FamilyHooks], btf: &Btf) -> HashSet<Need> {
+    families
+        .iter()
+        .flat_map(|family| family.mechanisms)
+        .flat_map(|mechanism| mechanism.needs)
+        .filter(|need| need.met(btf))
+        .copied()
+        .collect()
+}
+
 /// Attaches programs, each once however many families share it.
 pub struct Attacher<'a> {
     ebpf: &'a mut Ebpf,
-    btf: &'a btf_rs::Btf,
+    met: HashSet<Need>,
     aya_btf: Option<aya::Btf>,
     attached: HashMap<&'static str, Result<(), String>>,
 }
 
 impl<'a> Attacher<'a> {
-    pub fn new(ebpf: &'a mut Ebpf, btf: &'a btf_rs::Btf) -> Self {
+    pub fn new(ebpf: &'a mut Ebpf, met: HashSet<Need>) -> Self {
         Self {
             ebpf,
-            btf,
+            met,
             aya_btf: None,
             attached: HashMap::new(),
         }
@@ -210,12 +232,14 @@ impl<'a> Attacher<'a> {
     }
 
     fn mechanism(&mut self, mechanism: &Mechanism) -> Result<(), String> {
-        for need in mechanism.needs {
+        for need in mechanism
+            .needs
+            .iter()
+            .filter(|need| !self.met.contains(need))
+        {
             match need {
                 Need::EnumValue { enumeration, value } => {
-                    if offsets::enum_value(self.btf, enumeration, value).is_none() {
-                        return Err(format!("this kernel's enum {enumeration} has no {value}"));
-                    }
+                    return Err(format!("this kernel's enum {enumeration} has no {value}"));
                 }
             }
         }

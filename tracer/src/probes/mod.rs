@@ -1,5 +1,6 @@
 //! Loading droptrace's eBPF programs: what the machine must offer, the
 //! offsets the programs need, and where their records come out.
+mod btf;
 pub mod hooks;
 pub mod offsets;
 
@@ -142,17 +143,23 @@ fn ensure_tracefs() -> Result<()> {
 /// mechanisms this kernel allows; one line on stderr says which.
 pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
     preflight()?;
+    // The kernel's BTF, read once for what the programs need, dropped
+    // before aya parses its own copy to attach the BTF-typed programs.
     let btf = offsets::load_vmlinux_btf()?;
     let kernel_offsets =
         offsets::resolve(&btf).context("this kernel's layout is not one droptrace can read")?;
     tracing::debug!(?kernel_offsets, "resolved kernel field offsets from BTF");
     let drop_reasons = offsets::drop_reasons(&btf);
+    let met = hooks::met_needs(families, &btf);
+    drop(btf);
     let mut ebpf = EbpfLoader::new()
+        // No CO-RE relocations in the object: the kernel's BTF is not needed.
+        .btf(None)
         .override_global("OFFSETS", &kernel_offsets, true)
         .override_global("DROP_REASONS", &drop_reasons, true)
         .load(EBPF_OBJECT)
         .context("the kernel refused droptrace's eBPF programs")?;
-    let choices = Attacher::new(&mut ebpf, &btf).choose(families);
+    let choices = Attacher::new(&mut ebpf, met).choose(families);
     Attacher::require(&choices)?;
     load_catch_up(&mut ebpf);
     let mut take = |name: &str| {

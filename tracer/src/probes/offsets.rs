@@ -3,13 +3,14 @@
 //! aya does not relocate field accesses of Rust eBPF programs (no CO-RE), so
 //! the programs read fields at offsets we hand them in `KernelOffsets`.
 use anyhow::{anyhow, bail, Context, Result};
-use btf_rs::{Btf, Struct, Type};
 use tracer_common::{DropReasons, KernelOffsets};
+
+use super::btf::{Btf, Type};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 pub fn load_vmlinux_btf() -> Result<Btf> {
-    Btf::from_file(VMLINUX_BTF).map_err(|err| anyhow!("cannot parse {VMLINUX_BTF}: {err}"))
+    Btf::from_file(VMLINUX_BTF)
 }
 
 /// Resolve every offset the programs need; fails naming the missing field.
@@ -71,25 +72,20 @@ pub fn drop_reasons(btf: &Btf) -> DropReasons {
 
 /// The enum (named or not) that has enumerator `member`.
 fn enum_having(btf: &Btf, member: &str) -> Option<Type> {
-    (1..)
-        .map_while(|id| btf.resolve_type_by_id(id).ok())
-        .find(|ty| enumerator(btf, ty, member).is_some())
+    btf.types().find(|ty| enumerator(btf, ty, member).is_some())
 }
 
 pub fn enum_value(btf: &Btf, enum_name: &str, member: &str) -> Option<u32> {
-    btf.resolve_types_by_name(enum_name)
-        .ok()?
-        .iter()
-        .find_map(|ty| enumerator(btf, ty, member))
+    btf.types()
+        .filter(|ty| btf.type_name(ty) == enum_name)
+        .find_map(|ty| enumerator(btf, &ty, member))
 }
 
 /// `member`'s value when `ty` is an enum that has it.
 fn enumerator(btf: &Btf, ty: &Type, member: &str) -> Option<u32> {
-    let Type::Enum(e) = ty else { return None };
-    e.members
-        .iter()
-        .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member))
-        .map(|m| m.val())
+    btf.enumerators(ty)
+        .find(|(name, _)| *name == member)
+        .map(|(_, value)| value)
 }
 
 /// Byte offset of `struct.field.subfield...` from the start of `struct`,
@@ -97,7 +93,9 @@ fn enumerator(btf: &Btf, ty: &Type, member: &str) -> Option<u32> {
 pub fn field_offset(btf: &Btf, path: &str) -> Result<u32> {
     let mut parts = path.split('.');
     let root = parts.next().unwrap_or_default();
-    let mut current = named_struct(btf, root)?;
+    let mut current = btf
+        .struct_named(root)
+        .ok_or_else(|| anyhow!("kernel BTF has no struct {root}"))?;
     let mut bits = 0;
     let mut fields = parts.peekable();
     while let Some(field) = fields.next() {
@@ -105,10 +103,10 @@ pub fn field_offset(btf: &Btf, path: &str) -> Result<u32> {
             .with_context(|| format!("kernel BTF has no field {path} (at {field})"))?;
         bits += offset;
         if fields.peek().is_some() {
-            current = match ty {
-                Type::Struct(s) | Type::Union(s) => s,
-                other => bail!("{path}: {field} is a {}, not a struct", other.name()),
-            };
+            if !Btf::is_composite(&ty) {
+                bail!("{path}: {field} is not a struct");
+            }
+            current = ty;
         }
     }
     if bits % 8 != 0 {
@@ -117,51 +115,20 @@ pub fn field_offset(btf: &Btf, path: &str) -> Result<u32> {
     Ok(bits / 8)
 }
 
-fn named_struct(btf: &Btf, name: &str) -> Result<Struct> {
-    btf.resolve_types_by_name(name)
-        .map_err(|err| anyhow!("kernel BTF has no type {name}: {err}"))?
-        .into_iter()
-        .find_map(|ty| match ty {
-            Type::Struct(s) if !s.members.is_empty() => Some(s),
-            _ => None,
-        })
-        .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))
-}
-
 /// (bit offset, type with typedefs and qualifiers peeled) of member `name`.
-fn find_member(btf: &Btf, within: &Struct, name: &str) -> Option<(u32, Type)> {
-    for member in &within.members {
-        let member_name = btf.resolve_name(member).unwrap_or_default();
-        let ty = peel(btf, btf.resolve_chained_type(member).ok()?);
+fn find_member(btf: &Btf, within: &Type, name: &str) -> Option<(u32, Type)> {
+    for (member_name, type_id, offset) in btf.members(within) {
+        let ty = btf.peel(type_id)?;
         if member_name == name {
-            return Some((member.bit_offset(), ty));
+            return Some((offset, ty));
         }
-        if member_name.is_empty() {
-            if let Type::Struct(inner) | Type::Union(inner) = &ty {
-                if let Some((offset, found)) = find_member(btf, inner, name) {
-                    return Some((member.bit_offset() + offset, found));
-                }
+        if member_name.is_empty() && Btf::is_composite(&ty) {
+            if let Some((inner, found)) = find_member(btf, &ty, name) {
+                return Some((offset + inner, found));
             }
         }
     }
     None
-}
-
-fn peel(btf: &Btf, mut ty: Type) -> Type {
-    loop {
-        let next = match &ty {
-            Type::Typedef(t) => btf.resolve_chained_type(t),
-            Type::Const(t) => btf.resolve_chained_type(t),
-            Type::Volatile(t) => btf.resolve_chained_type(t),
-            Type::Restrict(t) => btf.resolve_chained_type(t),
-            Type::TypeTag(t) => btf.resolve_chained_type(t),
-            _ => return ty,
-        };
-        match next {
-            Ok(next) => ty = next,
-            Err(_) => return ty,
-        }
-    }
 }
 
 #[cfg(test)]
