@@ -232,16 +232,10 @@ impl<'a> Attacher<'a> {
     }
 
     fn mechanism(&mut self, mechanism: &Mechanism) -> Result<(), String> {
-        for need in mechanism
-            .needs
-            .iter()
-            .filter(|need| !self.met.contains(need))
+        if let Some(Need::EnumValue { enumeration, value }) =
+            mechanism.needs.iter().find(|need| !self.met.contains(need))
         {
-            match need {
-                Need::EnumValue { enumeration, value } => {
-                    return Err(format!("this kernel's enum {enumeration} has no {value}"));
-                }
-            }
+            return Err(format!("this kernel's enum {enumeration} has no {value}"));
         }
         if let Some(slot) = mechanism.fast_path {
             self.set_fast_path(slot, true)?;
