@@ -77,6 +77,11 @@ enum Task {
         /// startup, connect.
         #[arg(long, default_value = "storm,wrk,programs,startup,connect")]
         only: String,
+        /// Run the storm and the programs' costs inside this kernel of the
+        /// matrix (5.10, 6.1, 6.12) under QEMU, where fexit is allowed;
+        /// emulation makes the absolute figures slow, the ratios hold.
+        #[arg(long, value_name = "SERIES")]
+        kernel: Option<String>,
     },
 }
 
@@ -100,9 +105,18 @@ fn run(task: Task) -> Result<()> {
             let series = kernels::chosen(&kernels)?;
             kernels::prepare(&series, &workspace_root().join("target/kernels"))
         }
-        Task::Bench { connects, only } => {
+        Task::Bench {
+            connects,
+            only,
+            kernel,
+        } => {
             let binary = build(true)?;
             prerequisites::ensure_bench(is_root());
+            let kernel_dir = workspace_root().join("target/kernels");
+            if let Some(series) = &kernel {
+                let series = kernels::chosen(std::slice::from_ref(series))?;
+                kernels::prepare(&series, &kernel_dir)?;
+            }
             let status = cargo()
                 .args([
                     "run",
@@ -116,7 +130,9 @@ fn run(task: Task) -> Result<()> {
                 ])
                 .arg(connects.to_string())
                 .arg(only)
+                .args(kernel)
                 .env("DROPTRACE_BIN", &binary)
+                .env("DROPTRACE_KERNELS", &kernel_dir)
                 .status()?;
             check(status, "the benchmark")
         }

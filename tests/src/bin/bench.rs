@@ -432,12 +432,44 @@ fn wrk_cost(figures: &mut Figures) {
     }
 }
 
+/// The storm and the programs' costs inside Linux `series` under QEMU:
+/// the same benchmark binary, run in the guest.
+fn in_guest(series: &str, connects: usize, only: &str) {
+    let dir = droptrace_tests::guest::kernel_dir(series);
+    let me = std::env::current_exe().unwrap();
+    let droptrace = std::env::var("DROPTRACE_BIN").expect("DROPTRACE_BIN is unset");
+    let script = format!(
+        "export DROPTRACE_BIN='{droptrace}'\ncd /tmp\n'{}' {connects} '{only}' 2>&1\n",
+        me.display()
+    );
+    let run = droptrace_tests::guest::run(series, &dir, &script, Duration::from_secs(40 * 60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let figures: Vec<&str> = run
+        .console
+        .lines()
+        .filter(|l| l.starts_with('|') || l.starts_with("droptrace benchmark"))
+        .collect();
+    if run.exit != Some(0) || figures.is_empty() {
+        panic!("the benchmark failed in Linux {series}:\n{}", run.console);
+    }
+    println!("{}", figures.join("\n"));
+}
+
 fn main() {
     droptrace_tests::require_root("bench");
     let connects: usize = std::env::args()
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(1_000_000);
+    if let Some(series) = std::env::args().nth(3) {
+        let only = std::env::args().nth(2).unwrap_or_default();
+        // Under emulation only what measures the kernel side.
+        let only: Vec<&str> = only
+            .split(',')
+            .filter(|p| ["storm", "programs"].contains(p))
+            .collect();
+        return in_guest(&series, connects, &only.join(","));
+    }
     let me = std::process::id().to_string();
     println!(
         "droptrace benchmark: Linux {}, {} cores, median of {ROUNDS} interleaved rounds",
