@@ -105,7 +105,10 @@ fn the_enter_exit_fallback_reports_each_refused_connect() {
     require_root("the_enter_exit_fallback_reports_each_refused_connect");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fallback.sock").display().to_string();
-    let avoid = [("DROPTRACE_AVOID", "unix_connect_refused,syscall_exit")];
+    let avoid = [(
+        "DROPTRACE_AVOID",
+        "unix_connect_refused,listen_fexit,syscall_exit",
+    )];
     let (refused, report) = refuse_with(&path, 1, 9, &avoid);
     assert_eq!(refused, 9);
     assert_attributed(&path, 1, refused, &report);
