@@ -93,15 +93,22 @@ impl Sock {
         read(self.addr, offsets().sock_ack_backlog)
     }
 
-    /// sk_acceptq_is_full(): the test tcp_conn_request drops SYNs on.
-    pub fn accept_queue_full(&self) -> bool {
+    /// (sk_ack_backlog, sk_max_ack_backlog): the accept queue and its limit.
+    pub fn accept_queue(&self) -> (Option<u32>, Option<u32>) {
         let off = offsets();
         // Neighbours in struct sock since 5.x: one read.
         if off.sock_max_ack_backlog == off.sock_ack_backlog + 4 {
-            return read::<[u32; 2]>(self.addr, off.sock_ack_backlog)
-                .is_some_and(|[queue, max]| queue > max);
+            return match read::<[u32; 2]>(self.addr, off.sock_ack_backlog) {
+                Some([queue, max]) => (Some(queue), Some(max)),
+                None => (None, None),
+            };
         }
-        match (self.ack_backlog(), self.max_ack_backlog()) {
+        (self.ack_backlog(), self.max_ack_backlog())
+    }
+
+    /// sk_acceptq_is_full(): the test tcp_conn_request drops SYNs on.
+    pub fn accept_queue_full(&self) -> bool {
+        match self.accept_queue() {
             (Some(queue), Some(max)) => queue > max,
             _ => false,
         }

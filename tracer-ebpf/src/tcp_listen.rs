@@ -48,6 +48,11 @@ static DROP_REASONS: DropReasons = DropReasons {
     no_socket: u32::MAX,
 };
 
+/// How close to full an accept queue must be for a packet to be watched:
+/// 16 per possible CPU, set by userspace.
+#[unsafe(no_mangle)]
+static QUEUE_MARGIN: u32 = 256;
+
 #[map]
 static TCP_OVERFLOWS: PerCpuHashMap<TcpOverflowKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
@@ -217,12 +222,11 @@ pub fn on_ingress(ctx: &SkBuffContext) {
             .is_ok(),
         _ => false,
     };
-    let Some(packet) = parse(load) else { return };
     // A typed pointer we may read through with runtime offsets.
     let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as usize;
-    let Some(sock) = Sock::at(tcp_sock) else {
+    if tcp_sock == 0 {
         return;
-    };
+    }
     let Some(in_flight) = IN_FLIGHT.get_ptr_mut(0) else {
         return;
     };
@@ -232,6 +236,13 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     if previous.skb != 0 {
         catch_up(previous, None);
     }
+    if !may_drop(tcp_sock) {
+        return;
+    }
+    let Some(packet) = parse(load) else { return };
+    let Some(sock) = Sock::at(tcp_sock) else {
+        return;
+    };
     let Some((overflows, drops)) = listen_counters(&sock) else {
         return;
     };
@@ -262,6 +273,24 @@ pub fn on_ingress(ctx: &SkBuffContext) {
             }),
         };
     }
+}
+
+/// Whether a packet to this listener may be dropped: its accept queue is
+/// within QUEUE_MARGIN of full (other CPUs complete handshakes while this
+/// one processes the packet, a few at most), or syncookies are off (the
+/// SYN queue may refuse). A listener far from full, the usual case, costs
+/// three reads and no snapshot.
+#[inline(always)]
+fn may_drop(tcp_sock: usize) -> bool {
+    let listener = Sock {
+        addr: tcp_sock,
+        inode: 0,
+    };
+    let margin = unsafe { core::ptr::read_volatile(&QUEUE_MARGIN) };
+    let (Some(queue), Some(max)) = listener.accept_queue() else {
+        return true;
+    };
+    queue.saturating_add(margin) > max || !matches!(listener.syncookies(), Some(1 | 2))
 }
 
 /// Which SYN-queue test of tcp_conn_request() would refuse a SYN (0: none).

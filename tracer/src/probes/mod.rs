@@ -139,6 +139,15 @@ fn ensure_tracefs() -> Result<()> {
     Ok(())
 }
 
+/// How close to full a TCP accept queue must be for its packets to be
+/// watched: while one CPU processes a packet, each other CPU completes a
+/// few handshakes at most; 16 each leaves room to spare.
+fn queue_margin() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as u32;
+    16 * cpus
+}
+
 /// Load the eBPF object and attach, for each family, the first of its
 /// mechanisms this kernel allows; one line on stderr says which.
 pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
@@ -157,6 +166,7 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         .btf(None)
         .override_global("OFFSETS", &kernel_offsets, true)
         .override_global("DROP_REASONS", &drop_reasons, true)
+        .override_global("QUEUE_MARGIN", &queue_margin(), true)
         .load(EBPF_OBJECT)
         .context("the kernel refused droptrace's eBPF programs")?;
     let choices = Attacher::new(&mut ebpf, met).choose(families);
