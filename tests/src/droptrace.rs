@@ -104,6 +104,11 @@ pub const LISTEN_HOOKS: &[&str] = &[
     "tp_btf/sys_exit",
     "tracepoints syscalls/sys_{enter,exit}_listen",
 ];
+/// How the TCP family names the local process that sent a dropped SYN.
+pub const TCP_CLIENT_HOOKS: &[&str] = &[
+    "cgroup/connect4 + cgroup/connect6 (local TCP clients)",
+    "tp_btf/inet_sock_set_state (local TCP clients)",
+];
 pub const TCP_HOOKS: &[&str] = &[
     "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb with drop reasons",
     "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb (no drop reasons: SYN-cookie ACKs counted as ack)",
@@ -153,12 +158,23 @@ impl Droptrace {
             .split("; ")
             .find_map(|e| e.strip_prefix(&format!("{family}: ")))
             .unwrap_or_else(|| panic!("the hooks line names no {family}: {line}"));
-        // "MECHANISM (skipped ...)": the mechanism alone.
-        entry
-            .split(" (skipped ")
-            .next()
-            .unwrap_or(entry)
-            .to_string()
+        // "MECHANISM, with EXTRA (skipped ...)": the mechanism alone.
+        let used = entry.split(" (skipped ").next().unwrap_or(entry);
+        used.split(", with ").next().unwrap_or(used).to_string()
+    }
+
+    /// The way `family` adds detail on this kernel, if any ("MECHANISM,
+    /// with EXTRA" in the start-up line).
+    pub fn extra_of(&self, family: &str) -> Option<String> {
+        let line = self
+            .startup
+            .iter()
+            .find_map(|l| l.split("hooks on this kernel: ").nth(1))?;
+        let entry = line
+            .split("; ")
+            .find_map(|e| e.strip_prefix(&format!("{family}: ")))?;
+        let used = entry.split(" (skipped ").next().unwrap_or(entry);
+        used.split(", with ").nth(1).map(str::to_string)
     }
 
     /// Assert the mechanism of `family` is the one the environment expects

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use droptrace_tests::{
-    droptrace::{Droptrace, Report, TCP_HOOKS},
+    droptrace::{Droptrace, Report, TCP_CLIENT_HOOKS, TCP_HOOKS},
     netns::{Netns, TcpExt},
     require_root, tcp,
 };
@@ -22,9 +22,34 @@ fn flood(
     linger: Duration,
     deferred: bool,
 ) -> (Report, TcpExt) {
+    flood_naming_clients_by(netns, addr, backlog, clients, linger, deferred, 0)
+}
+
+/// `flood`, with the SYN's sender named by TCP_CLIENT_HOOKS[`hook`] (the
+/// preferred ones left out, as a kernel refusing them would).
+fn flood_naming_clients_by(
+    netns: &Netns,
+    addr: SocketAddr,
+    backlog: i32,
+    clients: usize,
+    linger: Duration,
+    deferred: bool,
+    hook: usize,
+) -> (Report, TcpExt) {
     let me = std::process::id().to_string();
-    let tracer = Droptrace::start_with_log(&["--pid", &me], "debug");
+    let avoid = if hook == 1 {
+        "tcp_client_connect4,tcp_client_connect6"
+    } else {
+        ""
+    };
+    let env = [("RUST_LOG", "debug"), ("DROPTRACE_AVOID", avoid)];
+    let tracer = Droptrace::start_with_env(&["--pid", &me], &env);
     tracer.assert_mechanism("tcp_accept_queue/tcp_syn_queue", TCP_HOOKS);
+    // The connect hooks on every kernel droptrace supports, so far.
+    assert_eq!(
+        tracer.extra_of("tcp_accept_queue/tcp_syn_queue").as_deref(),
+        Some(TCP_CLIENT_HOOKS[hook])
+    );
     let before = netns.tcp_ext();
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -145,13 +170,15 @@ fn a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it() {
 fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
     require_root("a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn");
     let netns = Netns::create("tcpclamp", &[("net.core.somaxconn", "4")]);
-    let report = flood(
+    // Clients named by the state tracepoint here: the fallback is tested too.
+    let report = flood_naming_clients_by(
         &netns,
         "127.0.0.1:19090".parse().unwrap(),
         64,
         30,
         Duration::from_millis(2500),
         false,
+        1,
     );
     assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
     for drop in report.0.tcp_drops_at("127.0.0.1", 19090) {

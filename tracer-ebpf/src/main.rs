@@ -13,10 +13,12 @@ mod syscalls;
 mod tcp_listen;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_skb, fexit, raw_tracepoint, tracepoint, uretprobe},
+    macros::{
+        btf_tracepoint, cgroup_skb, cgroup_sock_addr, fexit, raw_tracepoint, tracepoint, uretprobe,
+    },
     programs::{
         BtfTracePointContext, FExitContext, RawTracePointContext, RetProbeContext, SkBuffContext,
-        TracePointContext,
+        SockAddrContext, TracePointContext,
     },
 };
 use tracer_common::fd_syscall;
@@ -189,6 +191,21 @@ pub fn tcp_syn_done_nested(ctx: BtfTracePointContext) -> i32 {
 pub fn tcp_catch_up(_ctx: RawTracePointContext) -> i32 {
     tcp_listen::catch_up_this_cpu();
     0
+}
+
+/// cgroup/connect4 and cgroup/connect6 on the cgroup v2 root: a local
+/// process connecting a TCP socket, so that a dropped SYN names it. Always
+/// returns 1: the connect is never refused here.
+#[cgroup_sock_addr(connect4)]
+pub fn tcp_client_connect4(ctx: SockAddrContext) -> i32 {
+    tcp_listen::on_connect(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tcp_client_connect6(ctx: SockAddrContext) -> i32 {
+    tcp_listen::on_connect(&ctx);
+    1
 }
 
 /// tp_btf/inet_sock_set_state: local TCP clients entering SYN_SENT, so

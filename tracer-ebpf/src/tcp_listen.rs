@@ -29,7 +29,7 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::{BtfTracePointContext, SkBuffContext},
+    programs::{BtfTracePointContext, SkBuffContext, SockAddrContext},
 };
 use tracer_common::{
     stage, DropReasons, LocalClient, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET,
@@ -420,6 +420,27 @@ pub fn on_set_state(ctx: &BtfTracePointContext) {
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     let _ = LOCAL_CLIENTS.insert(&sk, &client, 0);
+}
+
+/// cgroup/connect4, connect6: a local process connects a socket. For TCP,
+/// remember who (keyed by the socket, as the state tracepoint does; the
+/// name is read in userspace, from the pid).
+pub fn on_connect(ctx: &SockAddrContext) {
+    // SAFETY: context fields the verifier lets us read.
+    let (protocol, sk) = unsafe {
+        (
+            (*ctx.sock_addr).protocol,
+            (*ctx.sock_addr).__bindgen_anon_1.sk,
+        )
+    };
+    if protocol != IPPROTO_TCP as u32 || sk.is_null() {
+        return;
+    }
+    let client = LocalClient {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        comm: [0; 16],
+    };
+    let _ = LOCAL_CLIENTS.insert(&(sk as u64), &client, 0);
 }
 
 /// The local process that sent `packet`, found through its own socket: the

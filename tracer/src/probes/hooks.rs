@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint,
+    },
     Ebpf,
 };
 
@@ -24,6 +26,9 @@ pub enum Attach {
     BtfTracepoint { name: &'static str },
     /// cgroup_skb/ingress on the root of the cgroup v2 hierarchy.
     CgroupIngress,
+    /// cgroup/connect4 or connect6 on the cgroup v2 root (the attach type
+    /// is the program's own).
+    CgroupConnect,
     /// fexit on a kernel function (a BPF trampoline: needs the kernel's
     /// ftrace direct calls, refused on some machines).
     Fexit { function: &'static str },
@@ -68,6 +73,13 @@ impl Program {
         }
     }
 
+    pub const fn cgroup_connect(name: &'static str) -> Self {
+        Self {
+            name,
+            attach: Attach::CgroupConnect,
+        }
+    }
+
     pub const fn fexit(name: &'static str, function: &'static str) -> Self {
         Self {
             name,
@@ -107,13 +119,14 @@ pub struct Mechanism {
     pub fast_path: Option<u32>,
 }
 
-/// A family's hooks: mechanisms in order of preference, and programs that
-/// add detail when the kernel allows them (their failure costs no drop).
+/// A family's hooks: mechanisms in order of preference, and ways to add
+/// detail when the kernel allows them, also in order of preference (the
+/// first that attaches; their failure costs no drop).
 #[derive(Clone, Copy, Debug)]
 pub struct FamilyHooks {
     pub family: &'static str,
     pub mechanisms: &'static [Mechanism],
-    pub extras: &'static [Program],
+    pub extras: &'static [Mechanism],
 }
 
 /// What the loader did for one family.
@@ -122,6 +135,8 @@ pub struct Choice {
     pub family: &'static str,
     /// The mechanism in use, if any worked.
     pub mechanism: Option<&'static str>,
+    /// The way of adding detail in use, if any.
+    pub extra: Option<&'static str>,
     /// Mechanisms skipped and extras refused, with the reason.
     pub skipped: Vec<(String, String)>,
 }
@@ -134,7 +149,13 @@ impl Choice {
             .iter()
             .map(|(what, why)| format!("skipped {what}: {why}"))
             .collect::<Vec<_>>();
-        let mechanism = self.mechanism.unwrap_or("NONE, its drops will not be seen");
+        let mut mechanism = self
+            .mechanism
+            .unwrap_or("NONE, its drops will not be seen")
+            .to_string();
+        if let Some(extra) = self.extra {
+            mechanism = format!("{mechanism}, with {extra}");
+        }
         if skipped.is_empty() {
             format!("{}: {mechanism}", self.family)
         } else {
@@ -208,6 +229,7 @@ impl<'a> Attacher<'a> {
                 let mut choice = Choice {
                     family: family.family,
                     mechanism: None,
+                    extra: None,
                     skipped: Vec::new(),
                 };
                 for mechanism in family.mechanisms {
@@ -221,8 +243,12 @@ impl<'a> Attacher<'a> {
                 }
                 if choice.mechanism.is_some() {
                     for extra in family.extras {
-                        if let Err(why) = self.program(extra) {
-                            choice.skipped.push((extra.name.into(), why));
+                        match self.mechanism(extra) {
+                            Ok(()) => {
+                                choice.extra = Some(extra.name);
+                                break;
+                            }
+                            Err(why) => choice.skipped.push((extra.name.into(), why)),
                         }
                     }
                 }
@@ -334,6 +360,20 @@ impl<'a> Attacher<'a> {
                     format!("cannot attach cgroup_skb/ingress to {}", root.display())
                 })?;
             }
+            Attach::CgroupConnect => {
+                let root = cgroup2_root()?;
+                let cgroup = std::fs::File::open(&root)
+                    .with_context(|| format!("cannot open {}", root.display()))?;
+                let connect: &mut CgroupSockAddr = found.try_into()?;
+                connect
+                    .load()
+                    .with_context(|| format!("cannot load {name}"))?;
+                // A bpf_link joins the root's other programs; ours always
+                // lets the connect through.
+                connect
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .with_context(|| format!("cannot attach {name} to {}", root.display()))?;
+            }
             Attach::Fexit { function } => {
                 let btf = parsed_btf(&mut self.aya_btf)?;
                 let fexit: &mut aya::programs::FExit = self
@@ -385,6 +425,7 @@ mod tests {
         let choice = Choice {
             family: "tcp_accept_queue",
             mechanism: None,
+            extra: None,
             skipped: vec![(
                 "cgroup_skb/ingress + tp_btf/kfree_skb".into(),
                 "this kernel's enum skb_drop_reason has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"
@@ -398,11 +439,22 @@ mod tests {
         let used = Choice {
             family: "unix_backlog",
             mechanism: Some("tracepoints syscalls/sys_{enter,exit}_connect"),
+            extra: None,
             skipped: vec![],
         };
         assert_eq!(
             used.describe(),
             "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect"
+        );
+        let detailed = Choice {
+            family: "tcp",
+            mechanism: Some("cgroup_skb"),
+            extra: Some("cgroup/connect4"),
+            skipped: vec![("tp_btf/x".into(), "refused".into())],
+        };
+        assert_eq!(
+            detailed.describe(),
+            "tcp: cgroup_skb, with cgroup/connect4 (skipped tp_btf/x: refused)"
         );
     }
 }

@@ -62,11 +62,29 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         },
     ],
     // Names the local process that sent a dropped SYN; without it, drops
-    // name the client's address only.
-    extras: &[Program::btf_tracepoint(
-        "tcp_client_connect",
-        "inet_sock_set_state",
-    )],
+    // name the client's address only. The connect hooks run once per TCP
+    // connect(); the state tracepoint on every state change of every TCP
+    // socket.
+    extras: &[
+        Mechanism {
+            name: "cgroup/connect4 + cgroup/connect6 (local TCP clients)",
+            programs: &[
+                Program::cgroup_connect("tcp_client_connect4"),
+                Program::cgroup_connect("tcp_client_connect6"),
+            ],
+            needs: &[],
+            fast_path: None,
+        },
+        Mechanism {
+            name: "tp_btf/inet_sock_set_state (local TCP clients)",
+            programs: &[Program::btf_tracepoint(
+                "tcp_client_connect",
+                "inet_sock_set_state",
+            )],
+            needs: &[],
+            fast_path: None,
+        },
+    ],
 };
 
 #[derive(Default)]
@@ -131,6 +149,11 @@ impl Families {
         let mut client = Client::default();
         if let Some(sample) = &batch.sample {
             if let Some((pid, comm)) = listeners::local_client(sample) {
+                // The connect hooks send the pid alone.
+                let comm = match comm.is_empty() {
+                    true => self.host.process(pid).map(|p| p.comm).unwrap_or_default(),
+                    false => comm,
+                };
                 client = self.client(pid, comm);
             }
             let (addr, port) = listeners::peer(sample);
