@@ -94,7 +94,7 @@ pub const NOFILE_HOOKS: &[&str] = &[
     "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
 ];
 pub const EPHEMERAL_PORTS_HOOKS: &[&str] = &[
-    "fexit/__sys_connect",
+    "fexit/inet_hash_connect + inet6_hash_connect",
     "tp_btf/sys_exit",
     "tracepoints syscalls/sys_{enter,exit}_connect",
 ];

@@ -18,7 +18,7 @@ pub const AF_INET6: u16 = 10;
 /// fast hook (fexit) attached, so the syscall tracepoints it shares with
 /// other families leave that family's events to it (counted once).
 pub const FAST_PATH_UNIX_CONNECT: u32 = 0;
-/// EADDRNOTAVAIL from connect() to IPv4/IPv6 (fexit on __sys_connect).
+/// EADDRNOTAVAIL from connect() to IPv4/IPv6 (fexit on inet_hash_connect).
 pub const FAST_PATH_INET_CONNECT: u32 = 1;
 /// EMFILE/ENFILE (fexit on __x64_sys_{accept,accept4,socket,open,openat}).
 pub const FAST_PATH_FD_LIMITS: u32 = 2;
@@ -416,6 +416,11 @@ pub struct KernelOffsets {
     pub sock_rcv_saddr: u32,
     /// sock.__sk_common.skc_v6_rcv_saddr
     pub sock_v6_rcv_saddr: u32,
+    /// sock.__sk_common.skc_daddr, skc_dport, skc_v6_daddr: the
+    /// destination of a connecting socket (network byte order)
+    pub sock_daddr: u32,
+    pub sock_dport: u32,
+    pub sock_v6_daddr: u32,
     /// sock.sk_ack_backlog
     pub sock_ack_backlog: u32,
     /// sock.sk_socket

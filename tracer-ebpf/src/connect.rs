@@ -32,7 +32,7 @@ use tracer_common::{
 };
 
 use crate::{
-    kernel::current_netns,
+    kernel::{current_netns, offsets, read},
     maps::{count, count_lost, emit, fast_path},
 };
 
@@ -102,7 +102,7 @@ fn report_user_connect(pid_tgid: u64, ret: i64, uservaddr: u64, addrlen: u64) {
     let wanted = |family| match family {
         // With fexit on unix_stream_connect attached, it reports these.
         AF_UNIX => ret == -EAGAIN && !fast_path(FAST_PATH_UNIX_CONNECT),
-        // With fexit on __sys_connect attached, it reports these.
+        // With fexit on inet_hash_connect attached, it reports these.
         AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT),
         _ => false,
     };
@@ -164,34 +164,61 @@ fn report(
     if key.family != AF_UNIX || key.addr[0] != b'/' {
         key.netns = current_netns().unwrap_or(0);
     }
-    if let Some(now) = count(&CONNECT_FAILURES, &key) {
+    count_and_sample(pid_tgid, &key);
+}
+
+/// Count a refused connect under `key`; send its details when due.
+#[inline(always)]
+fn count_and_sample(pid_tgid: u64, key: &ConnectKey) {
+    if let Some(now) = count(&CONNECT_FAILURES, key) {
         let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-        emit(&ConnectFailure::new(&key, pid_tgid as u32, now, comm));
+        emit(&ConnectFailure::new(key, pid_tgid as u32, now, comm));
     }
 }
 
-/// fexit/__sys_connect(fd, uservaddr, addrlen) -> int: EADDRNOTAVAIL to an
-/// IPv4/IPv6 address, on connect() calls only (the kernel copied the
-/// address a moment ago, so it is resident).
-pub fn on_sys_connect_exit(ctx: &FExitContext) {
-    let ret: i32 = ctx.arg(3);
+/// fexit/inet_hash_connect(death_row, sk) -> int, and inet6_hash_connect:
+/// the only place a TCP connect finds no local port left (EADDRNOTAVAIL),
+/// run for TCP connects alone. The destination is read from the socket,
+/// laid out as the caller's sockaddr_in or sockaddr_in6 after its family.
+pub fn on_hash_connect_exit(ctx: &FExitContext, family: u16) {
+    let ret: i32 = ctx.arg(2);
     if ret as i64 != -EADDRNOTAVAIL {
         return;
     }
-    let uservaddr: u64 = ctx.arg(1);
-    let addrlen: i32 = ctx.arg(2);
-    // SAFETY: the helper checks the address.
-    let read =
-        |src: *const u8, dst: &mut [u8]| unsafe { bpf_probe_read_user_buf(src, dst).is_ok() };
-    let inet = |family| family == AF_INET || family == AF_INET6;
-    report(
-        bpf_get_current_pid_tgid(),
+    let sk: usize = ctx.arg(1);
+    if sk == 0 {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let off = offsets();
+    let mut key = ConnectKey {
+        pid: (pid_tgid >> 32) as u32,
+        netns: current_netns().unwrap_or(0),
         ret,
-        uservaddr,
-        addrlen.max(0) as u64,
-        read,
-        inet,
-    );
+        addr_len: 0,
+        family,
+        addr: [0; UNIX_PATH_MAX],
+    };
+    let Some(port) = read::<[u8; 2]>(sk, off.sock_dport) else {
+        return;
+    };
+    key.addr[..2].copy_from_slice(&port);
+    if family == AF_INET6 {
+        // sin6_port, sin6_flowinfo, sin6_addr, sin6_scope_id.
+        let Some(addr) = read::<[u8; 16]>(sk, off.sock_v6_daddr) else {
+            return;
+        };
+        key.addr[6..22].copy_from_slice(&addr);
+        key.addr_len = 26;
+    } else {
+        // sin_port, sin_addr, sin_zero.
+        let Some(addr) = read::<[u8; 4]>(sk, off.sock_daddr) else {
+            return;
+        };
+        key.addr[2..6].copy_from_slice(&addr);
+        key.addr_len = 14;
+    }
+    count_and_sample(pid_tgid, &key);
 }
 
 /// fexit/unix_stream_connect(sock, uaddr, addr_len, flags) -> int: the fast

@@ -67,10 +67,17 @@ fd_syscall_fexit! {
     openat_fexit => "__x64_sys_openat", fd_syscall::OPENAT,
 }
 
-/// fexit/__sys_connect: EADDRNOTAVAIL, on connect() calls only.
-#[fexit(function = "__sys_connect")]
-pub fn connect_fexit(ctx: FExitContext) -> i32 {
-    connect::on_sys_connect_exit(&ctx);
+/// fexit/inet_hash_connect and inet6_hash_connect: EADDRNOTAVAIL, on TCP
+/// connects only (no other connect pays).
+#[fexit(function = "inet_hash_connect")]
+pub fn hash_connect_fexit(ctx: FExitContext) -> i32 {
+    connect::on_hash_connect_exit(&ctx, tracer_common::AF_INET);
+    0
+}
+
+#[fexit(function = "inet6_hash_connect")]
+pub fn hash_connect6_fexit(ctx: FExitContext) -> i32 {
+    connect::on_hash_connect_exit(&ctx, tracer_common::AF_INET6);
     0
 }
 

@@ -15,8 +15,11 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "ephemeral_ports",
     mechanisms: &[
         Mechanism {
-            name: "fexit/__sys_connect",
-            programs: &[Program::fexit("connect_fexit", "__sys_connect")],
+            name: "fexit/inet_hash_connect + inet6_hash_connect",
+            programs: &[
+                Program::fexit("hash_connect_fexit", "inet_hash_connect"),
+                Program::fexit("hash_connect6_fexit", "inet6_hash_connect"),
+            ],
             needs: &[],
             fast_path: Some(FAST_PATH_INET_CONNECT),
         },
