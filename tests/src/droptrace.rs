@@ -127,11 +127,36 @@ impl Droptrace {
 
     /// Like `start`, with more environment (RUST_LOG=info unless given).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        Self::spawn(&with_json, env)
+    }
+
+    /// `droptrace ARGS` as an operator runs it: lines for a terminal (read
+    /// them with `stop_raw`).
+    pub fn start_human(args: &[&str]) -> Self {
+        Self::spawn(args, &[])
+    }
+
+    /// Ctrl-C; the bytes droptrace wrote to stdout.
+    pub fn stop_raw(mut self) -> Vec<u8> {
+        crate::signal(self.child.id(), libc::SIGINT);
+        let mut stdout = Vec::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_end(&mut stdout)
+            .unwrap();
+        assert!(self.child.wait().unwrap().success(), "droptrace failed");
+        stdout
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary());
         command
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
-            .arg("--json")
             .args(args)
             .stdout(Stdio::piped());
         let (child, seen, stderr) = spawn_until_watching(&mut command);

@@ -53,6 +53,46 @@ fn emfile_is_counted_per_syscall_with_the_limit_and_who_set_it() {
     assert_emfile_counted(tracer);
 }
 
+/// A process names itself with an escape sequence and a newline, then hits
+/// EMFILE: droptrace's terminal lines show the name escaped, and no byte
+/// it chose reaches the operator's terminal raw.
+#[test]
+fn a_hostile_process_name_never_reaches_the_terminal_raw() {
+    let test = "a_hostile_process_name_never_reaches_the_terminal_raw";
+    require_root(test);
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start_human(&["--pid", &me]);
+    let mut helper = Command::new(env!("CARGO_BIN_EXE_exhaust"));
+    helper
+        .args(["nofile", "16", "ev\x1b[2Jil\n"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = helper.spawn().expect("cannot start the exhaust helper");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tracer.stop_raw();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success(), "helper failed: {line}");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("nofile") && text.contains("ev\\x1b[2Jil\\n["),
+        "the drop is shown with its name escaped:\n{text}"
+    );
+    assert!(
+        !out.contains(&0x1b),
+        "a raw escape byte reached stdout:\n{text}"
+    );
+    for l in text.lines() {
+        assert!(
+            !l.starts_with("il"),
+            "the name's newline started a line of its own: {l:?}"
+        );
+    }
+}
+
 /// Where neither fexit nor tp_btf/sys_exit can be had, the per-syscall
 /// exit tracepoints count the same.
 #[test]

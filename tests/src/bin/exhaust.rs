@@ -2,8 +2,10 @@
 //! what the process itself saw, as `syscall=count` words, for the tests to
 //! compare with droptrace:
 //!
-//!   exhaust nofile N   RLIMIT_NOFILE = N, then one socket(), one accept4()
-//!                      and one openat() that fail with EMFILE
+//!   exhaust nofile N [NAME]
+//!                      RLIMIT_NOFILE = N, then one socket(), one accept4()
+//!                      and one openat() that fail with EMFILE (named NAME,
+//!                      any bytes, through prctl(PR_SET_NAME))
 //!   exhaust ports N    N connects to a listener on 127.0.0.1:18094, which
 //!                      fail with EADDRNOTAVAIL once the ephemeral ports are
 //!                      used up (run it in a netns with a tiny
@@ -82,6 +84,11 @@ fn ports(attempts: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(16);
+    if let Some(name) = args.get(3) {
+        let name = std::ffi::CString::new(name.as_bytes()).expect("a name without NUL");
+        // SAFETY: a NUL-terminated name; the kernel keeps 15 bytes.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) }, 0);
+    }
     match args.get(1).map(String::as_str) {
         Some("nofile") => nofile(n),
         Some("ports") => ports(n as usize),

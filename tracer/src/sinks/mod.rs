@@ -59,6 +59,12 @@ impl<W: Write> Sink<W> {
         &mut self.out
     }
 
+    /// One line of human output, its text escaped for the terminal (it
+    /// carries names and paths other processes chose).
+    fn put(&mut self, line: std::fmt::Arguments) -> io::Result<()> {
+        writeln!(self.out, "{}", terminal::escape(&line.to_string()))
+    }
+
     pub fn line(&mut self, line: &Line) -> io::Result<()> {
         let drop = &line.drop;
         match self.format {
@@ -71,15 +77,14 @@ impl<W: Write> Sink<W> {
                 } else {
                     String::new()
                 };
-                writeln!(
-                    self.out,
+                self.put(format_args!(
                     "{clock} {kind} x{count} {what}: {limit}{cause}{fix}",
                     kind = kind_label(drop),
                     count = line.count,
                     what = what_label(drop),
                     limit = limit_label(&drop.limit),
                     cause = drop.caused_by.as_ref().map_or(String::new(), cause_label),
-                )?;
+                ))?;
             }
         }
         self.out.flush()
@@ -90,9 +95,7 @@ impl<W: Write> Sink<W> {
             Format::Json => return write_record(&mut self.out, &Record::Notice(notice.clone())),
             Format::Human => {
                 let time = crate::contract::rfc3339(notice.time);
-                writeln!(
-                    self.out,
-                    "{clock} NOTICE backlog_clamped {listener}, owner {owner}: listen({requested}) was clamped to {effective} by net.core.somaxconn={somaxconn} (netns {netns}); fix: {fix}",
+                self.put(format_args!("{clock} NOTICE backlog_clamped {listener}, owner {owner}: listen({requested}) was clamped to {effective} by net.core.somaxconn={somaxconn} (netns {netns}); fix: {fix}",
                     clock = clock(&time),
                     listener = notice.listener.label(),
                     owner = notice.listener.owner_label(),
@@ -101,7 +104,7 @@ impl<W: Write> Sink<W> {
                     somaxconn = notice.somaxconn,
                     netns = notice.listener.netns.map_or("?".into(), |n| n.to_string()),
                     fix = notice.fix,
-                )?;
+                ))?;
             }
         }
         self.out.flush()
@@ -128,18 +131,18 @@ impl<W: Write> Sink<W> {
             }
             Format::Human => {
                 let drops: u64 = totals.iter().map(|t| t.count).sum();
-                writeln!(
-                    self.out,
-                    "\n--- droptrace summary: {drops} drops in {:.1} s, {} lost ---",
+                writeln!(self.out)?;
+                self.put(format_args!(
+                    "--- droptrace summary: {drops} drops in {:.1} s, {} lost ---",
                     elapsed.as_secs_f64(),
                     lost.total()
-                )?;
+                ))?;
                 if !totals.is_empty() {
-                    writeln!(self.out, "{TOTALS_HEADER}")?;
+                    self.put(format_args!("{TOTALS_HEADER}"))?;
                 }
                 for total in totals {
-                    writeln!(self.out, "{}", total_row(total))?;
-                    writeln!(self.out, "{:>8}  fix: {}", "", total.drop.limit.fix)?;
+                    self.put(format_args!("{}", total_row(total)))?;
+                    self.put(format_args!("{:>8}  fix: {}", "", total.drop.limit.fix))?;
                 }
                 for netns in kernel {
                     let verdict = if netns.droptrace == netns.kernel {
@@ -147,27 +150,21 @@ impl<W: Write> Sink<W> {
                     } else {
                         "MISMATCH"
                     };
-                    writeln!(
-                        self.out,
-                        "TCP listen overflows in netns {}: droptrace {}, kernel TcpExtListenOverflows {} ({verdict})",
+                    self.put(format_args!("TCP listen overflows in netns {}: droptrace {}, kernel TcpExtListenOverflows {} ({verdict})",
                         netns.netns, netns.droptrace, netns.kernel
-                    )?;
+                    ))?;
                 }
                 if lost.total() > 0 {
-                    writeln!(
-                        self.out,
-                        "WARNING: {} drops could not be counted (syscall table full: {}, counter table full: {}); the counts above are short by that much",
+                    self.put(format_args!("WARNING: {} drops could not be counted (syscall table full: {}, counter table full: {}); the counts above are short by that much",
                         lost.total(),
                         lost.pending_map_full,
                         lost.counter_map_full
-                    )?;
+                    ))?;
                 }
                 if lost.ring_buffer_full > 0 {
-                    writeln!(
-                        self.out,
-                        "note: {} sampled records found the ring buffer full; the counts are exact, some drops are named with fewer details",
+                    self.put(format_args!("note: {} sampled records found the ring buffer full; the counts are exact, some drops are named with fewer details",
                         lost.ring_buffer_full
-                    )?;
+                    ))?;
                 }
             }
         }

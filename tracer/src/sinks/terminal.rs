@@ -88,3 +88,36 @@ fn queue_label(listener: &ListenerView) -> String {
     let show = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
     format!("queue {}/{}", show(listener.queue), show(listener.backlog))
 }
+
+/// `text` as it may reach a terminal: process names, paths and config
+/// values come from other people's processes, so control characters
+/// (escape sequences, newlines that would forge a line) are shown as
+/// `\x1b`, `\n`, `\r`, `\t` or `\xNN`, never sent raw.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escape;
+
+    #[test]
+    fn control_characters_are_shown_never_sent() {
+        assert_eq!(escape("nginx"), "nginx");
+        assert_eq!(escape("ev\x1b[2Jil\n"), "ev\\x1b[2Jil\\n");
+        assert_eq!(escape("a\rb\tc\x07\u{9b}d é"), "a\\rb\\tc\\x07\\x9bd é");
+    }
+}
