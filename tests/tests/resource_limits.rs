@@ -25,7 +25,12 @@ fn count_in(line: &str, word: &str) -> u64 {
 
 /// Run `command` (the exhaust helper), read its one line of counts, keep it
 /// alive until droptrace has stopped (so droptrace can still look at it).
-fn run_helper(mut command: Command, tracer: Droptrace) -> (u32, String, Report) {
+fn run_helper(command: Command, tracer: Droptrace) -> (u32, String, Report) {
+    run_helper_then(command, || tracer.stop())
+}
+
+/// Run the helper; once it said what it saw, `stop` droptrace.
+fn run_helper_then<T>(mut command: Command, stop: impl FnOnce() -> T) -> (u32, String, T) {
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -37,10 +42,10 @@ fn run_helper(mut command: Command, tracer: Droptrace) -> (u32, String, Report) 
         .unwrap();
     // Let droptrace read the records while the helper still lives.
     std::thread::sleep(Duration::from_millis(500));
-    let report = tracer.stop();
+    let stopped = stop();
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success(), "helper failed: {line}");
-    (child.id(), line, report)
+    (child.id(), line, stopped)
 }
 
 #[test]
@@ -63,19 +68,8 @@ fn a_hostile_process_name_never_reaches_the_terminal_raw() {
     let me = std::process::id().to_string();
     let tracer = Droptrace::start_human(&["--pid", &me]);
     let mut helper = Command::new(env!("CARGO_BIN_EXE_exhaust"));
-    helper
-        .args(["nofile", "16", "ev\x1b[2Jil\n"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut child = helper.spawn().expect("cannot start the exhaust helper");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let out = tracer.stop_raw();
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success(), "helper failed: {line}");
+    helper.args(["nofile", "16", "ev\x1b[2Jil\n"]);
+    let (_, _, out) = run_helper_then(helper, || tracer.stop_raw());
     let text = String::from_utf8_lossy(&out);
     assert!(
         text.contains("nofile") && text.contains("ev\\x1b[2Jil\\n["),
