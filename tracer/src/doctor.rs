@@ -16,6 +16,7 @@ use crate::{
     contract::{Family, ListenerView, ProcessState, Role, Snapshot},
     families::backlog::clamp_fix,
     host::{process::PidFilter, sock_diag::NetnsView},
+    sinks::terminal::escape,
 };
 
 /// ListenOverflows is read twice, at least this far apart.
@@ -438,7 +439,7 @@ fn print_risks(risks: &[Risk], snapshot: &Snapshot, checked: &Checked, took: Dur
     if risks.is_empty() {
         println!(
             "droptrace doctor: no risk found on {}: {what}",
-            snapshot.host.hostname
+            escape(&snapshot.host.hostname)
         );
         return;
     }
@@ -446,7 +447,7 @@ fn print_risks(risks: &[Risk], snapshot: &Snapshot, checked: &Checked, took: Dur
         "droptrace doctor: {} risk{} on {}: {what}\n",
         risks.len(),
         if risks.len() == 1 { "" } else { "s" },
-        snapshot.host.hostname
+        escape(&snapshot.host.hostname)
     );
     print!("{}", risk_lines(risks));
 }
@@ -456,12 +457,14 @@ pub fn risk_lines(risks: &[Risk]) -> String {
     risks
         .iter()
         .map(|risk| {
+            // Subjects, findings and fixes carry names and paths other
+            // processes chose: escaped for the terminal, field by field.
             format!(
                 "RISK {}  {}\n     {}\n     fix: {}\n\n",
                 risk.kind.as_str(),
-                risk.subject,
-                risk.finding,
-                risk.fix
+                escape(&risk.subject),
+                escape(&risk.finding),
+                escape(&risk.fix)
             )
         })
         .collect()
@@ -571,6 +574,27 @@ mod tests {
         assert_eq!(
             risks[0].finding,
             "TcpExtListenOverflows grew by 12 in 0.5 s: TCP connections are being dropped now"
+        );
+    }
+
+    #[test]
+    fn risk_lines_escape_what_other_processes_named() {
+        let risk = Risk {
+            kind: RiskKind::QueueFullNow,
+            subject: "/run/a\nRISK forged.sock, owner ev\x1b[2Jil[7]".into(),
+            finding: "queue 101/100".into(),
+            fix: "raise it".into(),
+        };
+        let text = risk_lines(&[risk]);
+        assert!(!text.contains('\x1b'), "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("RISK")).count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains("/run/a\\nRISK forged.sock, owner ev\\x1b[2Jil[7]"),
+            "{text}"
         );
     }
 }

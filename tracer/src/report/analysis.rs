@@ -19,7 +19,7 @@ use crate::{
     doctor::{self, Risk},
     sinks::{
         aggregate::{Aggregator, Key, Total},
-        terminal::{clock, clock_second, total_row, TOTALS_HEADER},
+        terminal::{clock, clock_second, escape, total_row, TOTALS_HEADER},
     },
 };
 
@@ -307,9 +307,9 @@ impl Analysis {
             writeln!(
                 out,
                 "droptrace report: {} (host {}, kernel {}), recorded {} to {}{}",
-                file.path.display(),
-                file.host,
-                file.kernel,
+                escape(&file.path.display().to_string()),
+                escape(&file.host),
+                escape(&file.kernel),
                 file.started,
                 file.ended,
                 if file.truncated.is_some() {
@@ -348,7 +348,7 @@ impl Analysis {
         }
         writeln!(out, "\n{TOTALS_HEADER}")?;
         for (total, detail) in self.totals.iter().zip(&report.totals) {
-            writeln!(out, "{}", total_row(total))?;
+            writeln!(out, "{}", escape(&total_row(total)))?;
             writeln!(
                 out,
                 "{:>8}  first {}, worst second {} with {} drops",
@@ -357,7 +357,7 @@ impl Analysis {
                 clock_second(&detail.worst_second.time),
                 detail.worst_second.drops
             )?;
-            writeln!(out, "{:>8}  fix: {}", "", detail.fix)?;
+            writeln!(out, "{:>8}  fix: {}", "", escape(&detail.fix))?;
         }
         self.write_context(out)
     }
@@ -394,12 +394,12 @@ impl Analysis {
                 out,
                 "  {} backlog_clamped {}, owner {}: listen({}) clamped to {} by net.core.somaxconn={}; fix: {}",
                 clock(&rfc3339(notice.time)),
-                notice.listener.label(),
-                notice.listener.owner_label(),
+                escape(&notice.listener.label()),
+                escape(&notice.listener.owner_label()),
                 notice.requested,
                 notice.effective,
                 notice.somaxconn,
-                notice.fix
+                escape(&notice.fix)
             )?;
         }
         if !report.risks_at_start.is_empty() {
