@@ -244,6 +244,26 @@ fn record_stops_cleanly_at_max_size_and_never_overwrites() {
     let through_link = droptrace::run(&["record", "-o", link.to_str().unwrap(), "--duration", "1"]);
     assert_eq!(through_link.code, Some(1), "{through_link:?}");
     assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+
+    // The same for report --html, which root may run too: a planted
+    // symlink is not followed, an existing page not overwritten.
+    let capture_arg = capture.to_str().unwrap();
+    let page_link = dir.path().join("page.html");
+    std::os::unix::fs::symlink(&target, &page_link).unwrap();
+    let html = droptrace::run(&["report", capture_arg, "--html", page_link.to_str().unwrap()]);
+    assert_eq!(html.code, Some(1), "{html:?}");
+    assert!(html.stderr.contains("already exists"), "{}", html.stderr);
+    assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+    let page = dir.path().join("fresh.html");
+    let html = droptrace::run(&["report", capture_arg, "--html", page.to_str().unwrap()]);
+    assert_eq!(html.code, Some(0), "{html:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&page).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = droptrace::run(&["report", capture_arg, "--html", page.to_str().unwrap()]);
+    assert_eq!(again.code, Some(1), "{again:?}");
 }
 
 /// `droptrace doctor --json --pid NGINX --pid UWSGI`: its risks by kind.

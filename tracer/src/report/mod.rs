@@ -45,7 +45,10 @@ pub fn run(args: &ReportArgs) -> Result<()> {
     Ok(())
 }
 
+/// The page goes to a new file only (see `create_new`).
 fn write_html(path: &Path, analysis: &Analysis) -> Result<()> {
     let page = html::page(analysis);
-    std::fs::write(path, page).with_context(|| format!("cannot write {}", path.display()))
+    let mut file = crate::sinks::capture::create_new(path)?;
+    file.write_all(page.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }

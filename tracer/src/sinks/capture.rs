@@ -34,21 +34,28 @@ pub struct CaptureWriter {
     written: u64,
 }
 
+/// A new file at `path`, mode 0600, for droptrace's own output (captures,
+/// reports): droptrace runs as root, so an existing file or a symlink
+/// planted there is refused, never overwritten or followed.
+pub fn create_new(path: &Path) -> Result<std::fs::File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|err| match err.kind() {
+            io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+                "{} already exists: droptrace never overwrites a file (nor follows a symlink); remove it or choose another name",
+                path.display()
+            ),
+            _ => anyhow::Error::new(err).context(format!("cannot create {}", path.display())),
+        })
+}
+
 impl CaptureWriter {
     pub fn create(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|err| match err.kind() {
-                io::ErrorKind::AlreadyExists => anyhow::anyhow!(
-                    "{} already exists: droptrace never overwrites a file (nor follows a symlink); remove it or choose another name",
-                    path.display()
-                ),
-                _ => anyhow::Error::new(err).context(format!("cannot create {}", path.display())),
-            })?;
+        let file = create_new(path)?;
         Ok(Self {
             file,
             path: path.to_owned(),
