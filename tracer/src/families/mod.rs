@@ -88,17 +88,21 @@ pub struct Clock {
     wall_at_zero: SystemTime,
 }
 
+/// CLOCK_MONOTONIC now: the clock bpf_ktime_get_ns reads.
+fn monotonic() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 impl Clock {
     pub fn new() -> Self {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid pointer to a timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
         Self {
-            wall_at_zero: SystemTime::now() - mono,
+            wall_at_zero: SystemTime::now() - monotonic(),
         }
     }
 
@@ -114,13 +118,7 @@ impl Clock {
 
     /// The kernel's bpf_ktime_get_ns now.
     fn ktime_now(&self) -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid pointer to a timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        monotonic().as_nanos() as u64
     }
 }
 
@@ -226,7 +224,7 @@ impl Families {
                 drops.push((drop, batch_count));
             }
         };
-        for Batch { record, count, .. } in connects {
+        for Batch { record, count } in connects {
             add(
                 match record.family {
                     AF_UNIX => self.unix_connect_refused(&record),
@@ -235,10 +233,10 @@ impl Families {
                 count,
             );
         }
-        for Batch { record, count, .. } in fd_limits {
+        for Batch { record, count } in fd_limits {
             add(self.fd_limit(&record), count);
         }
-        for Batch { record, count, .. } in no_connections {
+        for Batch { record, count } in no_connections {
             let time = self.clock.wall(record.ktime_ns);
             add(
                 self.no_connection(record.pid, comm_of(&record.comm), time),
