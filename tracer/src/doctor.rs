@@ -192,7 +192,7 @@ fn upstream_queues(snapshot: &Snapshot, master: &ProcessState) -> Vec<Risk> {
     let (workers, workers_source) = nginx_workers(snapshot, master);
     let connections = u64::from(config.worker_connections.value);
     // Each proxied request holds a client and an upstream connection.
-    let capacity = workers * connections / 2;
+    let capacity = workers.saturating_mul(connections) / 2;
     let mut risks = Vec::new();
     let mut seen = Vec::new();
     for target in &config.upstreams {
@@ -279,7 +279,7 @@ fn worker_connections_above_nofile(snapshot: &Snapshot, master: &ProcessState) -
             config.main_file.display()
         ),
     };
-    let target = connections * 2;
+    let target = connections.saturating_mul(2);
     let hard = if nofile.hard < target {
         format!(
             " (the hard limit {} must rise too: LimitNOFILE= in the unit, or ulimit -Hn)",

@@ -71,7 +71,12 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
             let mut writer = CaptureWriter::create(&path)?;
             let (snapshot, views) = Snapshot::take(&mut filter);
             let recorder = Recorder::new(&snapshot, views, max_size);
-            writer.header(std::env::args().collect(), snapshot)?;
+            writer.header(
+                std::env::args_os()
+                    .map(|arg| arg.to_string_lossy().into_owned())
+                    .collect(),
+                snapshot,
+            )?;
             tracing::info!("recording to {} (created 0600)", path.display());
             let sink = Sink::new(Format::Json, writer);
             let stopped_by = watch_until_stopped(

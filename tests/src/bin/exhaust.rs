@@ -10,6 +10,12 @@
 //!                      fail with EADDRNOTAVAIL once the ephemeral ports are
 //!                      used up (run it in a netns with a tiny
 //!                      ip_local_port_range)
+//!
+//! Copied to a file named `nginx`, it is a hostile nginx instead: it
+//! listens on `app.sock` beside itself and sleeps (at most a minute). Run
+//! with `-V`, `-T` or `-t` (as droptrace once ran nginx), it only appends
+//! its uid and arguments to `executed` beside itself: that file existing is
+//! the proof it was run.
 use std::{
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd,
@@ -81,8 +87,36 @@ fn ports(attempts: usize) {
     );
 }
 
+fn pretend_nginx(args: &[String]) {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    if args
+        .iter()
+        .any(|a| ["-V", "-T", "-t"].contains(&a.as_str()))
+    {
+        use std::io::Write;
+        let mut proof = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("executed"))
+            .unwrap();
+        // SAFETY: no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        writeln!(proof, "uid={uid} args={args:?}").unwrap();
+        return;
+    }
+    let socket = std::os::unix::net::UnixListener::bind(dir.join("app.sock")).unwrap();
+    println!("listening");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    drop(socket);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let exe = std::env::current_exe().unwrap();
+    if exe.file_name().is_some_and(|name| name == "nginx") {
+        return pretend_nginx(&args);
+    }
     let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(16);
     if let Some(name) = args.get(3) {
         let name = std::ffi::CString::new(name.as_bytes()).expect("a name without NUL");

@@ -4,13 +4,11 @@
 //! Readers never fail as a whole: a file that cannot be read or parsed is
 //! recorded as a [`Problem`] (which file, why) and the rest is still used,
 //! so droptrace falls back to what the kernel shows.
+pub mod files;
 pub mod nginx;
 pub mod uwsgi;
 
-use std::{
-    fmt,
-    path::{Path, PathBuf},
-};
+use std::{fmt, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,12 +57,6 @@ impl fmt::Display for Origin {
 pub struct Problem {
     pub file: PathBuf,
     pub reason: String,
-}
-
-/// `path` as seen from the directory `root` (a process's /proc/PID/root
-/// or cwd): absolute paths are taken as relative to it.
-pub fn under_root(root: &Path, path: &Path) -> PathBuf {
-    root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 impl fmt::Display for Problem {

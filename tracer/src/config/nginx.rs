@@ -1,30 +1,35 @@
 //! nginx's configuration, as the running master uses it.
 //!
-//! The most faithful source is `nginx -T` run with the master's own `-p`,
-//! `-c` and `-g`: nginx itself resolves the includes and prints every file
-//! it read. When that is not possible (another mount namespace, a config
-//! that no longer tests clean) the files are read from disk, through the
-//! process's root, following `include`s the way nginx does.
+//! droptrace never runs the watched nginx (`nginx -T` as root would load a
+//! user's `load_module`): the files are read as the master could read them
+//! (see [`super::files`]), following `include`s the way nginx does, from
+//! the paths of its command line and the defaults compiled into its binary
+//! (read from the binary's bytes).
 use std::{
-    collections::BTreeMap,
+    cell::Cell,
     io::{self, Read},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{Origin, Problem, Setting};
+use super::{
+    files::{self, Credentials, View},
+    Origin, Problem, Setting,
+};
 
 /// nginx's defaults (ngx_event.c, ngx_http_core_module.c on Linux).
 pub const DEFAULT_WORKER_CONNECTIONS: u32 = 512;
 pub const DEFAULT_LISTEN_BACKLOG: u32 = 511;
 /// Includes nested deeper than this are a loop.
 const MAX_INCLUDE_DEPTH: usize = 16;
-/// `nginx -T` normally answers in milliseconds; it may hang resolving
-/// upstream host names.
-const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Files read for one configuration (an include fan-out is bounded too).
+const MAX_FILES: usize = 1_000;
+/// Bytes read for one configuration, over all its files.
+const MAX_TOTAL_BYTES: usize = 16 << 20;
+/// Words quoted in a problem are cut to this many characters.
+const MAX_QUOTED: usize = 40;
 
 /// One directive: `name args...;` or `name args... { block }`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,88 +45,64 @@ pub trait Files {
     fn read(&self, path: &Path) -> io::Result<String>;
     /// The files an `include` pattern names, in nginx's (sorted) order.
     fn expand(&self, pattern: &Path) -> Vec<PathBuf>;
-}
-
-/// Files on disk, seen through a process's root directory.
-pub struct Disk {
-    pub root: PathBuf,
-}
-
-impl Disk {
-    fn real(&self, path: &Path) -> PathBuf {
-        super::under_root(&self.root, path)
+    /// True when no more files will be read (a budget ran out).
+    fn exhausted(&self) -> bool {
+        false
     }
+}
+
+/// Files on disk, seen the way a process sees them (see [`super::files`]).
+pub struct Disk {
+    pub view: View,
 }
 
 impl Files for Disk {
     fn read(&self, path: &Path) -> io::Result<String> {
-        std::fs::read_to_string(self.real(path))
+        self.view.read(path)
     }
 
     fn expand(&self, pattern: &Path) -> Vec<PathBuf> {
-        let Some(real) = self.real(pattern).to_str().map(str::to_owned) else {
-            return Vec::new();
-        };
-        let mut paths: Vec<PathBuf> = glob::glob(&real)
-            .map(|paths| paths.flatten().collect())
-            .unwrap_or_default();
-        paths.sort();
-        paths
-            .into_iter()
-            .filter_map(|p| Some(Path::new("/").join(p.strip_prefix(&self.root).ok()?)))
-            .collect()
+        self.view.glob(pattern)
     }
 }
 
-/// The files `nginx -T` printed, each after a `# configuration file PATH:` line.
-#[derive(Debug, Default)]
-pub struct Dump {
-    files: BTreeMap<PathBuf, String>,
+/// Any `Files`, with a budget of files and bytes for one configuration.
+struct Budgeted<'a> {
+    files: &'a dyn Files,
+    reads: Cell<usize>,
+    bytes: Cell<usize>,
 }
 
-impl Dump {
-    pub fn parse(text: &str) -> Self {
-        let mut files = BTreeMap::new();
-        let mut current: Option<(PathBuf, String)> = None;
-        for line in text.split_inclusive('\n') {
-            let header = line
-                .trim_end()
-                .strip_prefix("# configuration file ")
-                .and_then(|rest| rest.strip_suffix(':'));
-            if let Some(path) = header {
-                files.extend(current.take());
-                current = Some((PathBuf::from(path), String::new()));
-            } else if let Some((_, text)) = current.as_mut() {
-                text.push_str(line);
-            }
-        }
-        files.extend(current);
-        Self { files }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-}
-
-impl Files for Dump {
+impl Files for Budgeted<'_> {
     fn read(&self, path: &Path) -> io::Result<String> {
-        self.files
-            .get(path)
-            .cloned()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not in nginx -T's output"))
+        if self.reads.get() >= MAX_FILES || self.bytes.get() >= MAX_TOTAL_BYTES {
+            // Said once: later includes are skipped (see `exhausted`).
+            self.reads.set(MAX_FILES + 1);
+            return Err(io::Error::other(format!(
+                "more than {MAX_FILES} files or {} MiB read for this configuration; not read",
+                MAX_TOTAL_BYTES >> 20
+            )));
+        }
+        self.reads.set(self.reads.get() + 1);
+        let text = self.files.read(path)?;
+        self.bytes.set(self.bytes.get() + text.len());
+        Ok(text)
     }
 
     fn expand(&self, pattern: &Path) -> Vec<PathBuf> {
-        let Some(pattern) = pattern.to_str().and_then(|p| glob::Pattern::new(p).ok()) else {
-            return Vec::new();
-        };
-        // BTreeMap keys come sorted.
-        self.files
-            .keys()
-            .filter(|path| pattern.matches_path(path))
-            .cloned()
-            .collect()
+        self.files.expand(pattern)
+    }
+
+    fn exhausted(&self) -> bool {
+        self.reads.get() > MAX_FILES || self.bytes.get() >= MAX_TOTAL_BYTES
+    }
+}
+
+/// `word` for a problem message: at most MAX_QUOTED characters.
+fn quoted(word: &str) -> String {
+    match word.char_indices().nth(MAX_QUOTED) {
+        Some((at, _)) => format!("{}...", &word[..at]),
+        None => word.to_string(),
     }
 }
 
@@ -261,7 +242,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Directive>, Problem> {
                 if !words.is_empty() {
                     return Err(problem(
                         line,
-                        format!("\"{}\" is not terminated by \";\"", words[0]),
+                        format!("\"{}\" is not terminated by \";\"", quoted(&words[0])),
                     ));
                 }
                 let Some((mut directive, children)) = stack.pop() else {
@@ -280,14 +261,17 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Directive>, Problem> {
             open.origin.line,
             format!(
                 "\"{}\" block is not closed (unexpected end of file, expecting \"}}\")",
-                open.name
+                quoted(&open.name)
             ),
         ));
     }
     if let Some(word) = words.first() {
         return Err(problem(
             first_line,
-            format!("\"{word}\" is not terminated by \";\" (unexpected end of file)"),
+            format!(
+                "\"{}\" is not terminated by \";\" (unexpected end of file)",
+                quoted(word)
+            ),
         ));
     }
     Ok(done)
@@ -297,7 +281,12 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Directive>, Problem> {
 pub fn load(files: &dyn Files, main: &Path) -> (Vec<Directive>, Vec<Problem>) {
     let conf_prefix = main.parent().unwrap_or(Path::new("/")).to_path_buf();
     let mut problems = Vec::new();
-    let directives = load_file(files, main, &conf_prefix, 0, &mut problems);
+    let files = Budgeted {
+        files,
+        reads: Cell::new(0),
+        bytes: Cell::new(0),
+    };
+    let directives = load_file(&files, main, &conf_prefix, 0, &mut problems);
     (directives, problems)
 }
 
@@ -341,13 +330,17 @@ fn splice_includes(
                 continue;
             };
             if depth >= MAX_INCLUDE_DEPTH {
-                problems.push(Problem {
+                let problem = Problem {
                     file: directive.origin.file.clone(),
                     reason: format!(
                         "line {}: includes nested more than {MAX_INCLUDE_DEPTH} deep (a loop?)",
                         directive.origin.line
                     ),
-                });
+                };
+                // A loop meets the same include again and again: say it once.
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
                 continue;
             }
             let pattern = conf_prefix.join(pattern);
@@ -360,6 +353,9 @@ fn splice_includes(
                 vec![pattern]
             };
             for path in paths {
+                if files.exhausted() {
+                    break;
+                }
                 out.extend(load_file(files, &path, conf_prefix, depth + 1, problems));
             }
             continue;
@@ -526,6 +522,11 @@ impl NginxConfig {
             }
         }
         config.error_logs.dedup();
+        // A file included many times repeats its problems: each is said once.
+        let mut seen = std::collections::HashSet::new();
+        config
+            .problems
+            .retain(|p| seen.insert((p.file.clone(), p.reason.clone())));
         config
     }
 
@@ -663,7 +664,9 @@ impl CommandLine {
     }
 }
 
-/// The defaults compiled into an nginx binary (`nginx -V`).
+/// The defaults compiled into an nginx binary: the paths `nginx -V` would
+/// print, read from the binary's own bytes (nginx embeds its configure
+/// arguments as one string).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BuildDefaults {
     pub prefix: Option<String>,
@@ -671,9 +674,15 @@ pub struct BuildDefaults {
 }
 
 impl BuildDefaults {
-    pub fn parse(version_output: &str) -> Self {
+    const MARKER: &'static [u8] = b"configure arguments:";
+    /// No nginx binary is near this size; a larger file is not scanned further.
+    const MAX_SCAN: u64 = 256 << 20;
+    /// The configure arguments are a few KiB.
+    const MAX_ARGUMENTS: usize = 64 << 10;
+
+    pub fn parse(configure_arguments: &str) -> Self {
         let option = |name: &str| {
-            version_output
+            configure_arguments
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix(name))
                 .map(str::to_owned)
@@ -683,148 +692,150 @@ impl BuildDefaults {
             conf_path: option("--conf-path="),
         }
     }
-}
 
-/// Run a command with a time limit; its stdout, or why it failed.
-fn run(command: &mut Command, limit: Duration) -> Result<String, String> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| format!("cannot run it: {err}"))?;
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let err = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("no answer within {} s", limit.as_secs()));
+    /// The configure arguments in a binary, if it has them.
+    pub fn of_binary(binary: impl Read) -> io::Result<Option<Self>> {
+        let mut binary = binary.take(Self::MAX_SCAN);
+        let mut window: Vec<u8> = Vec::new();
+        let mut chunk = vec![0; 1 << 20];
+        let at = loop {
+            let n = binary.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(None);
             }
+            window.extend_from_slice(&chunk[..n]);
+            if let Some(at) = window
+                .windows(Self::MARKER.len())
+                .position(|w| w == Self::MARKER)
+            {
+                break at;
+            }
+            // Keep what could be the start of a marker cut in two.
+            window.drain(..window.len() - (Self::MARKER.len() - 1).min(window.len()));
+        };
+        window.drain(..at);
+        let ends = |w: &[u8]| w.iter().position(|&b| b == 0 || b == b'\n');
+        while ends(&window).is_none() && window.len() < Self::MAX_ARGUMENTS {
+            let n = binary.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            window.extend_from_slice(&chunk[..n]);
         }
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    if status.success() {
-        // nginx -V prints to stderr; -T prints the files to stdout and its
-        // "syntax is ok" lines to stderr, which are no part of any file.
-        Ok(if stdout.is_empty() { stderr } else { stdout })
-    } else {
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
-        Err(format!("{status}: {last}"))
+        let end = ends(&window)
+            .unwrap_or(window.len())
+            .min(Self::MAX_ARGUMENTS);
+        Ok(Some(Self::parse(&String::from_utf8_lossy(&window[..end]))))
     }
 }
 
-fn same_root(pid: u32) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    id(&format!("/proc/{pid}/root")).is_some() && id(&format!("/proc/{pid}/root")) == id("/")
+/// The configuration the nginx master `pid` runs with, read as that master
+/// could read it, within `deadline`. `cwd` is its working directory
+/// (relative -p and -c start there).
+pub fn of_master(pid: u32, cmdline: &[String], cwd: &Path, deadline: Duration) -> NginxConfig {
+    let args = CommandLine::parse(cmdline);
+    let guessed_conf = cwd.join(args.conf.as_deref().unwrap_or("/etc/nginx/nginx.conf"));
+    let unread = |reason: String| {
+        NginxConfig::from_directives(
+            &[],
+            guessed_conf.clone(),
+            "nothing",
+            cwd,
+            vec![Problem {
+                file: guessed_conf.clone(),
+                reason,
+            }],
+        )
+    };
+    let Some(who) = Credentials::of(pid) else {
+        return unread("the process is gone".into());
+    };
+    let opened = View::of_pid(pid).and_then(|view| Ok((view, files::Located::exe_of(pid)?)));
+    let (view, exe) = match opened {
+        Ok(opened) => opened,
+        Err(err) => return unread(format!("cannot see the process's files: {err}")),
+    };
+    let cwd = cwd.to_path_buf();
+    files::as_process(&who, deadline, move || read_config(view, &exe, &args, &cwd))
+        .unwrap_or_else(unread)
 }
 
-/// The configuration the nginx master `pid` runs with.
-/// `cwd` is its working directory (relative -p and -c start there).
-pub fn of_master(pid: u32, cmdline: &[String], cwd: &Path) -> NginxConfig {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let exe = proc.join("exe");
-    let args = CommandLine::parse(cmdline);
-    let defaults = run(Command::new(&exe).arg("-V"), DUMP_TIMEOUT)
-        .map(|text| BuildDefaults::parse(&text))
-        .unwrap_or_default();
-    let prefix = cwd.join(
-        args.prefix
-            .clone()
-            .or(defaults.prefix)
-            .unwrap_or_else(|| "/usr/share/nginx".into()),
-    );
-    let conf = prefix.join(
-        args.conf
-            .clone()
-            .or(defaults.conf_path)
-            .unwrap_or_else(|| "/etc/nginx/nginx.conf".into()),
-    );
-    let mut config = read_config(pid, &exe, &args, &prefix, &conf);
+/// Read as the master (on a thread with its credentials).
+fn read_config(view: View, exe: &files::Located, args: &CommandLine, cwd: &Path) -> NginxConfig {
+    let mut problems = Vec::new();
+    let built = exe
+        .open()
+        .and_then(BuildDefaults::of_binary)
+        .unwrap_or_else(|err| {
+            problems.push(Problem {
+                file: PathBuf::from("the nginx binary"),
+                reason: format!("cannot read its compiled-in paths ({err}); assuming Debian's"),
+            });
+            None
+        });
+    // Without configure arguments, Debian's paths; with them, nginx's own
+    // defaults for what they leave out.
+    let (default_prefix, default_conf) = match built {
+        Some(built) => (
+            built.prefix.unwrap_or_else(|| "/usr/local/nginx".into()),
+            built.conf_path.unwrap_or_else(|| "conf/nginx.conf".into()),
+        ),
+        None => ("/usr/share/nginx".into(), "/etc/nginx/nginx.conf".into()),
+    };
+    let prefix = cwd.join(args.prefix.clone().unwrap_or(default_prefix));
+    let conf = prefix.join(args.conf.clone().unwrap_or(default_conf));
+    let (mut directives, more) = load(&Disk { view }, &conf);
+    problems.extend(more);
+    // -g directives apply as if written at the top of the main file.
+    if let Some(globals) = &args.globals {
+        match parse(globals, Path::new("-g on the command line")) {
+            Ok(global) => directives.extend(global),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    let mut config =
+        NginxConfig::from_directives(&directives, conf, "the files on disk", &prefix, problems);
     // Without an error_log directive, -e (or the built-in path) is the log.
     if config.error_logs.is_empty() {
-        if let Some(log) = args.error_log.filter(|log| log != "stderr") {
+        if let Some(log) = args.error_log.clone().filter(|log| log != "stderr") {
             config.error_logs.push(prefix.join(log));
         }
     }
     config
 }
 
-/// Through `nginx -T` when the master shares our root, else from disk.
-fn read_config(
-    pid: u32,
-    exe: &Path,
-    args: &CommandLine,
-    prefix: &Path,
-    conf: &Path,
-) -> NginxConfig {
-    let mut problems = Vec::new();
-    if same_root(pid) {
-        let mut dump = Command::new(exe);
-        dump.arg("-T").arg("-p").arg(prefix).arg("-c").arg(conf);
-        if let Some(globals) = &args.globals {
-            dump.arg("-g").arg(globals);
-        }
-        let why = match run(&mut dump, DUMP_TIMEOUT).map(|text| Dump::parse(&text)) {
-            Ok(files) if !files.is_empty() => {
-                let (directives, problems) = load(&files, conf);
-                return NginxConfig::from_directives(
-                    &directives,
-                    conf.into(),
-                    "nginx -T",
-                    prefix,
-                    problems,
-                );
-            }
-            Ok(_) => "nginx -T printed no configuration".to_string(),
-            Err(reason) => format!("nginx -T failed ({reason})"),
-        };
-        problems.push(Problem {
-            file: conf.into(),
-            reason: format!("{why}; reading the files instead"),
-        });
-    }
-    let disk = Disk {
-        root: PathBuf::from(format!("/proc/{pid}/root")),
-    };
-    let (directives, more) = load(&disk, conf);
-    problems.extend(more);
-    NginxConfig::from_directives(
-        &directives,
-        conf.into(),
-        "the files on disk",
-        prefix,
-        problems,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn dump(files: &[(&str, &str)]) -> Dump {
-        Dump {
+    /// Files held in memory, by path.
+    struct Memory {
+        files: std::collections::BTreeMap<PathBuf, String>,
+    }
+
+    impl Files for Memory {
+        fn read(&self, path: &Path) -> io::Result<String> {
+            self.files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))
+        }
+
+        fn expand(&self, pattern: &Path) -> Vec<PathBuf> {
+            let Some(pattern) = pattern.to_str().and_then(|p| glob::Pattern::new(p).ok()) else {
+                return Vec::new();
+            };
+            // BTreeMap keys come sorted.
+            self.files
+                .keys()
+                .filter(|path| pattern.matches_path(path))
+                .cloned()
+                .collect()
+        }
+    }
+
+    fn dump(files: &[(&str, &str)]) -> Memory {
+        Memory {
             files: files
                 .iter()
                 .map(|(p, t)| (PathBuf::from(p), t.to_string()))
@@ -1014,21 +1025,6 @@ http {
     }
 
     #[test]
-    fn nginx_dash_t_output_splits_into_files() {
-        let text = "# configuration file /etc/nginx/nginx.conf:\nevents {}\ninclude /etc/nginx/a.conf;\n\n# configuration file /etc/nginx/a.conf:\n# a comment\nworker_rlimit_nofile 64;\n";
-        let files = Dump::parse(text);
-        assert_eq!(
-            files.read(Path::new("/etc/nginx/a.conf")).unwrap(),
-            "# a comment\nworker_rlimit_nofile 64;\n"
-        );
-        let (directives, problems) = load(&files, Path::new("/etc/nginx/nginx.conf"));
-        assert!(problems.is_empty());
-        let names: Vec<&str> = directives.iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, ["events", "worker_rlimit_nofile"]);
-        assert_eq!(directives[1].origin.to_string(), "/etc/nginx/a.conf:2");
-    }
-
-    #[test]
     fn files_on_disk_through_a_root() {
         let root = std::env::temp_dir().join(format!("droptrace-nginx-{}", std::process::id()));
         std::fs::create_dir_all(root.join("etc/nginx/sites")).unwrap();
@@ -1036,7 +1032,9 @@ http {
         std::fs::write(root.join("etc/nginx/sites/b.conf"), "worker_processes 2;\n").unwrap();
         std::fs::write(root.join("etc/nginx/sites/a.conf"), "worker_processes 1;\n").unwrap();
         let (directives, problems) = load(
-            &Disk { root: root.clone() },
+            &Disk {
+                view: View::at(&root).unwrap(),
+            },
             Path::new("/etc/nginx/nginx.conf"),
         );
         assert!(problems.is_empty(), "{problems:?}");
@@ -1062,8 +1060,83 @@ http {
             CommandLine::parse(&argv).conf.as_deref(),
             Some("conf/n.conf")
         );
-        let defaults = BuildDefaults::parse("nginx version: nginx/1.22.1\nconfigure arguments: --with-cc-opt=x --prefix=/usr/share/nginx --conf-path=/etc/nginx/nginx.conf --error-log-path=stderr");
+    }
+
+    #[test]
+    fn compiled_in_paths_come_from_the_binary_bytes() {
+        let arguments = b"configure arguments: --with-cc-opt=x --prefix=/usr/share/nginx --conf-path=/etc/nginx/nginx.conf --error-log-path=stderr\n\0more";
+        // The marker cut across two 1 MiB reads, far into the file.
+        let mut binary = vec![0x7f; (1 << 20) - 7];
+        binary.extend_from_slice(arguments);
+        let defaults = BuildDefaults::of_binary(&binary[..]).unwrap().unwrap();
         assert_eq!(defaults.prefix.as_deref(), Some("/usr/share/nginx"));
         assert_eq!(defaults.conf_path.as_deref(), Some("/etc/nginx/nginx.conf"));
+        assert_eq!(BuildDefaults::of_binary(&[0u8; 4096][..]).unwrap(), None);
+        // Debian's own binary, when this machine has it.
+        if let Ok(nginx) = std::fs::File::open("/usr/sbin/nginx") {
+            let defaults = BuildDefaults::of_binary(nginx).unwrap().unwrap();
+            assert_eq!(defaults.conf_path.as_deref(), Some("/etc/nginx/nginx.conf"));
+        }
+    }
+
+    #[test]
+    fn an_include_fan_out_is_bounded() {
+        // Each file includes the next twice: 2^16 reads without a budget.
+        let mut files = Vec::new();
+        for n in 0..16 {
+            files.push((
+                format!("/etc/nginx/{n}.conf"),
+                format!("include {}.conf;\ninclude {}.conf;\n", n + 1, n + 1),
+            ));
+        }
+        files.push(("/etc/nginx/16.conf".into(), "worker_processes 2;\n".into()));
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(p, t)| (p.as_str(), t.as_str()))
+            .collect();
+        let (directives, problems) = load(&dump(&files), Path::new("/etc/nginx/0.conf"));
+        assert!(directives.len() < MAX_FILES, "{}", directives.len());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].reason.contains("more than 1000 files"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_problem_quotes_a_word_cut_short() {
+        let secret = "x".repeat(500);
+        let problem = parse(&secret, Path::new("/etc/shadow")).unwrap_err();
+        assert!(
+            problem
+                .reason
+                .contains(&format!("\"{}...\"", "x".repeat(MAX_QUOTED))),
+            "{}",
+            problem.reason
+        );
+        assert!(!problem.reason.contains(&"x".repeat(MAX_QUOTED + 1)));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Any text, includes of itself included: directives or a problem,
+        /// never a panic, and a bounded number of files read.
+        #[test]
+        fn any_text_is_read_without_a_panic(
+            text in "(include n\\.conf;|include \\*;|events|http|server|listen|worker_connections|[0-9a-z{};#'\"\\\\$ \n]){0,80}",
+        ) {
+            let files = dump(&[("/etc/nginx/n.conf", &text), ("/etc/nginx/m.conf", &text)]);
+            let (directives, problems) = load(&files, Path::new("/etc/nginx/n.conf"));
+            let config = NginxConfig::from_directives(
+                &directives,
+                "/etc/nginx/n.conf".into(),
+                "test",
+                Path::new("/usr/share/nginx"),
+                problems,
+            );
+            let mut seen = std::collections::HashSet::new();
+            proptest::prop_assert!(config.problems.iter().all(|p| seen.insert(p.to_string())));
+        }
     }
 }

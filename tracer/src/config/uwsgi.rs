@@ -6,12 +6,16 @@
 //! counts at the place it appears on the command line (or in another file).
 use std::path::{Path, PathBuf};
 
-use super::{Problem, Setting};
+use super::{files::View, Problem, Setting};
 
 /// The listen queue size uWSGI uses when none is configured.
 pub const DEFAULT_LISTEN: u32 = 100;
 /// Config files loading config files deeper than this are a loop.
 const MAX_DEPTH: usize = 8;
+/// A value after its placeholders are expanded is cut to this many bytes.
+const MAX_VALUE: usize = 4096;
+/// Bytes of expanded values kept for one file: `b = %(a)%(a)` doubles.
+const MAX_EXPANDED: usize = 1 << 20;
 
 /// What droptrace needs to know of a uWSGI instance's configuration.
 #[derive(
@@ -94,8 +98,8 @@ fn short_option(flag: &str) -> Option<&'static str> {
 }
 
 struct Reader<'a> {
-    /// Files are read through the process's root (its mount namespace).
-    root: &'a Path,
+    /// Files are read as the process sees them (see [`super::files`]).
+    view: &'a View,
     config: UwsgiConfig,
 }
 
@@ -151,8 +155,7 @@ impl Reader<'_> {
             });
             return;
         }
-        let real = super::under_root(self.root, &path);
-        let text = match std::fs::read_to_string(&real) {
+        let text = match self.view.read(&path) {
             Ok(text) => text,
             Err(err) => {
                 self.config.problems.push(Problem {
@@ -184,10 +187,10 @@ impl Reader<'_> {
 }
 
 /// The configuration of a uWSGI process started with `args` (argv without
-/// argv0), relative paths resolved against `cwd`, files read through `root`.
-pub fn read(args: &[String], cwd: &Path, root: &Path) -> UwsgiConfig {
+/// argv0), relative paths resolved against `cwd`, files read through `view`.
+pub fn read(args: &[String], cwd: &Path, view: &View) -> UwsgiConfig {
     let mut reader = Reader {
-        root,
+        view,
         config: UwsgiConfig::default(),
     };
     let mut args = args.iter().peekable();
@@ -228,6 +231,7 @@ pub fn read(args: &[String], cwd: &Path, root: &Path) -> UwsgiConfig {
 fn ini_options(text: &str, section: &str, path: &Path) -> Vec<(String, String, usize)> {
     let mut in_section = false;
     let mut options: Vec<(String, String, usize)> = Vec::new();
+    let mut expanded = 0;
     for (index, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.starts_with('[') {
@@ -238,28 +242,21 @@ fn ini_options(text: &str, section: &str, path: &Path) -> Vec<(String, String, u
             continue;
         }
         if let Some((key, value)) = line.split_once('=') {
-            let value = expand(value.trim(), path, &options);
+            let value = if expanded < MAX_EXPANDED {
+                expand(value.trim(), path, &options)
+            } else {
+                value.trim().to_string()
+            };
+            expanded += value.len();
             options.push((key.trim().to_string(), value, index + 1));
         }
     }
     options
 }
 
+/// One pass, left to right: what a placeholder brings in is not expanded
+/// again, and the result is cut to MAX_VALUE bytes.
 fn expand(value: &str, path: &Path, earlier: &[(String, String, usize)]) -> String {
-    let mut out = value.to_string();
-    while let Some(start) = out.find("%(") {
-        let Some(len) = out[start..].find(')') else {
-            break;
-        };
-        let name = &out[start + 2..start + len];
-        let replacement = earlier
-            .iter()
-            .rev()
-            .find(|(k, _, _)| k == name)
-            .map(|(_, v, _)| v.clone())
-            .unwrap_or_default();
-        out.replace_range(start..=start + len, &replacement);
-    }
     let dir = path
         .parent()
         .map(|d| format!("{}/", d.display()))
@@ -268,9 +265,44 @@ fn expand(value: &str, path: &Path, earlier: &[(String, String, usize)]) -> Stri
         .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    out.replace("%d", &dir)
-        .replace("%n", &name)
-        .replace("%p", &path.display().to_string())
+    let whole = path.display().to_string();
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find('%') {
+        if out.len() > MAX_VALUE {
+            break;
+        }
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let (replacement, used) = match rest.as_bytes().get(1) {
+            Some(b'd') => (dir.as_str(), 2),
+            Some(b'n') => (name.as_str(), 2),
+            Some(b'p') => (whole.as_str(), 2),
+            Some(b'(') => match rest.find(')') {
+                Some(end) => (
+                    earlier
+                        .iter()
+                        .rev()
+                        .find(|(k, _, _)| k == &rest[2..end])
+                        .map_or("", |(_, v, _)| v.as_str()),
+                    end + 1,
+                ),
+                None => ("%", 1),
+            },
+            _ => ("%", 1),
+        };
+        out.push_str(replacement);
+        rest = &rest[used..];
+    }
+    out.push_str(rest);
+    if out.len() > MAX_VALUE {
+        let mut end = MAX_VALUE;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
 }
 
 /// `section:` then indented `key: value` or `key:` with `- value` items.
@@ -396,7 +428,11 @@ mod tests {
     }
 
     fn on_cmdline(line: &str) -> UwsgiConfig {
-        read(&args(line), Path::new("/"), Path::new("/"))
+        read(
+            &args(line),
+            Path::new("/"),
+            &View::at(Path::new("/")).unwrap(),
+        )
     }
 
     /// A scratch directory with files, removed when dropped.
@@ -414,7 +450,7 @@ mod tests {
         }
 
         fn read(&self, line: &str) -> UwsgiConfig {
-            read(&args(line), &self.0, Path::new("/"))
+            read(&args(line), &self.0, &View::at(Path::new("/")).unwrap())
         }
     }
 
@@ -422,6 +458,29 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn placeholders_expand_once_and_stay_bounded() {
+        // Each line doubles the last: 2^40 bytes if expanded naively.
+        let mut text = String::from("[uwsgi]\na0 = xx\n");
+        for n in 1..=40 {
+            text.push_str(&format!("a{n} = %(a{})%(a{})\n", n - 1, n - 1));
+        }
+        // What a placeholder brings in is not expanded again (no loop).
+        text.push_str("p = %(p\nq = %(p))\nlisten = 77\n");
+        let started = std::time::Instant::now();
+        let options = ini_options(&text, "uwsgi", Path::new("/etc/app.ini"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(options.iter().all(|(_, v, _)| v.len() <= MAX_VALUE));
+        let value = |key: &str| options.iter().find(|(k, _, _)| k == key).unwrap().1.clone();
+        assert_eq!(value("a3").len(), 16);
+        assert_eq!(value("q"), "%(p)");
+        assert_eq!(value("listen"), "77");
+        assert_eq!(
+            expand("%d%n.sock at 50%", Path::new("/srv/app.ini"), &[]),
+            "/srv/app.sock at 50%"
+        );
     }
 
     #[test]
@@ -550,5 +609,23 @@ mod tests {
         let config = on_cmdline("--listen lots");
         assert_eq!(config.listen.value, 100);
         assert!(config.problems[0].reason.contains("not a number"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Any text in any format: options or a problem, never a panic,
+        /// never a value past MAX_VALUE.
+        #[test]
+        fn any_text_is_read_without_a_panic(
+            text in "(\\[uwsgi\\]|uwsgi:|<uwsgi>|\\{\"uwsgi\":|[a-z%()=:<>/{}\"\\[\\] \n-]|listen|%\\(a\\)){0,80}",
+        ) {
+            let path = Path::new("/etc/app.ini");
+            let options = ini_options(&text, "uwsgi", path);
+            proptest::prop_assert!(options.iter().all(|(_, v, _)| v.len() <= MAX_VALUE));
+            let _ = yaml_options(&text, "uwsgi");
+            let _ = xml_options(&text, "uwsgi");
+            let _ = json_options(&text, "uwsgi");
+        }
     }
 }

@@ -1,27 +1,84 @@
 //! The configuration a running nginx or uWSGI uses, read from its files.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
 use super::process::{self, Process};
 use crate::{
-    config::{nginx, uwsgi},
+    config::{files, nginx, uwsgi},
     contract::Role,
 };
 
-/// A running nginx's configuration is read again after this long (a reload
-/// may have changed it).
-const NGINX_CONFIG_TTL: Duration = Duration::from_secs(30);
+/// A configuration is read again after this long (a reload may have
+/// changed it).
+const CONFIG_TTL: Duration = Duration::from_secs(30);
+/// How long one reading may hold up the caller (the event loop): a file on a
+/// filesystem that does not answer costs this, once per CONFIG_TTL.
+pub const READ_DEADLINE: Duration = Duration::from_millis(500);
+/// Configurations kept; past this, those older than CONFIG_TTL go.
+const MAX_CACHED: usize = 1024;
 
-struct Cached {
-    started: u64,
-    read_at: Instant,
-    config: Arc<nginx::NginxConfig>,
+/// Configurations by pid, each valid for one start of that pid.
+struct Cache<T> {
+    entries: HashMap<u32, Cached<T>>,
 }
 
-static NGINX_CONFIGS: Mutex<Option<HashMap<u32, Cached>>> = Mutex::new(None);
+struct Cached<T> {
+    started: u64,
+    read_at: Instant,
+    config: Arc<T>,
+}
+
+impl<T> Cache<T> {
+    fn new() -> Self {
+        Self {
+            entries: HashMap::new(),
+        }
+    }
+
+    /// The cached configuration of `pid` (started at `started`), or a new
+    /// one from `read`; `first` is told of a new process's configuration.
+    fn get(
+        &mut self,
+        pid: u32,
+        started: u64,
+        read: impl FnOnce() -> T,
+        first: impl FnOnce(&T),
+    ) -> Arc<T> {
+        if let Some(cached) = self.entries.get(&pid) {
+            if cached.started == started && cached.read_at.elapsed() < CONFIG_TTL {
+                return cached.config.clone();
+            }
+        }
+        let config = Arc::new(read());
+        if self.entries.get(&pid).is_none_or(|c| c.started != started) {
+            first(&config);
+        }
+        if self.entries.len() >= MAX_CACHED {
+            self.entries
+                .retain(|_, cached| cached.read_at.elapsed() < CONFIG_TTL);
+        }
+        if self.entries.len() >= MAX_CACHED {
+            self.entries.clear();
+        }
+        self.entries.insert(
+            pid,
+            Cached {
+                started,
+                read_at: Instant::now(),
+                config: config.clone(),
+            },
+        );
+        config
+    }
+}
+
+static NGINX_CONFIGS: LazyLock<Mutex<Cache<nginx::NginxConfig>>> =
+    LazyLock::new(|| Mutex::new(Cache::new()));
+static UWSGI_CONFIGS: LazyLock<Mutex<Cache<uwsgi::UwsgiConfig>>> =
+    LazyLock::new(|| Mutex::new(Cache::new()));
 
 /// The nginx master of an nginx process (itself, or a worker's parent).
 pub fn nginx_master(process: &Process) -> Option<Process> {
@@ -33,53 +90,67 @@ pub fn nginx_master(process: &Process) -> Option<Process> {
 }
 
 /// The configuration an nginx process runs with, read once per master (and
-/// again after NGINX_CONFIG_TTL). What could not be read is logged once.
+/// again after CONFIG_TTL). What could not be read is logged once.
 pub fn nginx_of(process: &Process) -> Option<Arc<nginx::NginxConfig>> {
     let master = nginx_master(process)?;
     let started = process::start_time(master.pid)?;
-    let mut guard = NGINX_CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
-    let cache = guard.get_or_insert_with(HashMap::new);
-    if let Some(cached) = cache.get(&master.pid) {
-        if cached.started == started && cached.read_at.elapsed() < NGINX_CONFIG_TTL {
-            return Some(cached.config.clone());
-        }
-    }
-    let config = Arc::new(nginx::of_master(
+    let mut cache = NGINX_CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    Some(cache.get(
         master.pid,
-        &master.cmdline,
-        &process::cwd_of(master.pid),
-    ));
-    let is_new = cache.get(&master.pid).is_none_or(|c| c.started != started);
-    if is_new {
-        tracing::info!(
-            "nginx[{}]: configuration {} read through {}",
-            master.pid,
-            config.main_file.display(),
-            config.method
-        );
-        for problem in &config.problems {
-            tracing::warn!("nginx[{}] configuration: {problem}; droptrace falls back to nginx's defaults and what the kernel shows", master.pid);
-        }
-    }
-    cache.insert(
-        master.pid,
-        Cached {
-            started,
-            read_at: Instant::now(),
-            config: config.clone(),
+        started,
+        || {
+            nginx::of_master(
+                master.pid,
+                &master.cmdline,
+                &process::cwd_of(master.pid),
+                READ_DEADLINE,
+            )
         },
-    );
-    Some(config)
+        |config| {
+            tracing::info!(
+                "nginx[{}]: configuration {} read through {}",
+                master.pid,
+                config.main_file.display(),
+                config.method
+            );
+            for problem in &config.problems {
+                tracing::warn!("nginx[{}] configuration: {problem}; droptrace falls back to nginx's defaults and what the kernel shows", master.pid);
+            }
+        },
+    ))
 }
 
 /// The configuration a uWSGI process runs with (its command line and the
-/// files it names). Problems are logged.
+/// files it names, read as it could read them). Problems are logged once.
 pub fn uwsgi_of(process: &Process) -> uwsgi::UwsgiConfig {
-    let root = std::path::PathBuf::from(format!("/proc/{}/root", process.pid));
-    let cwd = process::cwd_of(process.pid);
-    let config = uwsgi::read(process.cmdline.get(1..).unwrap_or_default(), &cwd, &root);
-    for problem in &config.problems {
-        tracing::warn!("uwsgi[{}] configuration: {problem}", process.pid);
-    }
-    config
+    let pid = process.pid;
+    let read = || {
+        let args = process.cmdline.get(1..).unwrap_or_default().to_vec();
+        let cwd = process::cwd_of(pid);
+        let unread = |reason: String| uwsgi::UwsgiConfig {
+            problems: vec![crate::config::Problem {
+                file: "its configuration".into(),
+                reason,
+            }],
+            ..Default::default()
+        };
+        let Some(who) = files::Credentials::of(pid) else {
+            return unread("the process is gone".into());
+        };
+        match files::View::of_pid(pid) {
+            Ok(view) => {
+                files::as_process(&who, READ_DEADLINE, move || uwsgi::read(&args, &cwd, &view))
+                    .unwrap_or_else(unread)
+            }
+            Err(err) => unread(format!("cannot see the process's files: {err}")),
+        }
+    };
+    let started = process::start_time(pid).unwrap_or_default();
+    let mut cache = UWSGI_CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    let config = cache.get(pid, started, read, |config| {
+        for problem in &config.problems {
+            tracing::warn!("uwsgi[{pid}] configuration: {problem}");
+        }
+    });
+    config.as_ref().clone()
 }

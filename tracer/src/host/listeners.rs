@@ -13,6 +13,8 @@ use std::{
 
 use tracer_common::ListenRecord;
 
+use crate::config::files::View;
+
 use super::{
     address::UnixAddress,
     owners::{Owned, Owner, OwnerScans},
@@ -208,14 +210,12 @@ impl Registry {
             return;
         };
         let file = match &address {
-            UnixAddress::Path(path) => FileId::of(
-                &Task {
-                    pid: record.pid,
-                    tid: record.tid,
-                    netns: record.netns,
-                }
-                .view_of(path),
-            ),
+            UnixAddress::Path(path) => Task {
+                pid: record.pid,
+                tid: record.tid,
+                netns: record.netns,
+            }
+            .file_id(path),
             UnixAddress::Abstract(_) => None,
         };
         let owner = process::inspect(record.pid).map(Owner::of);
@@ -274,7 +274,8 @@ impl Registry {
 
     fn lookup(&self, client: Task, address: &UnixAddress) -> Option<u64> {
         let indexed = match address {
-            UnixAddress::Path(path) => FileId::of(&client.view_of(path))
+            UnixAddress::Path(path) => client
+                .file_id(path)
                 .or_else(|| FileId::of(path))
                 .and_then(|file| self.by_file.get(&file)),
             UnixAddress::Abstract(name) => self.by_abstract.get(&(client.netns, name.clone())),
@@ -337,12 +338,15 @@ impl Task {
         PathBuf::from(format!("/proc/{}/task/{}", self.pid, self.tid))
     }
 
-    /// `path` as this thread sees it: through its root and its cwd.
-    fn view_of(self, path: &Path) -> PathBuf {
+    /// The file `path` names as this thread sees it: resolved inside its
+    /// root (a relative path from its cwd), symlinks included, never
+    /// escaping to the host's files.
+    fn file_id(self, path: &Path) -> Option<FileId> {
         let base = self
             .proc_dir()
             .join(if path.is_absolute() { "root" } else { "cwd" });
-        crate::config::under_root(&base, path)
+        let (dev, ino) = View::at(&base).ok()?.file_id(path)?;
+        Some(FileId::from_stat(dev, ino))
     }
 }
 
@@ -412,19 +416,18 @@ mod tests {
     }
 
     #[test]
-    fn paths_are_seen_through_the_process_root_and_cwd() {
+    fn paths_are_seen_through_the_process_root() {
+        let me = std::process::id();
         let task = Task {
-            pid: 7,
-            tid: 9,
+            pid: me,
+            tid: me,
             netns: 1,
         };
-        assert_eq!(
-            task.view_of(Path::new("/run/a.sock")),
-            PathBuf::from("/proc/7/task/9/root/run/a.sock")
-        );
-        assert_eq!(
-            task.view_of(Path::new("a.sock")),
-            PathBuf::from("/proc/7/task/9/cwd/a.sock")
-        );
+        let file = std::env::temp_dir().join(format!("droptrace-task-{me}"));
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(task.file_id(&file), FileId::of(&file));
+        assert!(task.file_id(&file).is_some());
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(task.file_id(&file), None);
     }
 }

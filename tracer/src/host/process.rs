@@ -65,8 +65,12 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 }
 
 /// A process's working directory; "/" when it cannot be read.
+/// The working directory of `pid` (bytes that are not UTF-8 replaced: the
+/// paths built on it end up in JSON).
 pub fn cwd_of(pid: u32) -> PathBuf {
-    fs::read_link(proc_path(pid, "cwd")).unwrap_or_else(|_| "/".into())
+    fs::read_link(proc_path(pid, "cwd"))
+        .map(|cwd| cwd.to_string_lossy().into_owned().into())
+        .unwrap_or_else(|_| "/".into())
 }
 
 /// True when `pid` runs an nginx binary (cheaper than `inspect`).

@@ -35,12 +35,16 @@ impl FileId {
     pub fn of(path: &std::path::Path) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
         let meta = fs::metadata(path).ok()?;
-        let dev = meta.dev();
-        Some(Self {
+        Some(Self::from_stat(meta.dev(), meta.ino()))
+    }
+
+    /// From stat's st_dev and st_ino.
+    pub fn from_stat(dev: u64, ino: u64) -> Self {
+        Self {
             major: libc::major(dev),
             minor: libc::minor(dev),
-            ino: meta.ino(),
-        })
+            ino,
+        }
     }
 
     /// From unix_diag's udiag_vfs_dev, which is the kernel's internal dev_t

@@ -46,7 +46,8 @@ pub struct ReportJson {
 
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FileInfo {
-    pub path: PathBuf,
+    /// The path as given (bytes that are not UTF-8 shown as U+FFFD).
+    pub path: String,
     pub host: String,
     pub kernel: String,
     pub format_version: u32,
@@ -193,8 +194,10 @@ impl Analysis {
             let (_, seconds) = by_key
                 .entry(Key::of(&line.drop))
                 .or_insert_with(|| (line.drop.time, BTreeMap::new()));
-            *seconds.entry(at).or_default() += line.count;
-            *all.entry(at).or_default() += line.count;
+            let second = seconds.entry(at).or_default();
+            *second = second.saturating_add(line.count);
+            let second = all.entry(at).or_default();
+            *second = second.saturating_add(line.count);
             aggregator.add(line.drop.clone(), line.count, now);
         }
         let totals = aggregator.totals();
@@ -233,7 +236,7 @@ impl Analysis {
                 .filter(|t| t.drop.kind == DropKind::TcpAcceptQueue)
                 .filter(|t| t.drop.listener.as_ref().and_then(|l| l.netns) == Some(netns))
                 .map(|t| t.count)
-                .sum()
+                .fold(0, u64::saturating_add)
         };
         let kernel = growth
             .into_iter()
@@ -261,12 +264,12 @@ impl Analysis {
         let lost = captures
             .iter()
             .map(|c| c.summary.as_ref().map(|s| s.lost))
-            .sum::<Option<u64>>();
+            .try_fold(0, |sum: u64, lost| Some(sum.saturating_add(lost?)));
         let files = paths
             .iter()
             .zip(&captures)
             .map(|(path, capture)| FileInfo {
-                path: path.clone(),
+                path: path.to_string_lossy().into_owned(),
                 host: capture.header.snapshot.host.hostname.clone(),
                 kernel: capture.header.snapshot.host.kernel.clone(),
                 format_version: capture.header.format_version,
@@ -283,7 +286,7 @@ impl Analysis {
         let json = ReportJson {
             files,
             window,
-            drops: totals.iter().map(|t| t.count).sum(),
+            drops: totals.iter().map(|t| t.count).fold(0, u64::saturating_add),
             lost,
             first_second: all.first_key_value().map(|(&at, &drops)| second(at, drops)),
             worst_second: worst(&all),
@@ -307,7 +310,7 @@ impl Analysis {
             writeln!(
                 out,
                 "droptrace report: {} (host {}, kernel {}), recorded {} to {}{}",
-                escape(&file.path.display().to_string()),
+                escape(&file.path),
                 escape(&file.host),
                 escape(&file.kernel),
                 file.started,

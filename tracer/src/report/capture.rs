@@ -297,6 +297,40 @@ mod tests {
             }
         }
 
+        /// The analysis, its text and the HTML page take any counts and
+        /// times a capture may claim (near 1970, centuries ahead, sums past
+        /// u64): no panic, and the total saturates rather than wraps.
+        #[test]
+        fn any_counts_and_times_are_analysed_and_rendered(
+            drops in proptest::collection::vec((any::<u64>(), 0u64..(1u64 << 45)), 0..8),
+        ) {
+            let mut out = Vec::new();
+            let header = Header {
+                format: FORMAT.into(),
+                format_version: FORMAT_VERSION,
+                droptrace_version: "0.1.0".into(),
+                command: vec!["droptrace".into()],
+                snapshot: snapshot(),
+            };
+            write_record(&mut out, &Record::Header(header)).unwrap();
+            for &(count, millis) in &drops {
+                let mut drop = line(count, 0);
+                drop.drop.time = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
+                write_record(&mut out, &Record::Drop(drop)).unwrap();
+            }
+            let capture = Capture::parse(&out).unwrap();
+            let analysis = super::super::analysis::Analysis::from_captures(
+                &[std::path::PathBuf::from("capture")],
+                vec![capture],
+            );
+            let page = super::super::html::page(&analysis);
+            prop_assert!(page.ends_with("</html>\n") || page.ends_with("</html>"));
+            let mut text = Vec::new();
+            analysis.write_text(&mut text).unwrap();
+            let total = drops.iter().fold(0u64, |sum, (count, _)| sum.saturating_add(*count));
+            prop_assert_eq!(analysis.json.drops, total);
+        }
+
         /// Bytes flipped inside a capture: read, truncated or refused, no panic.
         #[test]
         fn a_damaged_capture_never_panics(at in 0usize..2000, byte in any::<u8>()) {

@@ -192,7 +192,11 @@ fn charts(analysis: &Analysis) -> String {
         return "<p>No drops were recorded: nothing to chart.</p>".into();
     };
     let margin = ((last - first) / 10).max(5);
-    let (start, end) = (first - margin, last + margin + 1);
+    // Seconds near 1970 or near the end of u64 are a capture's to claim.
+    let (start, end) = (
+        first.saturating_sub(margin),
+        last.saturating_add(margin).saturating_add(1),
+    );
     let bucket = (end - start).div_ceil(MAX_BUCKETS).max(1);
 
     let mut drops = Vec::new();
@@ -203,9 +207,10 @@ fn charts(analysis: &Analysis) -> String {
             .map(|b| (b, 0))
             .collect();
         for (&at, &count) in per_second {
-            *buckets
+            let sum = buckets
                 .entry(start + (at - start) / bucket * bucket)
-                .or_default() += count;
+                .or_default();
+            *sum = sum.saturating_add(count);
         }
         drops.push(Series {
             label: format!(
@@ -333,7 +338,7 @@ pub fn page(analysis: &Analysis) -> String {
         let _ = write!(
             html,
             "<p class=\"meta\"><span class=\"mono\">{}</span>: host <b>{}</b>, kernel {}, recorded {} to {}</p>",
-            esc(&file.path.display().to_string()),
+            esc(&file.path),
             esc(&file.host),
             esc(&file.kernel),
             esc(&file.started),
@@ -343,7 +348,7 @@ pub fn page(analysis: &Analysis) -> String {
             let _ = write!(
                 html,
                 "<p class=\"warning\"><b>Truncated capture</b>: {} ({}). Everything up to its last complete record is shown.</p>",
-                esc(&file.path.display().to_string()),
+                esc(&file.path),
                 esc(reason)
             );
         }

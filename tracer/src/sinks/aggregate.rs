@@ -95,8 +95,8 @@ impl Aggregator {
                 })
             }
             Some(batch) => {
-                batch.total += count;
-                batch.pending += count;
+                batch.total = batch.total.saturating_add(count);
+                batch.pending = batch.pending.saturating_add(count);
                 batch.latest = drop;
                 Self::take_if_due(batch, now, self.interval)
             }

@@ -130,7 +130,7 @@ impl<W: Write> Sink<W> {
                 return write_record(&mut self.out, &Record::Summary(record));
             }
             Format::Human => {
-                let drops: u64 = totals.iter().map(|t| t.count).sum();
+                let drops = totals.iter().map(|t| t.count).fold(0, u64::saturating_add);
                 writeln!(self.out)?;
                 self.put(format_args!(
                     "--- droptrace summary: {drops} drops in {:.1} s, {} lost ---",

@@ -19,7 +19,7 @@ use std::{
 use aya::Ebpf;
 
 use crate::{
-    config::under_root,
+    config::files::{self, Credentials, View},
     contract::Role,
     host::{configs, process, sock_diag::FileId},
     probes,
@@ -65,9 +65,11 @@ struct LogTail {
     partial: String,
 }
 
+/// A line longer than this is no nginx alert; it is skipped.
+const MAX_LINE: usize = 64 << 10;
+
 impl LogTail {
-    fn open(path: &Path) -> std::io::Result<Self> {
-        let mut file = File::open(path)?;
+    fn open(mut file: File) -> std::io::Result<Self> {
         file.seek(SeekFrom::End(0))?;
         Ok(Self {
             reader: BufReader::new(file),
@@ -83,8 +85,10 @@ impl LogTail {
             match self.reader.read_line(&mut line) {
                 Ok(0) | Err(_) => break,
                 Ok(_) if !line.ends_with('\n') => {
-                    // Half-written: keep it for next time.
-                    self.partial.push_str(&line);
+                    // Half-written: keep it for next time (not without end).
+                    if self.partial.len() + line.len() <= MAX_LINE {
+                        self.partial.push_str(&line);
+                    }
                     break;
                 }
                 Ok(_) => {
@@ -179,10 +183,17 @@ impl WorkerConnections {
             .error_logs
             .first()
             .ok_or_else(|| "its configuration names no error_log file".to_string())?;
-        let real = under_root(Path::new(&format!("/proc/{}/root", master.pid)), path);
         if !self.tails.contains_key(path) {
-            let tail = LogTail::open(&real)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+            let cannot = |why: String| format!("cannot read {}: {why}", path.display());
+            // Opened as the master could open it, inside its root.
+            let who =
+                Credentials::of(master.pid).ok_or_else(|| cannot("the process is gone".into()))?;
+            let view = View::of_pid(master.pid).map_err(|err| cannot(err.to_string()))?;
+            let inside = path.clone();
+            let file = files::as_process(&who, configs::READ_DEADLINE, move || view.open(&inside))
+                .map_err(cannot)?
+                .map_err(|err| cannot(err.to_string()))?;
+            let tail = LogTail::open(file).map_err(|err| cannot(err.to_string()))?;
             self.tails.insert(path.clone(), tail);
         }
         Ok(Method::ErrorLog { path: path.clone() })
@@ -257,7 +268,7 @@ mod tests {
             "2026/11/26 10:00:00 [alert] 1#1: 8 worker_connections are not enough"
         )
         .unwrap();
-        let mut tail = LogTail::open(&path).unwrap();
+        let mut tail = LogTail::open(File::open(&path).unwrap()).unwrap();
         assert!(tail.alerts().is_empty());
         writeln!(
             log,
