@@ -2,6 +2,7 @@
 //! real nginx and real uWSGI, and read what it reports.
 //!
 //! Everything started here is stopped by its PID; nothing is killed by name.
+pub mod bpf;
 pub mod droptrace;
 pub mod guest;
 pub mod http;
@@ -20,6 +21,21 @@ pub fn require_root(test: &str) {
         root,
         "{test} needs root (eBPF): run `sudo -E cargo xtask test` (without root it leaves this test out as skipped)"
     );
+}
+
+/// Start `command` with its stdout piped; the child, and the first line it
+/// printed (trimmed).
+pub fn spawn_and_read_line(command: &mut std::process::Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_string())
 }
 
 /// Send `signal` to `pid` (a process this harness started).

@@ -5,16 +5,15 @@
 //! droptrace took to finish, and which bytes reached the operator.
 use std::{
     ffi::CString,
-    io::{BufRead, BufReader},
     os::unix::{ffi::OsStrExt, fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use droptrace_tests::{
     droptrace::{self, Droptrace},
-    require_root, signal,
+    require_root, signal, spawn_and_read_line,
 };
 
 const NOBODY: u32 = 65534;
@@ -56,20 +55,15 @@ impl Pretender {
                 Ok(())
             });
         }
-        let mut child = child
-            .arg0("nginx: master process ./nginx")
-            .args(["-p", "./", "-c", "n.conf"])
-            .current_dir(path)
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "listening", "the pretender did not start");
+        let (child, line) = spawn_and_read_line(
+            child
+                .arg0("nginx: master process ./nginx")
+                .args(["-p", "./", "-c", "n.conf"])
+                .current_dir(path)
+                .uid(NOBODY)
+                .gid(NOBODY),
+        );
+        assert_eq!(line, "listening", "the pretender did not start");
         Self {
             dir,
             child: Some(child),

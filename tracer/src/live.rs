@@ -112,7 +112,7 @@ async fn watch_until_stopped<W: Destination>(
         mut ebpf,
         records,
         lost,
-        counters,
+        mut counters,
         choices,
     } = probes;
     tracing::info!(
@@ -128,6 +128,13 @@ async fn watch_until_stopped<W: Destination>(
     let baseline = families.listen_overflows();
     let scope = families.describe_filter();
     families.worker_connections.uretprobe_first = nginx_uretprobe;
+    // Tests retire keys sooner than an operator needs to.
+    if let Some(ms) = std::env::var("DROPTRACE_RETIRE_AFTER_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        families.retire_after = Duration::from_millis(ms);
+    }
     families.worker_connections.scan(&mut ebpf);
     let mut aggregator = Aggregator::new(LINE_INTERVAL);
 
@@ -159,6 +166,7 @@ async fn watch_until_stopped<W: Destination>(
             }
             _ = tick.tick() => {
                 show(&mut aggregator, &mut sink, families.drops(counters.read(), false))?;
+                counters.forget(&families.retire());
                 families.worker_connections.scan(&mut ebpf);
                 show(&mut aggregator, &mut sink, families.logged_shortages())?;
                 for line in aggregator.due(Instant::now()) {

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use droptrace_tests::{droptrace::Droptrace, stack, unix};
+use droptrace_tests::{bpf, droptrace::Droptrace, stack, unix};
 
 const ROUNDS: usize = 3;
 
@@ -159,64 +159,16 @@ fn storm(figures: &mut Figures, me: &str, connects: usize) {
     );
 }
 
-/// The name of BPF program `fd` of process `pid` (its copy through
-/// pidfd_getfd, then BPF_OBJ_GET_INFO_BY_FD).
-fn program_name(pid: u32, fd: i32) -> Option<String> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // SAFETY: plain syscalls on fds we own; the info buffer outlives them.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        if pidfd < 0 {
-            return None;
-        }
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        if copy < 0 {
-            return None;
-        }
-        // struct bpf_prog_info up to its name (uapi: name at 64, 16 bytes).
-        let mut info = [0u8; 80];
-        // union bpf_attr for OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
-        let mut attr = [0u8; 16];
-        attr[..4].copy_from_slice(&(copy as u32).to_ne_bytes());
-        attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
-        attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-        let ret = libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            attr.len(),
-        );
-        libc::close(copy);
-        if ret != 0 {
-            return None;
-        }
-        let name = &info[64..80];
-        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-        Some(String::from_utf8_lossy(&name[..end]).into_owned())
-    }
-}
-
 /// (run_time_ns, run_cnt) per BPF program name of `pid`'s programs, from
 /// /proc/PID/fdinfo (counted while kernel.bpf_stats_enabled=1).
 fn program_stats(pid: u32) -> std::collections::BTreeMap<String, (u64, u64)> {
     let mut totals = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
+    for (fd, info) in bpf::objects(pid, "prog_type:") {
         let field = |name: &str| -> Option<u64> {
             info.lines()
                 .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         };
-        if field("prog_type:").is_none() {
-            continue;
-        }
-        let fd: i32 = entry.file_name().to_string_lossy().parse().unwrap();
-        let name = program_name(pid, fd).unwrap_or_else(|| format!("fd {fd}"));
+        let name = bpf::program_name(pid, fd).unwrap_or_else(|| format!("fd {fd}"));
         let total: &mut (u64, u64) = totals.entry(name).or_default();
         total.0 += field("run_time_ns:").unwrap_or(0);
         total.1 += field("run_cnt:").unwrap_or(0);

@@ -4,9 +4,14 @@
 //! the last read, explained by the key's latest sampled record. Counts never
 //! depend on the ring buffer: a key whose sample never came is explained
 //! from the key alone.
+//!
+//! A key stops being held once its process has exited and no drop came for
+//! RETIRE_AFTER (see [`Counted::retire`]): the kernel's table and ours
+//! stay bounded for weeks.
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
+    time::{Duration, Instant},
 };
 
 use tracer_common::{ConnectFailure, ConnectKey, FdLimitKey, FdLimitRecord, NoConnectionRecord};
@@ -69,9 +74,19 @@ impl Sample for NoConnectionRecord {
     }
 }
 
+/// A key is retired this long after its last drop (once its process is
+/// gone).
+pub const RETIRE_AFTER: Duration = Duration::from_secs(60);
+
+/// What was shown of a key, and when it last grew.
+struct Shown {
+    total: u64,
+    grew: Instant,
+}
+
 /// One counted family's keys: totals already shown, and latest samples.
 pub struct Counted<R: Sample> {
-    shown: HashMap<R::Key, u64>,
+    shown: HashMap<R::Key, Shown>,
     /// The latest sample of each key, and whether it is newer than the
     /// last drops shown for the key (then its time is theirs).
     samples: HashMap<R::Key, (R, bool)>,
@@ -113,7 +128,7 @@ impl<R: Sample> Counted<R> {
     ) -> Vec<Batch<R>> {
         let mut batches = Vec::new();
         for (key, total) in totals {
-            let shown = self.shown.get(&key).copied().unwrap_or(0);
+            let shown = self.shown.get(&key).map_or(0, |s| s.total);
             if total <= shown {
                 continue;
             }
@@ -127,13 +142,45 @@ impl<R: Sample> Counted<R> {
                 None => R::from_key(&key, now_ns, comm(R::pid(&key))),
             };
             self.waiting.remove(&key);
-            self.shown.insert(key, total);
+            self.shown.insert(
+                key,
+                Shown {
+                    total,
+                    grew: Instant::now(),
+                },
+            );
             batches.push(Batch {
                 record,
                 count: total - shown,
             });
         }
         batches
+    }
+
+    /// Keys whose drops were all shown, whose process is `gone`, and that
+    /// did not grow for `after`: forgotten here, to be deleted from the
+    /// kernel's table by the caller. A process that has exited makes no
+    /// more drops under its key, so deleting the key loses none; if the pid
+    /// comes back, its key starts again from zero.
+    pub fn retire(&mut self, after: Duration, mut gone: impl FnMut(u32) -> bool) -> Vec<R::Key> {
+        let retired: Vec<R::Key> = self
+            .shown
+            .iter()
+            .filter(|(key, shown)| {
+                shown.grew.elapsed() >= after && !self.waiting.contains(key) && gone(R::pid(key))
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &retired {
+            self.shown.remove(key);
+            self.samples.remove(key);
+        }
+        retired
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shown.len()
     }
 }
 
@@ -143,6 +190,25 @@ mod tests {
 
     fn sample(pid: u32, ktime_ns: u64) -> NoConnectionRecord {
         NoConnectionRecord::new(pid, pid + 1, ktime_ns, *b"nginx\0\0\0\0\0\0\0\0\0\0\0")
+    }
+
+    #[test]
+    fn a_key_is_retired_once_idle_and_its_process_gone_and_counts_again_from_zero() {
+        let mut counted = Counted::<NoConnectionRecord>::default();
+        counted.sample(sample(7, 100));
+        counted.sample(sample(8, 100));
+        let batches = counted.poll(vec![(7, 5), (8, 3)], false, 500, |_| [0; 16]);
+        assert_eq!(batches.len(), 2);
+        // Not idle long enough, or the process still runs: kept.
+        assert!(counted.retire(Duration::from_secs(60), |_| true).is_empty());
+        assert!(counted.retire(Duration::ZERO, |_| false).is_empty());
+        assert_eq!(counted.retire(Duration::ZERO, |pid| pid == 7), vec![7]);
+        assert_eq!(counted.len(), 1);
+        // The kernel deleted key 7: a new process with that pid counts
+        // from zero, and every one of its drops is shown.
+        let batches = counted.poll(vec![(7, 2), (8, 3)], true, 600, |_| [0; 16]);
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].count, 2);
     }
 
     #[test]

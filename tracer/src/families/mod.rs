@@ -28,10 +28,14 @@ use tracer_common::{
 
 use crate::{
     contract::{Cause, Client, Drop, Family, ListenerView, Notice, Role, Verdict},
-    host::{owners::Owner, process::PidFilter, Host},
+    host::{
+        owners::Owner,
+        process::{PerProcess, PidFilter},
+        Host,
+    },
     probes::{
         hooks::{FamilyHooks, Mechanism, Program},
-        Totals,
+        Retired, Totals,
     },
 };
 use counted::{Batch, Counted};
@@ -82,6 +86,8 @@ const VERDICT_TTL: Duration = Duration::from_secs(5);
 /// Verdicts and failed accepts kept for reuse: beyond this many, the stale
 /// ones are forgotten (a long run sees many short-lived processes).
 const MAX_REMEMBERED: usize = 4096;
+/// How often keys are looked at for retirement (a TCP look scans /proc).
+const RETIRE_CHECK: Duration = Duration::from_secs(10);
 
 /// Converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall-clock time.
 pub struct Clock {
@@ -146,7 +152,7 @@ pub struct Families {
     host: Box<dyn Host>,
     filter: PidFilter,
     clock: Clock,
-    client_roles: HashMap<u32, Role>,
+    client_roles: PerProcess<Role>,
     /// Verdicts whose facts come from /proc and configs, reused in a storm.
     verdicts: HashMap<VerdictKey, (Instant, Verdict)>,
     /// The latest failed accept() of each process and of its parent.
@@ -160,6 +166,9 @@ pub struct Families {
     pub tcp: tcp_queue::TcpQueue,
     clamps: backlog_clamped::BacklogClamped,
     pub worker_connections: worker_connections::WorkerConnections,
+    /// Keys idle this long, of a process or listener gone, are retired.
+    pub retire_after: Duration,
+    last_retire: Instant,
 }
 
 impl Families {
@@ -168,7 +177,7 @@ impl Families {
             host,
             filter,
             clock,
-            client_roles: HashMap::new(),
+            client_roles: PerProcess::new(MAX_REMEMBERED),
             verdicts: HashMap::new(),
             accept_failures: HashMap::new(),
             pending: false,
@@ -179,6 +188,8 @@ impl Families {
             tcp: Default::default(),
             clamps: Default::default(),
             worker_connections: Default::default(),
+            retire_after: counted::RETIRE_AFTER,
+            last_retire: Instant::now(),
         }
     }
 
@@ -246,6 +257,25 @@ impl Families {
         drops
     }
 
+    /// What no longer needs holding, forgotten here (see
+    /// `Counted::retire`, `TcpListeners::retire`); the caller deletes the
+    /// same keys from the kernel's tables. Looked at every RETIRE_CHECK.
+    pub fn retire(&mut self) -> Retired {
+        if self.last_retire.elapsed() < RETIRE_CHECK.min(self.retire_after) {
+            return Retired::default();
+        }
+        self.last_retire = Instant::now();
+        let after = self.retire_after;
+        let host = &mut self.host;
+        let mut gone = |pid| host.process(pid).is_none();
+        Retired {
+            connects: self.connects.retire(after, &mut gone),
+            fd_limits: self.fd_limits.retire(after, &mut gone),
+            no_connection: self.no_connections.retire(after, &mut gone),
+            tcp: self.tcp.listeners.retire(after, host.as_mut()),
+        }
+    }
+
     /// A listen() call: the listener tables learn it, and a clamped backlog
     /// becomes a notice.
     fn on_listen(&mut self, record: &ListenRecord) -> Option<Notice> {
@@ -257,8 +287,8 @@ impl Families {
     }
 
     fn client(&mut self, pid: u32, comm: String) -> Client {
-        let role = match self.client_roles.get(&pid) {
-            Some(&role) => role,
+        let role = match self.client_roles.get(pid) {
+            Some(role) => role,
             None => {
                 // An exited client cannot be placed in the process tree.
                 let role = self.host.process(pid).map_or(Role::Other, |p| p.role);

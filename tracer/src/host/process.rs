@@ -1,6 +1,6 @@
 //! Processes: who they are (role), who their parent is, and the --pid filter.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs,
     path::{Path, PathBuf},
 };
@@ -135,12 +135,49 @@ pub fn all_pids() -> Vec<u32> {
         .collect()
 }
 
+/// Something known of a process, remembered by pid for as long as that pid
+/// names the same process: a pid reused by a new process (another start
+/// time) is a stranger. An exited process keeps what was known of it, for
+/// its late events. At most `cap` entries.
+pub struct PerProcess<T> {
+    entries: HashMap<u32, (Option<u64>, T)>,
+    cap: usize,
+}
+
+impl<T: Clone> PerProcess<T> {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            cap,
+        }
+    }
+
+    pub fn get(&self, pid: u32) -> Option<T> {
+        let (started, known) = self.entries.get(&pid)?;
+        let now = start_time(pid);
+        (now.is_none() || now == *started).then(|| known.clone())
+    }
+
+    pub fn insert(&mut self, pid: u32, known: T) {
+        if self.entries.len() >= self.cap {
+            // Keep the processes still running as they were.
+            self.entries
+                .retain(|&pid, (started, _)| started.is_some() && start_time(pid) == *started);
+            if self.entries.len() >= self.cap {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(pid, (start_time(pid), known));
+    }
+}
+
 /// `--pid` and `--process`: the given processes, the processes with the
 /// given names (also ones started later), and all their descendants.
 pub struct PidFilter {
-    roots: HashSet<u32>,
+    /// The --pid processes, with their start times.
+    roots: HashMap<u32, Option<u64>>,
     names: Vec<String>,
-    verdicts: HashMap<u32, bool>,
+    verdicts: PerProcess<bool>,
 }
 
 impl PidFilter {
@@ -152,9 +189,9 @@ impl PidFilter {
             }
         }
         Ok(Self {
-            roots: pids.iter().copied().collect(),
+            roots: pids.iter().map(|&pid| (pid, start_time(pid))).collect(),
             names: names.to_vec(),
-            verdicts: HashMap::new(),
+            verdicts: PerProcess::new(65_536),
         })
     }
 
@@ -169,7 +206,7 @@ impl PidFilter {
         }
         let mut parts = Vec::new();
         if !self.roots.is_empty() {
-            let mut pids: Vec<u32> = self.roots.iter().copied().collect();
+            let mut pids: Vec<u32> = self.roots.keys().copied().collect();
             pids.sort_unstable();
             parts.push(format!("pids {pids:?}"));
         }
@@ -179,8 +216,17 @@ impl PidFilter {
         format!("{} and their descendants", parts.join(" and "))
     }
 
+    /// A --pid process (not a later one that took its pid), or one named
+    /// by --process.
+    fn is_given(&self, pid: u32) -> bool {
+        self.roots.get(&pid).is_some_and(|&started| {
+            let now = start_time(pid);
+            now.is_none() || now == started
+        })
+    }
+
     fn is_root(&self, pid: u32) -> bool {
-        self.roots.contains(&pid)
+        self.is_given(pid)
             || (!self.names.is_empty() && {
                 let comm = fs::read_to_string(proc_path(pid, "comm")).unwrap_or_default();
                 let exe = exe_name(pid).unwrap_or_default();
@@ -193,10 +239,10 @@ impl PidFilter {
     /// True when `pid` is a root or descends from one. A process that has
     /// already exited cannot be placed in the tree and is not covered.
     pub fn covers(&mut self, pid: u32) -> bool {
-        if self.watches_everything() || self.roots.contains(&pid) {
+        if self.watches_everything() || self.is_given(pid) {
             return true;
         }
-        if let Some(&known) = self.verdicts.get(&pid) {
+        if let Some(known) = self.verdicts.get(pid) {
             return known;
         }
         let mut current = pid;
@@ -212,9 +258,6 @@ impl PidFilter {
                 _ => break,
             }
         }
-        if self.verdicts.len() > 65_536 {
-            self.verdicts.clear();
-        }
         self.verdicts.insert(pid, covered);
         covered
     }
@@ -223,6 +266,28 @@ impl PidFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_pid_is_a_stranger_and_an_exited_one_is_remembered() {
+        let me = std::process::id();
+        let mut known = PerProcess::new(4);
+        known.insert(me, "me");
+        assert_eq!(known.get(me), Some("me"));
+        // The same pid, started at another time: another process.
+        known.entries.get_mut(&me).unwrap().0 = Some(1);
+        assert_eq!(known.get(me), None);
+        // A pid no process has now: what was known of it stays.
+        let gone = u32::MAX - 1;
+        known.insert(gone, "gone");
+        assert_eq!(known.get(gone), Some("gone"));
+        // Full: the exited and the reused go first.
+        for pid in [u32::MAX - 2, u32::MAX - 3] {
+            known.insert(pid, "more");
+        }
+        known.insert(me, "me again");
+        assert_eq!(known.entries.len(), 1);
+        assert_eq!(known.get(me), Some("me again"));
+    }
 
     #[test]
     fn roles_come_from_the_executable_its_title_and_its_parent() {

@@ -54,7 +54,34 @@ pub struct Totals {
     pub no_connection: Vec<(u32, u64)>,
 }
 
+/// Keys that no longer need holding (their drops were all shown and their
+/// process or listener is gone): deleted from the kernel's tables.
+#[derive(Debug, Default)]
+pub struct Retired {
+    pub tcp: Vec<TcpOverflowKey>,
+    pub connects: Vec<ConnectKey>,
+    pub fd_limits: Vec<FdLimitKey>,
+    pub no_connection: Vec<u32>,
+}
+
 impl Counters {
+    /// Delete retired keys from the kernel's tables.
+    pub fn forget(&mut self, retired: &Retired) {
+        // A key already gone is no error.
+        for key in &retired.tcp {
+            let _ = self.tcp.remove(key);
+        }
+        for key in &retired.connects {
+            let _ = self.connects.remove(key);
+        }
+        for key in &retired.fd_limits {
+            let _ = self.fd_limits.remove(key);
+        }
+        for key in &retired.no_connection {
+            let _ = self.no_connection.remove(key);
+        }
+    }
+
     pub fn read(&self) -> Totals {
         fn counted<K: aya::Pod>(map: &PerCpuHashMap<MapData, K, Counter>) -> Vec<(K, u64)> {
             map.iter()

@@ -3,8 +3,9 @@
 //! Details come from the records the kernel samples (at most one per
 //! listener per 10 ms): address, queue, backlog, namespace, last peer.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
 };
 
 use tracer_common::{stage, ListenRecord, TcpOverflowKey, TcpOverflowRecord, AF_INET6};
@@ -97,8 +98,10 @@ pub struct TcpListeners {
     listeners: HashMap<u64, TcpListener>,
     /// listen() calls seen: socket inode -> (requested backlog, pid).
     listens: HashMap<u64, (u32, u32)>,
-    /// Counter totals already turned into batches.
-    reported: HashMap<TcpOverflowKey, u64>,
+    /// Counter totals already turned into batches, and when each grew.
+    reported: HashMap<TcpOverflowKey, (u64, Instant)>,
+    /// Accept-queue overflows of retired keys, by network namespace.
+    retired_overflows: HashMap<u32, u64>,
     owner_scans: OwnerScans,
 }
 
@@ -156,12 +159,13 @@ impl TcpListeners {
             if !sampled && !last {
                 continue;
             }
-            let reported = self.reported.entry(key).or_insert(0);
+            let (reported, grew) = self.reported.entry(key).or_insert((0, Instant::now()));
             if total <= *reported {
                 continue;
             }
             let count = total - *reported;
             *reported = total;
+            *grew = Instant::now();
             let listener = self.entry(key.inode, host).clone();
             let sample = listener
                 .by_stage
@@ -195,19 +199,64 @@ impl TcpListeners {
     /// Every accept-queue overflow counted so far, by network namespace,
     /// whatever --pid says: what TcpExtListenOverflows counts too.
     pub fn accept_queue_overflows_by_netns(&self) -> HashMap<u32, u64> {
-        let mut by_netns = HashMap::new();
-        for (key, total) in &self.reported {
-            if !is_accept_queue_stage(key.stage) {
-                continue;
+        let mut by_netns = self.retired_overflows.clone();
+        for (key, (total, _)) in &self.reported {
+            if is_accept_queue_stage(key.stage) {
+                *by_netns.entry(self.netns_of(key.inode)).or_insert(0) += total;
             }
-            let netns = self
-                .listeners
-                .get(&key.inode)
-                .and_then(TcpListener::netns)
-                .unwrap_or(0);
-            *by_netns.entry(netns).or_insert(0) += total;
         }
         by_netns
+    }
+
+    fn netns_of(&self, inode: u64) -> u32 {
+        self.listeners
+            .get(&inode)
+            .and_then(TcpListener::netns)
+            .unwrap_or(0)
+    }
+
+    /// Keys of listeners that closed (no process holds the socket) and
+    /// did not grow for `after`: forgotten here, with their listener, to be
+    /// deleted from the kernel's table by the caller. A closed listener
+    /// drops nothing more, so deleting its keys loses no count; their
+    /// overflows still count in the namespace's total.
+    pub fn retire(&mut self, after: Duration, host: &mut dyn Host) -> Vec<TcpOverflowKey> {
+        let idle: Vec<TcpOverflowKey> = self
+            .reported
+            .iter()
+            .filter(|(_, (_, grew))| grew.elapsed() >= after)
+            .map(|(key, _)| *key)
+            .collect();
+        if idle.is_empty() {
+            return idle;
+        }
+        let inodes: HashSet<u64> = idle.iter().map(|key| key.inode).collect();
+        let open = host.socket_owners(&inodes);
+        let retired: Vec<TcpOverflowKey> = idle
+            .into_iter()
+            .filter(|key| !open.contains_key(&key.inode))
+            .collect();
+        for key in &retired {
+            let netns = self.netns_of(key.inode);
+            if let Some((total, _)) = self.reported.remove(key) {
+                if is_accept_queue_stage(key.stage) {
+                    *self.retired_overflows.entry(netns).or_insert(0) += total;
+                }
+            }
+        }
+        let held: HashSet<u64> = self.reported.keys().map(|key| key.inode).collect();
+        for key in &retired {
+            if !held.contains(&key.inode) {
+                self.listeners.remove(&key.inode);
+                self.listens.remove(&key.inode);
+            }
+        }
+        retired
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> (usize, usize) {
+        (self.listeners.len(), self.reported.len())
     }
 }
 
@@ -273,6 +322,34 @@ pub(super) mod tests {
         assert!(tcp
             .poll([(key(7, stage::SYN), 15)], false, &mut host)
             .is_empty());
+    }
+
+    #[test]
+    fn a_closed_idle_listener_is_retired_and_still_counts_in_its_namespace() {
+        let mut tcp = TcpListeners::default();
+        let mut host = FakeHost::default();
+        host.add_process(9, "app", crate::contract::Role::Other, None);
+        host.socket_owners.insert(2, 9);
+        tcp.on_sample(&sample(1, 42), &mut host);
+        tcp.on_sample(&sample(2, 42), &mut host);
+        tcp.poll(
+            [(key(1, stage::SYN), 10), (key(2, stage::ACK), 3)],
+            false,
+            &mut host,
+        );
+        assert!(tcp.retire(Duration::from_secs(60), &mut host).is_empty());
+        // Listener 1 is closed (nobody holds it), 2 is still open.
+        assert_eq!(
+            tcp.retire(Duration::ZERO, &mut host),
+            vec![key(1, stage::SYN)]
+        );
+        assert_eq!(tcp.len(), (1, 1));
+        assert_eq!(tcp.accept_queue_overflows_by_netns()[&42], 13);
+        // Its inode counts again from zero should it come back.
+        tcp.on_sample(&sample(1, 42), &mut host);
+        let batches = tcp.poll([(key(1, stage::SYN), 4)], false, &mut host);
+        assert_eq!(batches[0].count, 4);
+        assert_eq!(tcp.accept_queue_overflows_by_netns()[&42], 17);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     io::{BufRead, BufReader, Seek, SeekFrom},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -123,7 +123,9 @@ pub struct WorkerConnections {
     /// Binaries without the symbol.
     unprobeable: HashSet<FileId>,
     tails: HashMap<PathBuf, LogTail>,
-    methods: HashMap<u32, Method>,
+    /// By master pid, with the master's start time (a pid reused by a new
+    /// master is watched anew).
+    methods: HashMap<u32, (u64, Method)>,
     last_scan: Option<Instant>,
 }
 
@@ -135,11 +137,24 @@ impl WorkerConnections {
         }
         self.last_scan = Some(Instant::now());
         self.methods
-            .retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
+            .retain(|&pid, (started, _)| process::start_time(pid) == Some(*started));
+        // Logs no master writes any more are closed.
+        let logs: HashSet<&PathBuf> = self
+            .methods
+            .values()
+            .filter_map(|(_, method)| match method {
+                Method::ErrorLog { path } => Some(path),
+                _ => None,
+            })
+            .collect();
+        self.tails.retain(|path, _| logs.contains(path));
         for pid in process::all_pids() {
             if self.methods.contains_key(&pid) || !process::runs_nginx(pid) {
                 continue;
             }
+            let Some(started) = process::start_time(pid) else {
+                continue;
+            };
             let Some(master) = process::inspect(pid).filter(|p| p.role == Role::NginxMaster) else {
                 continue;
             };
@@ -149,7 +164,7 @@ impl WorkerConnections {
                 master.pid,
                 method.describe()
             );
-            self.methods.insert(master.pid, method);
+            self.methods.insert(master.pid, (started, method));
         }
     }
 
@@ -226,7 +241,7 @@ impl WorkerConnections {
 
     /// How shortages of `master`'s workers are seen.
     pub fn method_of(&self, master: u32) -> Option<&Method> {
-        self.methods.get(&master)
+        self.methods.get(&master).map(|(_, method)| method)
     }
 
     /// Worker pids of the alert lines written since the last call.

@@ -1,0 +1,142 @@
+//! droptrace runs for weeks: what it holds in the kernel's tables for a
+//! process or a listener goes once that process exited or that listener
+//! closed (after a quiet spell, shortened here with
+//! DROPTRACE_RETIRE_AFTER_MS), and a drop after that is still counted. The
+//! tables are read from the kernel (bpf(2) on droptrace's own map fds), the
+//! counts from what the helper itself saw.
+use std::{
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use droptrace_tests::{bpf, droptrace::Droptrace, require_root, spawn_and_read_line, tcp};
+
+/// struct FdLimitKey: pid first, 32 bytes.
+const FD_LIMIT_KEY: usize = 32;
+/// struct TcpOverflowKey: inode first, 16 bytes.
+const TCP_KEY: usize = 16;
+
+fn fd_limit_keys_of(tracer: u32, pid: u32) -> usize {
+    bpf::map_keys(tracer, "FD_LIMIT_HITS", FD_LIMIT_KEY)
+        .expect("droptrace has no FD_LIMIT_HITS map")
+        .iter()
+        .filter(|key| key[..4] == pid.to_ne_bytes())
+        .count()
+}
+
+fn tcp_keys_of(tracer: u32, inode: u64) -> usize {
+    bpf::map_keys(tracer, "TCP_OVERFLOWS", TCP_KEY)
+        .expect("droptrace has no TCP_OVERFLOWS map")
+        .iter()
+        .filter(|key| key[..8] == inode.to_ne_bytes())
+        .count()
+}
+
+/// Wait up to 10 s for `done`.
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The exhaust helper under RLIMIT_NOFILE 16: its pid and what it saw
+/// (`socket=1 accept4=1 openat=1`); it lives until `stop` is called.
+struct Helper(std::process::Child, String);
+
+impl Helper {
+    fn start() -> Self {
+        let (child, line) = spawn_and_read_line(
+            Command::new(env!("CARGO_BIN_EXE_exhaust"))
+                .args(["nofile", "16"])
+                .stdin(Stdio::piped()),
+        );
+        Self(child, line)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// EMFILEs it saw, over its three syscalls.
+    fn refused(&self) -> u64 {
+        self.1
+            .split_whitespace()
+            .filter_map(|word| word.split_once('=')?.1.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn stop(mut self) {
+        drop(self.0.stdin.take());
+        assert!(
+            self.0.wait().unwrap().success(),
+            "helper failed: {}",
+            self.1
+        );
+    }
+}
+
+#[test]
+fn keys_of_exited_processes_and_closed_listeners_leave_the_kernel_tables() {
+    let test = "keys_of_exited_processes_and_closed_listeners_leave_the_kernel_tables";
+    require_root(test);
+    let tracer = Droptrace::start_with_env(&[], &[("DROPTRACE_RETIRE_AFTER_MS", "300")]);
+    let me = tracer.pid();
+
+    // A process that hit EMFILE: its key stays while it lives...
+    let first = Helper::start();
+    let first_pid = first.pid();
+    assert!(first.refused() > 0, "{}", first.1);
+    eventually("the helper's key in FD_LIMIT_HITS", || {
+        fd_limit_keys_of(me, first_pid) > 0
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        fd_limit_keys_of(me, first_pid) > 0,
+        "retired while its process still runs"
+    );
+    let first_refused = first.refused();
+    // ...and goes once it exited.
+    first.stop();
+    eventually("the exited helper's keys leaving FD_LIMIT_HITS", || {
+        fd_limit_keys_of(me, first_pid) == 0
+    });
+
+    // A TCP listener that overflowed: its keys stay while it is open...
+    let addr = "127.0.0.1:18097".parse().unwrap();
+    let listener = tcp::listener(addr, 0);
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+            .unwrap()
+            .ino()
+    };
+    let clients = tcp::connect_many(addr, 8);
+    eventually("the listener's keys in TCP_OVERFLOWS", || {
+        tcp_keys_of(me, inode) > 0
+    });
+    tcp::close_all(clients);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        tcp_keys_of(me, inode) > 0,
+        "retired while the listener is open"
+    );
+    // ...and go once it closed.
+    drop(listener);
+    eventually("the closed listener's keys leaving TCP_OVERFLOWS", || {
+        tcp_keys_of(me, inode) == 0
+    });
+
+    // A drop after all that is counted, exactly, with its process.
+    let second = Helper::start();
+    let (second_pid, second_refused) = (second.pid(), second.refused());
+    std::thread::sleep(Duration::from_millis(500));
+    let report = tracer.stop();
+    second.stop();
+    let counted = |pid: u32| report.count_of("nofile", |d| d["client"]["pid"] == pid);
+    assert_eq!(counted(first_pid), first_refused, "{:#?}", report.drops);
+    assert_eq!(counted(second_pid), second_refused, "{:#?}", report.drops);
+    assert_eq!(report.lost(), 0);
+}
