@@ -35,7 +35,7 @@ pub struct Report {
 
 /// Start droptrace and wait until it says its probes are attached: the
 /// child, what it said until then, and the rest of its stderr as it comes.
-fn spawn_until_watching(command: &mut Command) -> (Child, Vec<String>, mpsc::Receiver<String>) {
+pub fn spawn_until_watching(command: &mut Command) -> (Child, Vec<String>, mpsc::Receiver<String>) {
     let mut child = command
         .stderr(Stdio::piped())
         .spawn()

@@ -19,7 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use droptrace_tests::{bpf, droptrace::Droptrace, stack, unix};
+use droptrace_tests::{
+    bpf,
+    droptrace::{self, Droptrace},
+    stack, unix,
+};
 
 const ROUNDS: usize = 3;
 
@@ -284,6 +288,157 @@ fn startup(figures: &mut Figures, me: &str) {
     );
 }
 
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// Keys droptrace's kernel tables hold for processes and listeners.
+fn kernel_keys(pid: u32) -> usize {
+    [
+        ("FD_LIMIT_HITS", 32),
+        ("CONNECT_FAILURES", 124),
+        ("NO_CONNECTION", 4),
+        ("TCP_OVERFLOWS", 16),
+    ]
+    .iter()
+    .map(|(map, key)| bpf::map_keys(pid, map, *key).map_or(0, |keys| keys.len()))
+    .sum()
+}
+
+/// An exhaust helper run to its end: its pid and the EMFILEs it saw.
+fn exhaust_once() -> (u32, u64) {
+    // Built beside this benchmark (cargo xtask bench builds both).
+    let exhaust = std::env::current_exe().unwrap().with_file_name("exhaust");
+    let child = Command::new(exhaust)
+        .args(["nofile", "16"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let refused = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.split_once('=')?.1.parse::<u64>().ok())
+        .sum();
+    (pid, refused)
+}
+
+/// Weeks in a minute: droptrace watches every process while 100,000 UNIX
+/// listeners open and close and 10,000 processes start, hit EMFILE (a key
+/// in the kernel's table each) and end. Keys are retired after 2 s here
+/// (DROPTRACE_RETIRE_AFTER_MS) instead of 60 s. RSS and the kernel tables
+/// must not grow with them; a drop at the end is still counted.
+fn soak(figures: &mut Figures) {
+    const LISTENERS: usize = 100_000;
+    const PROCESSES: usize = 10_000;
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new(droptrace::binary());
+    command
+        .args(["--json"])
+        .env("RUST_LOG", "info,droptrace=debug")
+        .env("DROPTRACE_RETIRE_AFTER_MS", "2000")
+        .stdout(out.reopen().unwrap());
+    let (mut child, _, stderr) = droptrace::spawn_until_watching(&mut command);
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let rss_start = rss_mib(pid);
+    let mut rss_peak = rss_start;
+    let mut keys_peak = 0;
+    let sample = |rss_peak: &mut f64, keys_peak: &mut usize| {
+        *rss_peak = rss_peak.max(rss_mib(pid));
+        *keys_peak = (*keys_peak).max(kernel_keys(pid));
+    };
+    let per_round = PROCESSES / 10;
+    for round in 0..10 {
+        // About a minute in all, as a busy host would spread them.
+        let round_ends = Instant::now() + Duration::from_secs(6);
+        for n in 0..LISTENERS / 10 {
+            drop(unix::Listener::bind(
+                &format!("@droptrace-soak-{round}-{n}"),
+                0,
+            ));
+        }
+        for _ in 0..per_round {
+            exhaust_once();
+        }
+        sample(&mut rss_peak, &mut keys_peak);
+        while Instant::now() < round_ends {
+            std::thread::sleep(Duration::from_millis(250));
+            sample(&mut rss_peak, &mut keys_peak);
+        }
+        if let Some(tables) = stderr
+            .try_iter()
+            .filter(|l| l.contains("tables after"))
+            .last()
+        {
+            println!("  {tables}");
+        }
+        println!(
+            "soak round {}: {:.0} s, RSS {:.1} MiB, kernel keys {}",
+            round + 1,
+            started.elapsed().as_secs_f64(),
+            rss_mib(pid),
+            kernel_keys(pid)
+        );
+    }
+    let churn = started.elapsed();
+    // Past the retirement delay and a check, everything gone is let go.
+    std::thread::sleep(Duration::from_secs(15));
+    let rss_end = rss_mib(pid);
+    let keys_end = kernel_keys(pid);
+    let (last_pid, last_refused) = exhaust_once();
+    std::thread::sleep(Duration::from_millis(1500));
+    droptrace_tests::signal(pid, libc::SIGINT);
+    assert!(child.wait().unwrap().success(), "droptrace failed");
+    let text = std::fs::read_to_string(out.path()).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let counted: u64 = records
+        .iter()
+        .filter(|v| v["type"] == "drop" && v["client"]["pid"] == last_pid)
+        .map(|v| v["count"].as_u64().unwrap_or(0))
+        .sum();
+    let lost = records
+        .iter()
+        .find(|v| v["type"] == "summary")
+        .map(|v| v["lost"].clone());
+    figures.add(
+        format!("soak: {LISTENERS} listeners, {PROCESSES} processes in"),
+        format!("{:.0} s", churn.as_secs_f64()),
+    );
+    figures.add(
+        "soak: RSS at start / peak / after (MiB)",
+        format!("{rss_start:.1} / {rss_peak:.1} / {rss_end:.1}"),
+    );
+    figures.add(
+        "soak: kernel table keys, peak / after",
+        format!("{keys_peak} / {keys_end}"),
+    );
+    figures.add(
+        "soak: the last process's EMFILEs counted / seen",
+        format!("{counted} / {last_refused}"),
+    );
+    figures.add(
+        "soak: lost (drops the kernel's full tables could not count)",
+        format!("{}", lost.clone().unwrap_or_default()),
+    );
+    assert_eq!(
+        counted, last_refused,
+        "the drop after the soak was not counted"
+    );
+    assert_eq!(lost, Some(serde_json::json!(0)), "drops were lost");
+}
+
 fn connect_accept_cycles(path: &str, listener: RawFd, cycles: usize) -> Duration {
     let start = Instant::now();
     for _ in 0..cycles {
@@ -449,6 +604,9 @@ fn main() {
     }
     if wanted("connect") {
         connect_cost(&mut figures, &me);
+    }
+    if wanted("soak") {
+        soak(&mut figures);
     }
     println!("\n| figure | value |\n|---|---|");
     for (what, value) in &figures.rows {

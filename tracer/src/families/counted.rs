@@ -175,6 +175,8 @@ impl<R: Sample> Counted<R> {
             self.shown.remove(key);
             self.samples.remove(key);
         }
+        crate::host::shrink(&mut self.shown);
+        crate::host::shrink(&mut self.samples);
         retired
     }
 

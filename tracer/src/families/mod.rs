@@ -265,6 +265,7 @@ impl Families {
             return Retired::default();
         }
         self.last_retire = Instant::now();
+        self.host.maintain(self.retire_after);
         let after = self.retire_after;
         let host = &mut self.host;
         let mut gone = |pid| host.process(pid).is_none();

@@ -13,6 +13,7 @@ use std::{
 
 use tracer_common::ListenRecord;
 
+use super::shrink;
 use crate::config::files::View;
 
 use super::{
@@ -36,6 +37,8 @@ const MAX_CLOSED: usize = 4096;
 /// Rescans of every namespace on a lookup miss, at most this often (drops
 /// come in storms).
 const MISS_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Tables are rescanned at least this often (see `Registry::maintain`).
+const MAINTAIN_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct Listener {
@@ -171,15 +174,66 @@ impl Registry {
                 self.closed.insert(inode, (Instant::now(), listener));
             }
         }
-        self.closed.retain(|_, (at, _)| at.elapsed() < CLOSED_KEPT);
-        while self.closed.len() > MAX_CLOSED {
-            let oldest = self
+        let mut expired: Vec<u64> = self
+            .closed
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() >= CLOSED_KEPT)
+            .map(|(inode, _)| *inode)
+            .collect();
+        if self.closed.len() - expired.len() > MAX_CLOSED {
+            let mut by_age: Vec<(Instant, u64)> = self
                 .closed
                 .iter()
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(inode, _)| *inode);
-            oldest.map(|inode| self.closed.remove(&inode));
+                .filter(|(_, (at, _))| at.elapsed() < CLOSED_KEPT)
+                .map(|(inode, (at, _))| (*at, *inode))
+                .collect();
+            by_age.sort_unstable();
+            let excess = by_age.len() - MAX_CLOSED;
+            expired.extend(by_age.into_iter().take(excess).map(|(_, inode)| inode));
         }
+        for inode in expired {
+            if let Some((_, listener)) = self.closed.remove(&inode) {
+                self.unindex(&listener);
+            }
+        }
+        // A burst of listeners leaves no lasting memory behind.
+        shrink(&mut self.listeners);
+        shrink(&mut self.closed);
+        shrink(&mut self.by_file);
+        shrink(&mut self.by_abstract);
+    }
+
+    /// Rescan now and then even when nothing asks (every `every`, at most
+    /// MAINTAIN_INTERVAL): namespaces that went away are let go
+    /// (droptrace's netlink socket in one would keep it alive), and closed
+    /// listeners leave the tables.
+    pub fn maintain(&mut self, every: Duration) {
+        let every = every.min(MAINTAIN_INTERVAL);
+        if self.last_rescan.is_none_or(|at| at.elapsed() >= every) {
+            self.rescan();
+            tracing::debug!(
+                listeners = self.listeners.len(),
+                closed = self.closed.len(),
+                by_file = self.by_file.len(),
+                by_abstract = self.by_abstract.len(),
+                namespaces = self.views.len(),
+                "tables after a rescan"
+            );
+            // What the burst freed goes back to the system, not to a
+            // fragmented heap.
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
+
+    /// Listeners, closed ones, and index entries held (for tests).
+    #[cfg(test)]
+    fn held(&self) -> (usize, usize, usize) {
+        (
+            self.listeners.len(),
+            self.closed.len(),
+            self.by_file.len() + self.by_abstract.len(),
+        )
     }
 
     fn upsert_from_diag(&mut self, netns: u32, somaxconn: Option<u32>, entry: UnixListenerEntry) {
@@ -233,6 +287,22 @@ impl Registry {
         tracing::debug!(inode = listener.inode, address = %listener.address, backlog = listener.backlog, "new listener");
         self.index(&listener);
         self.listeners.insert(listener.inode, listener);
+    }
+
+    /// The index entries of a listener forgotten, unless another socket
+    /// took its address since.
+    fn unindex(&mut self, listener: &Listener) {
+        if let Some(file) = listener.file {
+            if self.by_file.get(&file) == Some(&listener.inode) {
+                self.by_file.remove(&file);
+            }
+        }
+        if let UnixAddress::Abstract(name) = &listener.address {
+            let key = (listener.netns, name.clone());
+            if self.by_abstract.get(&key) == Some(&listener.inode) {
+                self.by_abstract.remove(&key);
+            }
+        }
     }
 
     fn index(&mut self, listener: &Listener) {
@@ -412,6 +482,11 @@ mod tests {
         assert_eq!((found.backlog, found.requested), (100, Some(100)));
         let other = UnixAddress::Path(dir.join("other.sock"));
         assert_eq!(registry.lookup(client, &other), None);
+        assert_eq!(registry.held(), (0, 1, 1));
+        // CLOSED_KEPT later it is forgotten, index entries included.
+        registry.closed.get_mut(&inode).unwrap().0 -= CLOSED_KEPT;
+        registry.retire_closed(7, &HashSet::new());
+        assert_eq!(registry.held(), (0, 0, 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

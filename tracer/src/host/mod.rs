@@ -21,6 +21,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
+    time::Duration,
 };
 
 use tracer_common::ListenRecord;
@@ -65,6 +66,9 @@ pub trait Host {
     fn tcp_local_address(&mut self, pid: u32, tid: u32, inode: u64) -> Option<(IpAddr, u16)>;
     /// TcpExtListenOverflows of every network namespace, by inode.
     fn listen_overflows(&mut self) -> HashMap<u32, u64>;
+    /// Let go of what is gone (closed listeners, namespaces), looking at
+    /// most every `every`.
+    fn maintain(&mut self, _every: Duration) {}
 }
 
 /// The machine droptrace runs on.
@@ -79,6 +83,14 @@ impl LiveHost {
         let mut host = Self::default();
         host.registry.rescan();
         host
+    }
+}
+
+/// Give back a table's room once it holds far less than it has room for
+/// (a burst of processes or listeners leaves no lasting memory behind).
+pub fn shrink<K: Eq + std::hash::Hash, V>(table: &mut HashMap<K, V>) {
+    if table.capacity() > 4 * table.len().max(256) {
+        table.shrink_to_fit();
     }
 }
 
@@ -101,6 +113,10 @@ pub fn file_max() -> (Option<u64>, Option<u64>) {
 }
 
 impl Host for LiveHost {
+    fn maintain(&mut self, every: Duration) {
+        self.registry.maintain(every);
+    }
+
     fn process(&mut self, pid: u32) -> Option<Process> {
         process::inspect(pid)
     }

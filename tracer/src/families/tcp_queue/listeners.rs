@@ -244,6 +244,7 @@ impl TcpListeners {
                 }
             }
         }
+        crate::host::shrink(&mut self.reported);
         let held: HashSet<u64> = self.reported.keys().map(|key| key.inode).collect();
         for key in &retired {
             if !held.contains(&key.inode) {
@@ -251,6 +252,7 @@ impl TcpListeners {
                 self.listens.remove(&key.inode);
             }
         }
+        crate::host::shrink(&mut self.listeners);
         retired
     }
 
