@@ -37,6 +37,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
     extras: &[],
 };
 
+/// Sockets remembered as reported, at most.
+const MAX_REPORTED: usize = 65_536;
+
 /// Sockets whose clamped backlog was already reported.
 #[derive(Default)]
 pub struct BacklogClamped {
@@ -52,10 +55,15 @@ impl Families {
             && record.effective_backlog == record.somaxconn
             // listen(-1) asks for "as large as allowed": no surprise.
             && requested < LISTEN_MAX_REQUEST;
-        if !clamped
-            || !self.filter.covers(record.pid)
-            || !self.clamps.reported.insert(record.sock_inode)
-        {
+        if !clamped || !self.filter.covers(record.pid) {
+            return None;
+        }
+        // Sockets come and go for weeks: past the cap, a socket seen long
+        // ago may be told of once more, never missed.
+        if self.clamps.reported.len() >= MAX_REPORTED {
+            self.clamps.reported.clear();
+        }
+        if !self.clamps.reported.insert(record.sock_inode) {
             return None;
         }
         let owner = self.host.process(record.pid).map(|p| self.host.owner(p));

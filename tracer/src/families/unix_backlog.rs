@@ -59,6 +59,11 @@ impl Families {
             }
         }
         let queue = self.host.unix_queue(listener);
+        if self.unix.queue_samples.len() >= super::MAX_REMEMBERED {
+            self.unix
+                .queue_samples
+                .retain(|_, (at, _)| now.duration_since(*at) < QUEUE_SAMPLE_TTL);
+        }
         self.unix.queue_samples.insert(listener.inode, (now, queue));
         queue
     }
