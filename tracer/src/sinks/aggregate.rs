@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::contract::{Drop, DropKind, LimitName, Line, Stage, TotalRecord};
+use crate::contract::{Client, Drop, DropKind, LimitName, Line, Stage, TotalRecord};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -57,6 +57,10 @@ impl From<&Total> for TotalRecord {
     }
 }
 
+/// Summary rows kept apart; more are folded into an OTHERS row per kind.
+const MAX_ROWS: usize = 10_000;
+const OTHERS: &str = "(more than 10000 others, not told apart)";
+
 pub struct Aggregator {
     interval: Duration,
     batches: HashMap<Key, Batch>,
@@ -75,7 +79,18 @@ impl Aggregator {
 
     /// Count `count` drops like `drop`; returns a line when one is due now.
     pub fn add(&mut self, drop: Drop, count: u64, now: Instant) -> Option<Line> {
-        let key = Key::of(&drop);
+        let mut key = Key::of(&drop);
+        let mut drop = drop;
+        if self.batches.len() >= MAX_ROWS && !self.batches.contains_key(&key) {
+            // Processes choose their names: past MAX_ROWS, new rows are
+            // folded into one per kind and limit, counted all the same.
+            drop.listener = None;
+            drop.client = Client {
+                comm: Some(OTHERS.into()),
+                ..Client::default()
+            };
+            key = Key::of(&drop);
+        }
         match self.batches.get_mut(&key) {
             None => {
                 self.order.push(key.clone());
@@ -203,6 +218,27 @@ mod tests {
             },
             caused_by: None,
         }
+    }
+
+    #[test]
+    fn rows_past_the_cap_are_folded_and_still_counted() {
+        let mut agg = Aggregator::new(Duration::ZERO);
+        let now = Instant::now();
+        for n in 0..MAX_ROWS + 500 {
+            agg.add(drop_at(&format!("/run/{n}.sock")), 2, now);
+        }
+        // A row kept apart before the cap still grows.
+        agg.add(drop_at("/run/0.sock"), 1, now);
+        let totals = agg.totals();
+        assert_eq!(totals.len(), MAX_ROWS + 1);
+        assert_eq!(
+            totals.iter().map(|t| t.count).sum::<u64>(),
+            2 * (MAX_ROWS as u64 + 500) + 1
+        );
+        let others = totals.iter().find(|t| t.drop.listener.is_none()).unwrap();
+        assert_eq!(others.count, 1000);
+        assert!(others.drop.subject().starts_with(OTHERS));
+        assert_eq!(totals[0].count, 3);
     }
 
     #[test]
