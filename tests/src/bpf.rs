@@ -1,25 +1,13 @@
 //! What the kernel itself holds for a process's BPF objects, read with the
 //! bpf(2) system call (no droptrace code involved): program names, and the
 //! keys of a map. An object of another process is reached through a copy of
-//! its fd (pidfd_getfd).
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+//! its fd (`crate::fd_of`).
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::fd_of;
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-/// A copy of fd `fd` of process `pid`.
-pub fn fd_of(pid: u32, fd: i32) -> Option<OwnedFd> {
-    // SAFETY: plain syscalls; the copy is owned by the returned OwnedFd.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        if pidfd < 0 {
-            return None;
-        }
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        (copy >= 0).then(|| OwnedFd::from_raw_fd(copy))
-    }
-}
 
 /// The name in a BPF object's info (struct bpf_prog_info: at 64; struct
 /// bpf_map_info: at 24), through BPF_OBJ_GET_INFO_BY_FD.

@@ -38,6 +38,20 @@ pub fn spawn_and_read_line(command: &mut std::process::Command) -> (std::process
     (child, line.trim().to_string())
 }
 
+/// A copy of fd `fd` of process `pid`.
+pub fn fd_of(pid: u32, fd: i32) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: plain syscalls; the copy is owned by the returned OwnedFd.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return None;
+        }
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        (copy >= 0).then(|| <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy))
+    }
+}
+
 /// Send `signal` to `pid` (a process this harness started).
 pub fn signal(pid: u32, signal: i32) {
     // SAFETY: plain syscall on a pid we own.

@@ -124,3 +124,32 @@ impl TcpExt {
         }
     }
 }
+
+/// The network namespaces (by inode) of the sockets process `pid` holds,
+/// as the kernel tells (SIOCGSKNS on a copy of each socket fd).
+pub fn of_sockets(pid: u32) -> std::collections::HashSet<u64> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Default::default();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            std::fs::read_link(entry.path())
+                .is_ok_and(|link| link.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|entry| {
+            let fd: i32 = entry.file_name().to_string_lossy().parse().ok()?;
+            let socket = crate::fd_of(pid, fd)?;
+            // SAFETY: an ioctl on a socket we own; it returns a new fd.
+            let ns = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSKNS) };
+            if ns < 0 {
+                return None;
+            }
+            // SAFETY: ns was just returned to us and is owned by nobody else.
+            let ns = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(ns) };
+            use std::os::unix::fs::MetadataExt;
+            Some(ns.metadata().ok()?.ino())
+        })
+        .collect()
+}

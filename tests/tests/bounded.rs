@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use droptrace_tests::{bpf, droptrace::Droptrace, require_root, spawn_and_read_line, tcp};
+use droptrace_tests::{
+    bpf, droptrace::Droptrace, netns, netns::Netns, require_root, spawn_and_read_line, tcp,
+};
 
 /// struct FdLimitKey: pid first, 32 bytes.
 const FD_LIMIT_KEY: usize = 32;
@@ -139,4 +141,27 @@ fn keys_of_exited_processes_and_closed_listeners_leave_the_kernel_tables() {
     assert_eq!(counted(first_pid), first_refused, "{:#?}", report.drops);
     assert_eq!(counted(second_pid), second_refused, "{:#?}", report.drops);
     assert_eq!(report.lost(), 0);
+}
+
+/// droptrace looks into every network namespace through a socket of its
+/// own inside it. A namespace that went away (its processes gone, `ip netns
+/// del`) must not be kept alive by that socket: once it is gone from the
+/// system, droptrace lets go of it. The kernel says which namespace each of
+/// droptrace's sockets is in (SIOCGSKNS).
+#[test]
+fn a_namespace_that_went_away_is_not_kept_alive_by_droptrace() {
+    let test = "a_namespace_that_went_away_is_not_kept_alive_by_droptrace";
+    require_root(test);
+    let namespace = Netns::create("pinned", &[]);
+    let inode = namespace.inode();
+    let tracer = Droptrace::start_with_env(&[], &[("DROPTRACE_RETIRE_AFTER_MS", "300")]);
+    let me = tracer.pid();
+    eventually("a droptrace socket inside the namespace", || {
+        netns::of_sockets(me).contains(&inode)
+    });
+    drop(namespace);
+    eventually("droptrace letting go of the deleted namespace", || {
+        !netns::of_sockets(me).contains(&inode)
+    });
+    assert_eq!(tracer.stop().lost(), 0);
 }
