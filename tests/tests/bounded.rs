@@ -11,7 +11,7 @@ use std::{
 };
 
 use droptrace_tests::{
-    bpf, droptrace::Droptrace, netns, netns::Netns, require_root, spawn_and_read_line, tcp,
+    bpf, droptrace::Droptrace, netns, netns::Netns, require_root, signal, spawn_and_read_line, tcp,
 };
 
 /// struct FdLimitKey: pid first, 32 bytes.
@@ -164,4 +164,41 @@ fn a_namespace_that_went_away_is_not_kept_alive_by_droptrace() {
         !netns::of_sockets(me).contains(&inode)
     });
     assert_eq!(tracer.stop().lost(), 0);
+}
+
+/// `--pid P` means that process, not the number: once it exited, a new
+/// process the kernel gives the same pid (forced here through
+/// kernel.ns_last_pid) is a stranger, and its drops are not shown.
+#[test]
+fn a_pid_reused_by_another_process_is_not_the_one_given_to_pid() {
+    let test = "a_pid_reused_by_another_process_is_not_the_one_given_to_pid";
+    require_root(test);
+    let mut given = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = given.id();
+    let tracer = Droptrace::start(&["--pid", &pid.to_string()]);
+    signal(pid, libc::SIGKILL);
+    given.wait().unwrap();
+    // The next process the kernel makes takes `pid` again, unless another
+    // process on the machine was quicker: then try again.
+    let stranger = (0..100)
+        .find_map(|_| {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+            let helper = Helper::start();
+            if helper.pid() == pid {
+                return Some(helper);
+            }
+            helper.stop();
+            None
+        })
+        .expect("the kernel never gave the pid again: other processes took it each time");
+    assert!(stranger.refused() > 0, "{}", stranger.1);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = tracer.stop();
+    stranger.stop();
+    assert_eq!(
+        report.count_of("nofile", |d| d["client"]["pid"] == pid),
+        0,
+        "the process that took pid {pid} was watched as if it were the one given: {:#?}",
+        report.drops
+    );
 }
