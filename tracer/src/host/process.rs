@@ -2,7 +2,13 @@
 use std::{
     collections::HashMap,
     fs,
+    io::Read,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Mutex,
+    },
+    time::Duration,
 };
 
 pub use crate::contract::Role;
@@ -104,7 +110,7 @@ pub fn inspect(pid: u32) -> Option<Process> {
         .trim_end()
         .to_string();
     let ppid = parent_of(pid).unwrap_or(0);
-    let cmdline: Vec<String> = fs::read(proc_path(pid, "cmdline"))
+    let cmdline: Vec<String> = read_cmdline(pid)
         .map(|raw| {
             raw.split(|&b| b == 0)
                 .filter(|arg| !arg.is_empty())
@@ -123,6 +129,70 @@ pub fn inspect(pid: u32) -> Option<Process> {
         cmdline,
         role,
     })
+}
+
+/// How long a /proc/PID/cmdline read may hold up the caller.
+const CMDLINE_DEADLINE: Duration = Duration::from_millis(200);
+/// A command line longer than this is cut (argv can hold megabytes).
+const MAX_CMDLINE: u64 = 64 << 10;
+
+/// /proc/PID/cmdline, or None within CMDLINE_DEADLINE. Reading it takes
+/// the process's memory-map lock, which a process stuck on a filesystem
+/// that does not answer may hold for ever (the reason `ps` hangs): the read
+/// runs on a reader thread, and a reader that does not answer in time is
+/// left behind and replaced.
+fn read_cmdline(pid: u32) -> Option<Vec<u8>> {
+    bounded_read(&proc_path(pid, "cmdline"), CMDLINE_DEADLINE)
+}
+
+type ReadJob = (PathBuf, mpsc::SyncSender<std::io::Result<Vec<u8>>>);
+
+/// The reader thread's queue; replaced when its reader is stuck.
+static READER: Mutex<Option<mpsc::SyncSender<ReadJob>>> = Mutex::new(None);
+/// Readers left behind, stuck; past MAX_STUCK no more are started.
+static STUCK: AtomicUsize = AtomicUsize::new(0);
+const MAX_STUCK: usize = 8;
+
+fn bounded_read(path: &Path, deadline: Duration) -> Option<Vec<u8>> {
+    let mut reader = READER.lock().unwrap_or_else(|e| e.into_inner());
+    if reader.is_none() {
+        if STUCK.load(Ordering::Relaxed) >= MAX_STUCK {
+            return None;
+        }
+        let (jobs, queue) = mpsc::sync_channel::<ReadJob>(1);
+        std::thread::Builder::new()
+            .name("droptrace-proc".into())
+            .spawn(move || {
+                for (path, answer) in queue {
+                    let read = fs::File::open(&path).and_then(|file| {
+                        let mut bytes = Vec::new();
+                        file.take(MAX_CMDLINE).read_to_end(&mut bytes)?;
+                        Ok(bytes)
+                    });
+                    let _ = answer.send(read);
+                }
+            })
+            .ok()?;
+        *reader = Some(jobs);
+    }
+    let (answer, result) = mpsc::sync_channel(1);
+    reader.as_ref()?.send((path.to_path_buf(), answer)).ok()?;
+    match result.recv_timeout(deadline) {
+        Ok(read) => read.ok(),
+        Err(_) => {
+            // Left behind: it ends when its read does, and the next call
+            // starts another.
+            *reader = None;
+            STUCK.fetch_add(1, Ordering::Relaxed);
+            let path = path.to_path_buf();
+            std::thread::spawn(move || {
+                let _ = result.recv();
+                STUCK.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!("{} answered at last", path.display());
+            });
+            None
+        }
+    }
 }
 
 /// Pids of every process, from /proc.
@@ -266,6 +336,26 @@ impl PidFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_that_blocks_is_left_behind_and_the_next_one_answers() {
+        let dir = std::env::temp_dir().join(format!("droptrace-stuck-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        // Opening a FIFO for reading waits for a writer: a read that hangs.
+        let fifo = dir.join("fifo");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        assert_eq!(bounded_read(&fifo, Duration::from_millis(100)), None);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        let me = bounded_read(&proc_path(std::process::id(), "cmdline"), CMDLINE_DEADLINE);
+        assert!(me.is_some_and(|bytes| !bytes.is_empty()));
+        // Unblock the one left behind so it ends.
+        let _ = fs::OpenOptions::new().write(true).open(&fifo);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_reused_pid_is_a_stranger_and_an_exited_one_is_remembered() {
