@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
 };
 
 use crate::{
     cli::Watch,
+    config,
     contract::Notice,
     contract::{Drop, Snapshot},
     families::{self, Clock, Families},
@@ -57,15 +58,52 @@ pub enum Output {
 
 /// Load the probes, then watch until Ctrl-C, SIGTERM, --duration or (for
 /// a capture) --max-size.
+/// Ctrl-C and SIGTERM, watched once the probes are attached (a signal
+/// before the loop ends it at its first turn). Each also tells the readers at once,
+/// from the signal handler, that droptrace is stopping: a read made for a
+/// watched process that is still waiting gives up within half a second,
+/// even while the loop is in it.
+struct Stop {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Stop {
+    fn watch() -> Result<Self> {
+        let stop = Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        };
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: the action reads the clock and stores an atomic, both
+            // async-signal-safe.
+            unsafe { signal_hook_registry::register(signal, config::files::stopping) }
+                .map_err(|err| anyhow!("cannot watch signal {signal}: {err}"))?;
+        }
+        Ok(stop)
+    }
+}
+
 pub async fn run(watch: Watch, output: Output) -> Result<()> {
     let mut filter = PidFilter::new(&watch.pids, &watch.names)?;
     let probes = probes::load(families::HOOKS)?;
+    // Until here Ctrl-C ends droptrace at once: nothing was watched yet.
+    let stop = Stop::watch()?;
     let duration = watch.duration.map(Duration::from_secs);
     match output {
         Output::Terminal { json } => {
             let format = if json { Format::Json } else { Format::Human };
             let sink = Sink::new(format, std::io::stdout().lock());
-            watch_until_stopped(probes, filter, sink, None, duration, watch.nginx_uretprobe).await
+            watch_until_stopped(
+                probes,
+                filter,
+                sink,
+                None,
+                duration,
+                watch.nginx_uretprobe,
+                stop,
+            )
+            .await
         }
         Output::Capture { path, max_size } => {
             let mut writer = CaptureWriter::create(&path)?;
@@ -86,6 +124,7 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
                 Some(recorder),
                 duration,
                 watch.nginx_uretprobe,
+                stop,
             )
             .await;
             if stopped_by.is_ok() {
@@ -107,6 +146,7 @@ async fn watch_until_stopped<W: Destination>(
     mut recorder: Option<Recorder>,
     duration: Option<Duration>,
     nginx_uretprobe: bool,
+    mut stop: Stop,
 ) -> Result<()> {
     let probes::Probes {
         mut ebpf,
@@ -142,8 +182,6 @@ async fn watch_until_stopped<W: Destination>(
     let mut records = unsafe { AsyncFd::register(records) }
         .map_err(|err| anyhow!("cannot poll the ring buffer: {err}"))?;
     let mut tick = tokio::time::interval(LINE_INTERVAL);
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     tracing::info!(
@@ -178,8 +216,8 @@ async fn watch_until_stopped<W: Destination>(
                     }
                 }
             }
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
+            _ = stop.interrupt.recv() => break,
+            _ = stop.terminate.recv() => break,
             _ = &mut deadline => break,
         }
     }

@@ -23,7 +23,7 @@ use std::{
     },
     path::{Component, Path, PathBuf},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     time::Duration,
@@ -38,6 +38,49 @@ const MAX_DIRECTORY_ENTRIES: usize = 10_000;
 const MAX_STUCK_READERS: usize = 16;
 
 static STUCK_READERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Once droptrace is told to stop, reads have this long to finish; after
+/// it, none waits and none starts, so Ctrl-C is answered within a second
+/// whatever the watched processes do.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+/// CLOCK_MONOTONIC in ms when droptrace was told to stop; 0 until then.
+static STOP_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+fn monotonic_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec; clock_gettime is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
+}
+
+/// droptrace is stopping (Ctrl-C, SIGTERM). Called from the signal handler:
+/// a clock read and an atomic store, both async-signal-safe.
+pub fn stopping() {
+    let _ = STOP_AT_MS.compare_exchange(
+        0,
+        monotonic_ms().max(1),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+}
+
+/// How long a read for a watched process may still be waited for.
+pub fn wait_allowed(wanted: Duration) -> Duration {
+    allowed(wanted, STOP_AT_MS.load(Ordering::Relaxed), monotonic_ms())
+}
+
+/// `wanted`, cut to what is left of the grace after `stop_at_ms` (0: not
+/// stopping).
+fn allowed(wanted: Duration, stop_at_ms: u64, now_ms: u64) -> Duration {
+    if stop_at_ms == 0 {
+        return wanted;
+    }
+    let ends = stop_at_ms + STOP_GRACE.as_millis() as u64;
+    wanted.min(Duration::from_millis(ends.saturating_sub(now_ms)))
+}
 
 /// The filesystem identity of a process: who the kernel checks its file
 /// accesses as.
@@ -83,6 +126,10 @@ pub fn as_process<T: Send + 'static>(
     deadline: Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
+    let deadline = wait_allowed(deadline);
+    if deadline.is_zero() {
+        return Err("not read: droptrace is stopping".into());
+    }
     if STUCK_READERS.load(Ordering::Relaxed) >= MAX_STUCK_READERS {
         return Err(format!(
             "{MAX_STUCK_READERS} earlier reads never finished (a filesystem that does not answer?); not reading more"
@@ -477,6 +524,18 @@ mod tests {
             ]
         );
         assert!(view.glob(Path::new("/none/*.conf")).is_empty());
+    }
+
+    #[test]
+    fn once_stopping_reads_have_half_a_second_then_none() {
+        let second = Duration::from_secs(1);
+        assert_eq!(allowed(second, 0, 5_000), second);
+        assert_eq!(allowed(second, 5_000, 5_100), Duration::from_millis(400));
+        assert_eq!(
+            allowed(Duration::from_millis(200), 5_000, 5_100),
+            Duration::from_millis(200)
+        );
+        assert_eq!(allowed(second, 5_000, 5_600), Duration::ZERO);
     }
 
     #[test]

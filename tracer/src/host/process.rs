@@ -154,6 +154,10 @@ static STUCK: AtomicUsize = AtomicUsize::new(0);
 const MAX_STUCK: usize = 8;
 
 fn bounded_read(path: &Path, deadline: Duration) -> Option<Vec<u8>> {
+    let deadline = crate::config::files::wait_allowed(deadline);
+    if deadline.is_zero() {
+        return None;
+    }
     let mut reader = READER.lock().unwrap_or_else(|e| e.into_inner());
     if reader.is_none() {
         if STUCK.load(Ordering::Relaxed) >= MAX_STUCK {
