@@ -67,6 +67,17 @@ pub fn stopping() {
     );
 }
 
+/// True once droptrace was told to stop.
+pub fn is_stopping() -> bool {
+    STOP_AT_MS.load(Ordering::Relaxed) != 0
+}
+
+/// True once the grace after the stop has passed: long scans (every
+/// process's fds, every namespace) give up rather than hold the summary.
+pub fn gave_up() -> bool {
+    wait_allowed(Duration::MAX).is_zero()
+}
+
 /// How long a read for a watched process may still be waited for.
 pub fn wait_allowed(wanted: Duration) -> Duration {
     allowed(wanted, STOP_AT_MS.load(Ordering::Relaxed), monotonic_ms())

@@ -261,7 +261,10 @@ impl Families {
     /// `Counted::retire`, `TcpListeners::retire`); the caller deletes the
     /// same keys from the kernel's tables. Looked at every RETIRE_CHECK.
     pub fn retire(&mut self) -> Retired {
-        if self.last_retire.elapsed() < RETIRE_CHECK.min(self.retire_after) {
+        // A scan cut short by Ctrl-C would make open listeners look closed.
+        if crate::config::files::is_stopping()
+            || self.last_retire.elapsed() < RETIRE_CHECK.min(self.retire_after)
+        {
             return Retired::default();
         }
         self.last_retire = Instant::now();

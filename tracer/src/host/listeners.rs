@@ -133,6 +133,11 @@ impl Registry {
             }
         }
         for netns in live {
+            // Hundreds of namespaces take a while: not after Ctrl-C (what
+            // was not rescanned keeps what it had).
+            if crate::config::files::gave_up() {
+                break;
+            }
             let Some(view) = self.view_for(&netns) else {
                 continue;
             };

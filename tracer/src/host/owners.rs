@@ -109,6 +109,10 @@ pub fn owners_of(wanted: &HashSet<u64>) -> HashMap<u64, Process> {
     }
     let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
     for pid in process::all_pids() {
+        // Tens of thousands of processes take seconds: not after Ctrl-C.
+        if crate::config::files::gave_up() {
+            break;
+        }
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
