@@ -9,6 +9,17 @@ use crate::fd_of;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
+/// bpf(2) command `cmd` with `attr`, a union bpf_attr; true when it
+/// succeeded.
+///
+/// # Safety
+/// Every pointer in `attr` points at a buffer, large enough for `cmd`,
+/// that outlives the call.
+unsafe fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> bool {
+    // SAFETY: the caller vouches for the pointers in attr.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) == 0 }
+}
+
 /// The name in a BPF object's info (struct bpf_prog_info: at 64; struct
 /// bpf_map_info: at 24), through BPF_OBJ_GET_INFO_BY_FD.
 fn object_name(fd: &OwnedFd, name_at: usize) -> Option<String> {
@@ -19,15 +30,7 @@ fn object_name(fd: &OwnedFd, name_at: usize) -> Option<String> {
     attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
     attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
     // SAFETY: attr points at the info buffer, which outlives the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            attr.len(),
-        )
-    };
-    if ret != 0 {
+    if !unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) } {
         return None;
     }
     let name = &info[name_at..name_at + 16];
@@ -76,16 +79,9 @@ pub fn map_keys(pid: u32, name: &str, key_size: usize) -> Option<Vec<Vec<u8>>> {
         let key_ptr = key.as_ref().map_or(0, |k| k.as_ptr() as u64);
         attr[8..16].copy_from_slice(&key_ptr.to_ne_bytes());
         attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
-        // SAFETY: attr points at key and next, which outlive the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                attr.as_mut_ptr(),
-                attr.len(),
-            )
-        };
-        if ret != 0 {
+        // SAFETY: attr points at key and next (key_size bytes each), which
+        // outlive the call.
+        if !unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             // ENOENT: that was the last key.
             return Some(keys);
         }

@@ -19,20 +19,22 @@ const FD_LIMIT_KEY: usize = 32;
 /// struct TcpOverflowKey: inode first, 16 bytes.
 const TCP_KEY: usize = 16;
 
-fn fd_limit_keys_of(tracer: u32, pid: u32) -> usize {
-    bpf::map_keys(tracer, "FD_LIMIT_HITS", FD_LIMIT_KEY)
-        .expect("droptrace has no FD_LIMIT_HITS map")
+/// Keys of droptrace's map `map` (keys of `key_size` bytes) that begin
+/// with `subject` (a pid or an inode, as the kernel lays it out).
+fn keys_of(tracer: u32, map: &str, key_size: usize, subject: &[u8]) -> usize {
+    bpf::map_keys(tracer, map, key_size)
+        .unwrap_or_else(|| panic!("droptrace has no {map} map"))
         .iter()
-        .filter(|key| key[..4] == pid.to_ne_bytes())
+        .filter(|key| key.starts_with(subject))
         .count()
 }
 
+fn fd_limit_keys_of(tracer: u32, pid: u32) -> usize {
+    keys_of(tracer, "FD_LIMIT_HITS", FD_LIMIT_KEY, &pid.to_ne_bytes())
+}
+
 fn tcp_keys_of(tracer: u32, inode: u64) -> usize {
-    bpf::map_keys(tracer, "TCP_OVERFLOWS", TCP_KEY)
-        .expect("droptrace has no TCP_OVERFLOWS map")
-        .iter()
-        .filter(|key| key[..8] == inode.to_ne_bytes())
-        .count()
+    keys_of(tracer, "TCP_OVERFLOWS", TCP_KEY, &inode.to_ne_bytes())
 }
 
 /// Wait up to 10 s for `done`.

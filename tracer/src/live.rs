@@ -56,13 +56,11 @@ pub enum Output {
     },
 }
 
-/// Load the probes, then watch until Ctrl-C, SIGTERM, --duration or (for
-/// a capture) --max-size.
 /// Ctrl-C and SIGTERM, watched once the probes are attached (a signal
-/// before the loop ends it at its first turn). Each also tells the readers at once,
-/// from the signal handler, that droptrace is stopping: a read made for a
-/// watched process that is still waiting gives up within half a second,
-/// even while the loop is in it.
+/// before the loop ends it at its first turn). Each also tells the readers
+/// at once, from the signal handler, that droptrace is stopping: a read
+/// made for a watched process that is still waiting gives up within half a
+/// second, even while the loop is in it.
 struct Stop {
     interrupt: Signal,
     terminate: Signal,
@@ -84,6 +82,8 @@ impl Stop {
     }
 }
 
+/// Load the probes, then watch until Ctrl-C, SIGTERM, --duration or (for
+/// a capture) --max-size.
 pub async fn run(watch: Watch, output: Output) -> Result<()> {
     let mut filter = PidFilter::new(&watch.pids, &watch.names)?;
     let probes = probes::load(families::HOOKS)?;

@@ -33,11 +33,65 @@ use std::{
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// Entries read from one directory when expanding an include pattern.
 const MAX_DIRECTORY_ENTRIES: usize = 10_000;
-/// Threads left waiting on a filesystem that does not answer; past this,
-/// reads are refused rather than piling up threads.
-const MAX_STUCK_READERS: usize = 16;
+/// Reader threads of files; past 16 left waiting on a filesystem that does
+/// not answer, reads are refused rather than piling up threads.
+static FILE_READERS: Readers = Readers::new(16);
 
-static STUCK_READERS: AtomicUsize = AtomicUsize::new(0);
+/// Reads made on threads of their own, so that one that never answers
+/// costs its caller a deadline: the thread is left behind, counted until it
+/// answers, and past `max` of those no more reads start.
+pub struct Readers {
+    stuck: AtomicUsize,
+    max: usize,
+}
+
+impl Readers {
+    pub const fn new(max: usize) -> Self {
+        Self {
+            stuck: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// How long a new read may be waited for, or why none may start.
+    pub fn admit(&self, deadline: Duration) -> Result<Duration, String> {
+        let deadline = wait_allowed(deadline);
+        if deadline.is_zero() {
+            return Err("not read: droptrace is stopping".into());
+        }
+        if self.stuck.load(Ordering::Relaxed) >= self.max {
+            return Err(format!(
+                "{} earlier reads never finished (a filesystem that does not answer?); not reading more",
+                self.max
+            ));
+        }
+        Ok(deadline)
+    }
+
+    /// The reader's answer within `deadline`; a reader that does not
+    /// answer in time is left behind, and counted as stuck until it does.
+    pub fn wait<T: Send + 'static>(
+        &'static self,
+        answer: mpsc::Receiver<T>,
+        deadline: Duration,
+    ) -> Result<T, String> {
+        match answer.recv_timeout(deadline) {
+            Ok(answer) => Ok(answer),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.stuck.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let _ = answer.recv();
+                    self.stuck.fetch_sub(1, Ordering::Relaxed);
+                });
+                Err(format!(
+                    "no answer within {} ms (a filesystem that does not answer?)",
+                    deadline.as_millis()
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the reader thread failed".into()),
+        }
+    }
+}
 
 /// Once droptrace is told to stop, reads have this long to finish; after
 /// it, none waits and none starts, so Ctrl-C is answered within a second
@@ -46,14 +100,20 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 /// CLOCK_MONOTONIC in ms when droptrace was told to stop; 0 until then.
 static STOP_AT_MS: AtomicU64 = AtomicU64::new(0);
 
-fn monotonic_ms() -> u64 {
+/// CLOCK_MONOTONIC now (the clock bpf_ktime_get_ns reads too). A clock
+/// read only: safe in a signal handler.
+pub fn monotonic() -> Duration {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a valid timespec; clock_gettime is async-signal-safe.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+fn monotonic_ms() -> u64 {
+    monotonic().as_millis() as u64
 }
 
 /// droptrace is stopping (Ctrl-C, SIGTERM). Called from the signal handler:
@@ -137,15 +197,7 @@ pub fn as_process<T: Send + 'static>(
     deadline: Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
-    let deadline = wait_allowed(deadline);
-    if deadline.is_zero() {
-        return Err("not read: droptrace is stopping".into());
-    }
-    if STUCK_READERS.load(Ordering::Relaxed) >= MAX_STUCK_READERS {
-        return Err(format!(
-            "{MAX_STUCK_READERS} earlier reads never finished (a filesystem that does not answer?); not reading more"
-        ));
-    }
+    let deadline = FILE_READERS.admit(deadline)?;
     let who = who.clone();
     let (done, result) = mpsc::sync_channel(1);
     std::thread::Builder::new()
@@ -156,22 +208,19 @@ pub fn as_process<T: Send + 'static>(
             let _ = done.send(outcome);
         })
         .map_err(|err| format!("cannot start a reader thread: {err}"))?;
-    match result.recv_timeout(deadline) {
-        Ok(outcome) => outcome,
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            // The thread may finish later; until then it counts as stuck.
-            STUCK_READERS.fetch_add(1, Ordering::Relaxed);
-            std::thread::spawn(move || {
-                let _ = result.recv();
-                STUCK_READERS.fetch_sub(1, Ordering::Relaxed);
-            });
-            Err(format!(
-                "no answer within {} ms (a filesystem that does not answer?)",
-                deadline.as_millis()
-            ))
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err("the reader thread failed".into()),
-    }
+    FILE_READERS.wait(result, deadline)?
+}
+
+/// `work` on the files of process `pid`, seen and read as it sees and
+/// reads them (see `View::of_pid` and `as_process`), within `deadline`.
+pub fn as_process_of<T: Send + 'static>(
+    pid: u32,
+    deadline: Duration,
+    work: impl FnOnce(View) -> T + Send + 'static,
+) -> Result<T, String> {
+    let who = Credentials::of(pid).ok_or("the process is gone")?;
+    let view = View::of_pid(pid).map_err(|err| format!("cannot see the process's files: {err}"))?;
+    as_process(&who, deadline, move || work(view))
 }
 
 /// Take `who`'s filesystem identity on this thread only. The raw system
@@ -232,20 +281,8 @@ impl View {
 
     /// `dir` taken as the root ("/" for droptrace's own view).
     pub fn at(dir: &Path) -> io::Result<Self> {
-        let path = CString::new(dir.as_os_str().as_bytes())?;
-        // SAFETY: a valid C string; the returned fd is owned below.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just opened and is owned by nobody else.
         Ok(Self {
-            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            root: open(dir, libc::O_PATH | libc::O_DIRECTORY)?,
         })
     }
 
@@ -280,31 +317,14 @@ impl View {
     /// Reopen an `O_PATH` handle for reading: the permission check is made
     /// now, with this thread's credentials, on the very inode located.
     fn reopen(fd: &OwnedFd, flags: i32) -> io::Result<File> {
-        let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-        // SAFETY: a valid C string; the returned fd is owned below.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                flags | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just opened and is owned by nobody else.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        open(Path::new(&path), flags | libc::O_NONBLOCK | libc::O_NOCTTY).map(File::from)
     }
 
     /// A regular file, open for reading from its start.
     pub fn open(&self, path: &Path) -> io::Result<File> {
         let (fd, metadata) = self.locate(path)?;
-        if !metadata.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        Self::reopen(&fd, libc::O_RDONLY)
+        Located(fd).open_as(&metadata)
     }
 
     /// A regular file's text, at most MAX_FILE_BYTES.
@@ -402,19 +422,17 @@ pub struct Located(OwnedFd);
 impl Located {
     /// The binary `pid` runs.
     pub fn exe_of(pid: u32) -> io::Result<Self> {
-        let path = CString::new(format!("/proc/{pid}/exe"))?;
-        // SAFETY: a valid C string; the returned fd is owned below.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just opened and is owned by nobody else.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        open(Path::new(&format!("/proc/{pid}/exe")), libc::O_PATH).map(Self)
     }
 
     /// Open for reading, if it is a regular file.
     pub fn open(&self) -> io::Result<File> {
-        if !File::from(self.0.try_clone()?).metadata()?.is_file() {
+        self.open_as(&File::from(self.0.try_clone()?).metadata()?)
+    }
+
+    /// Open for reading, if `metadata` (its own) is a regular file's.
+    fn open_as(&self, metadata: &std::fs::Metadata) -> io::Result<File> {
+        if !metadata.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a regular file",
@@ -422,6 +440,18 @@ impl Located {
         }
         View::reopen(&self.0, libc::O_RDONLY)
     }
+}
+
+/// open(2) of `path` with `flags` (close-on-exec).
+fn open(path: &Path, flags: i32) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a valid C string; the returned fd is owned below.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn too_large() -> io::Error {

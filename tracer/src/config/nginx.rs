@@ -15,7 +15,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    files::{self, Credentials, View},
+    files::{self, View},
     Origin, Problem, Setting,
 };
 
@@ -71,13 +71,15 @@ struct Budgeted<'a> {
     files: &'a dyn Files,
     reads: Cell<usize>,
     bytes: Cell<usize>,
+    /// A read was refused for want of budget (and said so, once).
+    exhausted: Cell<bool>,
 }
 
 impl Files for Budgeted<'_> {
     fn read(&self, path: &Path) -> io::Result<String> {
         if self.reads.get() >= MAX_FILES || self.bytes.get() >= MAX_TOTAL_BYTES {
             // Said once: later includes are skipped (see `exhausted`).
-            self.reads.set(MAX_FILES + 1);
+            self.exhausted.set(true);
             return Err(io::Error::other(format!(
                 "more than {MAX_FILES} files or {} MiB read for this configuration; not read",
                 MAX_TOTAL_BYTES >> 20
@@ -94,7 +96,7 @@ impl Files for Budgeted<'_> {
     }
 
     fn exhausted(&self) -> bool {
-        self.reads.get() > MAX_FILES || self.bytes.get() >= MAX_TOTAL_BYTES
+        self.exhausted.get()
     }
 }
 
@@ -285,6 +287,7 @@ pub fn load(files: &dyn Files, main: &Path) -> (Vec<Directive>, Vec<Problem>) {
         files,
         reads: Cell::new(0),
         bytes: Cell::new(0),
+        exhausted: Cell::new(false),
     };
     let directives = load_file(&files, main, &conf_prefix, 0, &mut problems);
     (directives, problems)
@@ -415,7 +418,7 @@ pub struct UpstreamTarget {
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NginxConfig {
     pub main_file: PathBuf,
-    /// "nginx -T" or "the files on disk".
+    /// "the files on disk", or "nothing" when they could not be read.
     pub method: String,
     /// "auto" or a number.
     pub worker_processes: Setting<String>,
@@ -747,17 +750,17 @@ pub fn of_master(pid: u32, cmdline: &[String], cwd: &Path, deadline: Duration) -
             }],
         )
     };
-    let Some(who) = Credentials::of(pid) else {
-        return unread("the process is gone".into());
-    };
-    let opened = View::of_pid(pid).and_then(|view| Ok((view, files::Located::exe_of(pid)?)));
-    let (view, exe) = match opened {
-        Ok(opened) => opened,
+    // Located before the thread takes the master's identity: /proc/PID/exe
+    // of a process that is not dumpable opens for root only.
+    let exe = match files::Located::exe_of(pid) {
+        Ok(exe) => exe,
         Err(err) => return unread(format!("cannot see the process's files: {err}")),
     };
     let cwd = cwd.to_path_buf();
-    files::as_process(&who, deadline, move || read_config(view, &exe, &args, &cwd))
-        .unwrap_or_else(unread)
+    files::as_process_of(pid, deadline, move |view| {
+        read_config(view, &exe, &args, &cwd)
+    })
+    .unwrap_or_else(unread)
 }
 
 /// Read as the master (on a thread with its credentials).

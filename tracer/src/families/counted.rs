@@ -78,10 +78,26 @@ impl Sample for NoConnectionRecord {
 /// gone).
 pub const RETIRE_AFTER: Duration = Duration::from_secs(60);
 
-/// What was shown of a key, and when it last grew.
-struct Shown {
-    total: u64,
+/// What was shown of a counted key, and when it last grew (the TCP family
+/// keeps its keys the same way).
+pub struct Shown {
+    pub total: u64,
     grew: Instant,
+}
+
+impl Shown {
+    /// `total` shown now.
+    pub fn now(total: u64) -> Self {
+        Self {
+            total,
+            grew: Instant::now(),
+        }
+    }
+
+    /// No drop came for `after`.
+    pub fn idle_for(&self, after: Duration) -> bool {
+        self.grew.elapsed() >= after
+    }
 }
 
 /// One counted family's keys: totals already shown, and latest samples.
@@ -142,13 +158,7 @@ impl<R: Sample> Counted<R> {
                 None => R::from_key(&key, now_ns, comm(R::pid(&key))),
             };
             self.waiting.remove(&key);
-            self.shown.insert(
-                key,
-                Shown {
-                    total,
-                    grew: Instant::now(),
-                },
-            );
+            self.shown.insert(key, Shown::now(total));
             batches.push(Batch {
                 record,
                 count: total - shown,
@@ -167,7 +177,7 @@ impl<R: Sample> Counted<R> {
             .shown
             .iter()
             .filter(|(key, shown)| {
-                shown.grew.elapsed() >= after && !self.waiting.contains(key) && gone(R::pid(key))
+                shown.idle_for(after) && !self.waiting.contains(key) && gone(R::pid(key))
             })
             .map(|(key, _)| *key)
             .collect();

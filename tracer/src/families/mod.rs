@@ -27,6 +27,7 @@ use tracer_common::{
 };
 
 use crate::{
+    config::files::monotonic,
     contract::{Cause, Client, Drop, Family, ListenerView, Notice, Role, Verdict},
     host::{
         owners::Owner,
@@ -92,17 +93,6 @@ const RETIRE_CHECK: Duration = Duration::from_secs(10);
 /// Converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall-clock time.
 pub struct Clock {
     wall_at_zero: SystemTime,
-}
-
-/// CLOCK_MONOTONIC now: the clock bpf_ktime_get_ns reads.
-fn monotonic() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl Clock {

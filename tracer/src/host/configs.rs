@@ -47,13 +47,13 @@ impl<T> Cache<T> {
         read: impl FnOnce() -> T,
         first: impl FnOnce(&T),
     ) -> Arc<T> {
-        if let Some(cached) = self.entries.get(&pid) {
-            if cached.started == started && cached.read_at.elapsed() < CONFIG_TTL {
-                return cached.config.clone();
-            }
+        let known = self.entries.get(&pid).filter(|c| c.started == started);
+        if let Some(cached) = known.filter(|c| c.read_at.elapsed() < CONFIG_TTL) {
+            return cached.config.clone();
         }
+        let is_new = known.is_none();
         let config = Arc::new(read());
-        if self.entries.get(&pid).is_none_or(|c| c.started != started) {
+        if is_new {
             first(&config);
         }
         if self.entries.len() >= MAX_CACHED {
@@ -134,16 +134,10 @@ pub fn uwsgi_of(process: &Process) -> uwsgi::UwsgiConfig {
             }],
             ..Default::default()
         };
-        let Some(who) = files::Credentials::of(pid) else {
-            return unread("the process is gone".into());
-        };
-        match files::View::of_pid(pid) {
-            Ok(view) => {
-                files::as_process(&who, READ_DEADLINE, move || uwsgi::read(&args, &cwd, &view))
-                    .unwrap_or_else(unread)
-            }
-            Err(err) => unread(format!("cannot see the process's files: {err}")),
-        }
+        files::as_process_of(pid, READ_DEADLINE, move |view| {
+            uwsgi::read(&args, &cwd, &view)
+        })
+        .unwrap_or_else(unread)
     };
     let started = process::start_time(pid).unwrap_or_default();
     let mut cache = UWSGI_CONFIGS.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,13 +4,11 @@ use std::{
     fs,
     io::Read,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        mpsc, Mutex,
-    },
+    sync::{mpsc, Mutex},
     time::Duration,
 };
 
+use crate::config::files::Readers;
 pub use crate::contract::Role;
 use anyhow::{bail, Result};
 
@@ -149,20 +147,13 @@ type ReadJob = (PathBuf, mpsc::SyncSender<std::io::Result<Vec<u8>>>);
 
 /// The reader thread's queue; replaced when its reader is stuck.
 static READER: Mutex<Option<mpsc::SyncSender<ReadJob>>> = Mutex::new(None);
-/// Readers left behind, stuck; past MAX_STUCK no more are started.
-static STUCK: AtomicUsize = AtomicUsize::new(0);
-const MAX_STUCK: usize = 8;
+/// Past 8 readers left behind, stuck, no more are started.
+static PROC_READERS: Readers = Readers::new(8);
 
 fn bounded_read(path: &Path, deadline: Duration) -> Option<Vec<u8>> {
-    let deadline = crate::config::files::wait_allowed(deadline);
-    if deadline.is_zero() {
-        return None;
-    }
+    let deadline = PROC_READERS.admit(deadline).ok()?;
     let mut reader = READER.lock().unwrap_or_else(|e| e.into_inner());
     if reader.is_none() {
-        if STUCK.load(Ordering::Relaxed) >= MAX_STUCK {
-            return None;
-        }
         let (jobs, queue) = mpsc::sync_channel::<ReadJob>(1);
         std::thread::Builder::new()
             .name("droptrace-proc".into())
@@ -181,22 +172,13 @@ fn bounded_read(path: &Path, deadline: Duration) -> Option<Vec<u8>> {
     }
     let (answer, result) = mpsc::sync_channel(1);
     reader.as_ref()?.send((path.to_path_buf(), answer)).ok()?;
-    match result.recv_timeout(deadline) {
-        Ok(read) => read.ok(),
-        Err(_) => {
-            // Left behind: it ends when its read does, and the next call
-            // starts another.
-            *reader = None;
-            STUCK.fetch_add(1, Ordering::Relaxed);
-            let path = path.to_path_buf();
-            std::thread::spawn(move || {
-                let _ = result.recv();
-                STUCK.fetch_sub(1, Ordering::Relaxed);
-                tracing::debug!("{} answered at last", path.display());
-            });
-            None
-        }
+    let read = PROC_READERS.wait(result, deadline);
+    if read.is_err() {
+        // Left behind (it ends when its read does): the next call starts
+        // another.
+        *reader = None;
     }
+    read.ok()?.ok()
 }
 
 /// Pids of every process, from /proc.

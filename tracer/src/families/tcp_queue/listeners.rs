@@ -5,11 +5,12 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tracer_common::{stage, ListenRecord, TcpOverflowKey, TcpOverflowRecord, AF_INET6};
 
+use crate::families::counted::Shown;
 use crate::host::{
     listeners::LISTEN_MAX_REQUEST,
     owners::{Owned, Owner, OwnerScans},
@@ -99,7 +100,7 @@ pub struct TcpListeners {
     /// listen() calls seen: socket inode -> (requested backlog, pid).
     listens: HashMap<u64, (u32, u32)>,
     /// Counter totals already turned into batches, and when each grew.
-    reported: HashMap<TcpOverflowKey, (u64, Instant)>,
+    reported: HashMap<TcpOverflowKey, Shown>,
     /// Accept-queue overflows of retired keys, by network namespace.
     retired_overflows: HashMap<u32, u64>,
     owner_scans: OwnerScans,
@@ -159,13 +160,12 @@ impl TcpListeners {
             if !sampled && !last {
                 continue;
             }
-            let (reported, grew) = self.reported.entry(key).or_insert((0, Instant::now()));
-            if total <= *reported {
+            let reported = self.reported.get(&key).map_or(0, |shown| shown.total);
+            if total <= reported {
                 continue;
             }
-            let count = total - *reported;
-            *reported = total;
-            *grew = Instant::now();
+            let count = total - reported;
+            self.reported.insert(key, Shown::now(total));
             let listener = self.entry(key.inode, host).clone();
             let sample = listener
                 .by_stage
@@ -200,9 +200,9 @@ impl TcpListeners {
     /// whatever --pid says: what TcpExtListenOverflows counts too.
     pub fn accept_queue_overflows_by_netns(&self) -> HashMap<u32, u64> {
         let mut by_netns = self.retired_overflows.clone();
-        for (key, (total, _)) in &self.reported {
+        for (key, shown) in &self.reported {
             if is_accept_queue_stage(key.stage) {
-                *by_netns.entry(self.netns_of(key.inode)).or_insert(0) += total;
+                *by_netns.entry(self.netns_of(key.inode)).or_insert(0) += shown.total;
             }
         }
         by_netns
@@ -224,7 +224,7 @@ impl TcpListeners {
         let idle: Vec<TcpOverflowKey> = self
             .reported
             .iter()
-            .filter(|(_, (_, grew))| grew.elapsed() >= after)
+            .filter(|(_, shown)| shown.idle_for(after))
             .map(|(key, _)| *key)
             .collect();
         if idle.is_empty() {
@@ -238,9 +238,9 @@ impl TcpListeners {
             .collect();
         for key in &retired {
             let netns = self.netns_of(key.inode);
-            if let Some((total, _)) = self.reported.remove(key) {
+            if let Some(shown) = self.reported.remove(key) {
                 if is_accept_queue_stage(key.stage) {
-                    *self.retired_overflows.entry(netns).or_insert(0) += total;
+                    *self.retired_overflows.entry(netns).or_insert(0) += shown.total;
                 }
             }
         }

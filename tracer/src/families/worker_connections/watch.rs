@@ -19,7 +19,7 @@ use std::{
 use aya::Ebpf;
 
 use crate::{
-    config::files::{self, Credentials, View},
+    config::files,
     contract::Role,
     host::{configs, process, sock_diag::FileId},
     probes,
@@ -201,13 +201,12 @@ impl WorkerConnections {
         if !self.tails.contains_key(path) {
             let cannot = |why: String| format!("cannot read {}: {why}", path.display());
             // Opened as the master could open it, inside its root.
-            let who =
-                Credentials::of(master.pid).ok_or_else(|| cannot("the process is gone".into()))?;
-            let view = View::of_pid(master.pid).map_err(|err| cannot(err.to_string()))?;
             let inside = path.clone();
-            let file = files::as_process(&who, configs::READ_DEADLINE, move || view.open(&inside))
-                .map_err(cannot)?
-                .map_err(|err| cannot(err.to_string()))?;
+            let file = files::as_process_of(master.pid, configs::READ_DEADLINE, move |view| {
+                view.open(&inside)
+            })
+            .map_err(cannot)?
+            .map_err(|err| cannot(err.to_string()))?;
             let tail = LogTail::open(file).map_err(|err| cannot(err.to_string()))?;
             self.tails.insert(path.clone(), tail);
         }
