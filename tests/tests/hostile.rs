@@ -5,15 +5,18 @@
 //! droptrace took to finish, and which bytes reached the operator.
 use std::{
     ffi::CString,
+    net::SocketAddr,
     os::unix::{ffi::OsStrExt, fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use droptrace_tests::{
     droptrace::{self, Droptrace},
-    require_root, signal, spawn_and_read_line,
+    netns::Netns,
+    require_root, signal, spawn_and_read_line, tcp,
 };
 
 const NOBODY: u32 = 65534;
@@ -228,4 +231,142 @@ fn a_capture_path_that_is_not_utf8_is_recorded_and_reported() {
     assert_eq!(json["drops"], 0, "{json}");
     let path = json["files"][0]["path"].as_str().unwrap_or_default();
     assert!(path.ends_with("drops-\u{fffd}\u{1b}.cap"), "{json}");
+}
+
+/// A hundred processes holding 19,000 fds each make every scan of every
+/// process's fds (how a TCP listener's owner is found) take seconds. A
+/// drop that starts such a scan must not hold Ctrl-C: droptrace ends within
+/// a second with its summary, and the drops, their owner not yet known, are
+/// counted as the namespace's own TcpExtListenOverflows counts them.
+#[test]
+fn a_scan_of_two_million_fds_does_not_hold_ctrl_c() {
+    require_root("a_scan_of_two_million_fds_does_not_hold_ctrl_c");
+    let holders = FdHolders::start(100, 19_000);
+    // What one scan of the holders' fds costs, measured here.
+    let scan = holders.scan();
+    assert!(
+        scan > Duration::from_secs(2),
+        "a scan of the holders' fds took only {scan:?} here: too short to hold anything"
+    );
+
+    let netns = Netns::create("longscan", &[]);
+    let addr: SocketAddr = "127.0.0.1:19091".parse().unwrap();
+    let (ready, listening) = mpsc::channel();
+    let (go, flood) = mpsc::channel();
+    let (closed, clients_closed) = mpsc::channel();
+    let (done, stopped) = mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let netns = &netns;
+        s.spawn(move || {
+            netns.enter_on_this_thread();
+            // Listening before droptrace starts: its owner is found by a scan.
+            let listener = tcp::listener(addr, 1);
+            ready.send(()).unwrap();
+            flood.recv().unwrap();
+            let clients = tcp::connect_many(addr, 20);
+            std::thread::sleep(Duration::from_millis(300));
+            tcp::close_all(clients);
+            closed.send(()).unwrap();
+            // Until droptrace stopped (or the test failed).
+            let _ = stopped.recv_timeout(Duration::from_secs(30));
+            drop(listener);
+        });
+        listening.recv().unwrap();
+        let before = netns.tcp_ext();
+        let tracer = Droptrace::start(&[]);
+        go.send(()).unwrap();
+        clients_closed.recv().unwrap();
+        let grew = netns.tcp_ext().since(before);
+        // The drops reached droptrace's tick (every 250 ms) and their
+        // owner scan is under way; it has seconds to go.
+        std::thread::sleep(Duration::from_millis(300));
+        let stopping = Instant::now();
+        let report = tracer.stop();
+        let took = stopping.elapsed();
+        done.send(()).unwrap();
+        assert!(
+            took < Duration::from_secs(1),
+            "droptrace took {took:?} to stop after Ctrl-C in a scan of {scan:?}"
+        );
+        let counted: u64 = report
+            .tcp_drops_at("127.0.0.1", addr.port())
+            .iter()
+            .filter(|d| d["kind"] == "tcp_accept_queue")
+            .map(|d| d["count"].as_u64().unwrap())
+            .sum();
+        assert!(grew.listen_overflows > 0, "the flood overflowed nothing");
+        assert_eq!(
+            counted, grew.listen_overflows,
+            "droptrace's tcp_accept_queue vs the namespace's TcpExtListenOverflows; stderr:\n{}",
+            report.stderr
+        );
+        assert_eq!(report.lost(), 0);
+        eprintln!(
+            "a scan took {scan:?} here; droptrace stopped in {took:?}, {counted} drops counted"
+        );
+    });
+
+    // doctor looks for every listener's owner the same way: --timeout
+    // cuts the look short, and doctor says so.
+    let started = Instant::now();
+    let doctor = droptrace::run(&["doctor", "--json", "--timeout", "1"]);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "doctor --timeout 1 took {took:?} (a scan takes {scan:?}):\n{}",
+        doctor.stderr
+    );
+    assert!(
+        doctor.stderr.contains("cut short at --timeout 1 s"),
+        "doctor does not say its look was cut short:\n{}",
+        doctor.stderr
+    );
+    let json: serde_json::Value = serde_json::from_str(doctor.stdout.trim()).unwrap();
+    assert_eq!(json["cut_short"], true, "{json}");
+}
+
+/// Processes that hold many fds (copies of /dev/null) each, within the
+/// hard RLIMIT_NOFILE they inherit (20,000 here, and root may not raise
+/// it in this machine's container).
+struct FdHolders(Vec<Child>);
+
+impl FdHolders {
+    fn start(processes: usize, fds: u64) -> Self {
+        Self(
+            (0..processes)
+                .map(|_| {
+                    let (child, said) = spawn_and_read_line(
+                        Command::new(env!("CARGO_BIN_EXE_exhaust"))
+                            .args(["fds", &fds.to_string()])
+                            .stdin(std::process::Stdio::null()),
+                    );
+                    assert_eq!(said, format!("held={fds}"));
+                    child
+                })
+                .collect(),
+        )
+    }
+
+    /// How long one look at every fd of every holder takes.
+    fn scan(&self) -> Duration {
+        let scanning = Instant::now();
+        for child in &self.0 {
+            let links = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+                .unwrap()
+                .flatten()
+                .filter(|fd| std::fs::read_link(fd.path()).is_ok())
+                .count();
+            assert!(links > 1_000, "{links} fds");
+        }
+        scanning.elapsed()
+    }
+}
+
+impl Drop for FdHolders {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
 }

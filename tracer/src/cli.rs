@@ -145,6 +145,11 @@ pub struct DoctorArgs {
     /// Print the risks as one JSON object.
     #[arg(long)]
     pub json: bool,
+
+    /// Stop looking after this many seconds and report what was seen,
+    /// saying that the look was cut short (a slow /proc or filesystem).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
 }
 
 /// "100M" -> 104857600.

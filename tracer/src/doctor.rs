@@ -366,6 +366,7 @@ pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
         tracing::warn!("not root: the configurations, limits and sockets of other users' processes may be unreadable; run `sudo droptrace doctor` for a complete check");
     }
     let mut filter = PidFilter::new(&args.pids, &[])?;
+    cut_short_after(Duration::from_secs(args.timeout));
     // The snapshot reads each namespace's counters first thing; they are
     // read again through its views once the window has passed.
     let (snapshot, views) = Snapshot::take(&mut filter);
@@ -389,10 +390,18 @@ pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
         .collect();
     let risks = risks(&snapshot, &growth);
     let checked = Checked::of(&snapshot);
+    let cut_short = crate::config::files::is_stopping();
+    if cut_short {
+        tracing::warn!(
+            "the look was cut short at --timeout {} s: owners, limits or configurations not read by then are missing above",
+            args.timeout
+        );
+    }
     if args.json {
         let report = serde_json::json!({
             "host": snapshot.host.hostname,
             "checked": checked,
+            "cut_short": cut_short,
             "risks": risks,
         });
         println!("{report}");
@@ -404,6 +413,16 @@ pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// At `timeout`, tell every read and scan still going that doctor stops:
+/// they give up within half a second (`config::files`), and doctor says
+/// what it saw.
+fn cut_short_after(timeout: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        crate::config::files::stopping();
+    });
 }
 
 /// What doctor looked at, to say so.

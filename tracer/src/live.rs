@@ -60,7 +60,7 @@ pub enum Output {
 /// before the loop ends it at its first turn). Each also tells the readers
 /// at once, from the signal handler, that droptrace is stopping: a read
 /// made for a watched process that is still waiting gives up within half a
-/// second, even while the loop is in it.
+/// second, even while the watcher is in it.
 struct Stop {
     interrupt: Signal,
     terminate: Signal,
@@ -80,31 +80,47 @@ impl Stop {
         }
         Ok(stop)
     }
+
+    async fn signalled(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// From Ctrl-C or SIGTERM to the end of droptrace, in every state: the
+/// watcher's reads give up after half a second (`config::files`), and its
+/// summary takes milliseconds. Should the watcher still be held past this
+/// (a read the kernel does not let go of), droptrace ends without it.
+const STOP_LIMIT: Duration = Duration::from_secs(1);
+
+/// What the watcher thread writes to.
+enum Target {
+    Terminal {
+        json: bool,
+    },
+    Capture {
+        writer: CaptureWriter,
+        recorder: Box<Recorder>,
+        path: std::path::PathBuf,
+    },
 }
 
 /// Load the probes, then watch until Ctrl-C, SIGTERM, --duration or (for
 /// a capture) --max-size.
+///
+/// Two threads: this one only waits for signals (and is where anything that
+/// must answer at once belongs); the watcher reads the kernel and the
+/// machine (/proc, sock_diag, configurations), which may take a while, and
+/// is told to stop from here.
 pub async fn run(watch: Watch, output: Output) -> Result<()> {
     let mut filter = PidFilter::new(&watch.pids, &watch.names)?;
     let probes = probes::load(families::HOOKS)?;
     // Until here Ctrl-C ends droptrace at once: nothing was watched yet.
-    let stop = Stop::watch()?;
-    let duration = watch.duration.map(Duration::from_secs);
-    match output {
-        Output::Terminal { json } => {
-            let format = if json { Format::Json } else { Format::Human };
-            let sink = Sink::new(format, std::io::stdout().lock());
-            watch_until_stopped(
-                probes,
-                filter,
-                sink,
-                None,
-                duration,
-                watch.nginx_uretprobe,
-                stop,
-            )
-            .await
-        }
+    let mut stop = Stop::watch()?;
+    let destination = match output {
+        Output::Terminal { json } => Target::Terminal { json },
         Output::Capture { path, max_size } => {
             let mut writer = CaptureWriter::create(&path)?;
             let (snapshot, views) = Snapshot::take(&mut filter);
@@ -116,38 +132,94 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
                 snapshot,
             )?;
             tracing::info!("recording to {} (created 0600)", path.display());
-            let sink = Sink::new(Format::Json, writer);
-            let stopped_by = watch_until_stopped(
-                probes,
-                filter,
-                sink,
-                Some(recorder),
-                duration,
-                watch.nginx_uretprobe,
-                stop,
-            )
-            .await;
-            if stopped_by.is_ok() {
-                tracing::info!(
-                    "capture {} complete; read it anywhere with: droptrace report {}",
-                    path.display(),
-                    path.display()
-                );
+            Target::Capture {
+                writer,
+                recorder: Box::new(recorder),
+                path,
             }
-            stopped_by
+        }
+    };
+    let watching = Watching {
+        probes,
+        filter,
+        duration: watch.duration.map(Duration::from_secs),
+        nginx_uretprobe: watch.nginx_uretprobe,
+    };
+    let (tell_stop, told_stop) = tokio::sync::watch::channel(false);
+    let (finished, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("watcher".into())
+        .spawn(move || {
+            let _ = finished.send(watching.run(destination, told_stop));
+        })
+        .map_err(|err| anyhow!("cannot start the watcher thread: {err}"))?;
+    tokio::pin!(done);
+    let result = tokio::select! {
+        result = &mut done => result,
+        _ = stop.signalled() => {
+            let _ = tell_stop.send(true);
+            tokio::time::timeout(STOP_LIMIT, &mut done).await.map_err(|_| {
+                anyhow!("stopped without the summary: the watcher (reading /proc, socket tables or a configuration) was still busy {STOP_LIMIT:?} after the signal")
+            })?
+        }
+    };
+    result.map_err(|_| anyhow!("the watcher thread ended without a result"))?
+}
+
+/// What the watcher thread is given.
+struct Watching {
+    probes: probes::Probes,
+    filter: PidFilter,
+    duration: Option<Duration>,
+    nginx_uretprobe: bool,
+}
+
+impl Watching {
+    /// The watcher thread: its own runtime, the loop, the summary.
+    fn run(self, destination: Target, told_stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| anyhow!("cannot start the watcher's runtime: {err}"))?;
+        match destination {
+            Target::Terminal { json } => {
+                let format = if json { Format::Json } else { Format::Human };
+                let sink = Sink::new(format, std::io::stdout().lock());
+                runtime.block_on(watch_until_stopped(self, sink, None, told_stop))
+            }
+            Target::Capture {
+                writer,
+                recorder,
+                path,
+            } => {
+                let sink = Sink::new(Format::Json, writer);
+                let stopped_by =
+                    runtime.block_on(watch_until_stopped(self, sink, Some(*recorder), told_stop));
+                if stopped_by.is_ok() {
+                    tracing::info!(
+                        "capture {} complete; read it anywhere with: droptrace report {}",
+                        path.display(),
+                        path.display()
+                    );
+                }
+                stopped_by
+            }
         }
     }
 }
 
 async fn watch_until_stopped<W: Destination>(
-    probes: probes::Probes,
-    filter: PidFilter,
+    watching: Watching,
     mut sink: Sink<W>,
     mut recorder: Option<Recorder>,
-    duration: Option<Duration>,
-    nginx_uretprobe: bool,
-    mut stop: Stop,
+    mut told_stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
+    let Watching {
+        probes,
+        filter,
+        duration,
+        nginx_uretprobe,
+    } = watching;
     let probes::Probes {
         mut ebpf,
         records,
@@ -216,8 +288,7 @@ async fn watch_until_stopped<W: Destination>(
                     }
                 }
             }
-            _ = stop.interrupt.recv() => break,
-            _ = stop.terminate.recv() => break,
+            _ = told_stop.changed() => break,
             _ = &mut deadline => break,
         }
     }

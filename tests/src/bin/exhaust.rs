@@ -10,6 +10,10 @@
 //!                      fail with EADDRNOTAVAIL once the ephemeral ports are
 //!                      used up (run it in a netns with a tiny
 //!                      ip_local_port_range)
+//!   exhaust fds N      hold N more fds (copies of /dev/null; the hard
+//!                      RLIMIT_NOFILE must allow them), print
+//!                      `held=N`, and sleep (at most a minute): every scan
+//!                      of every process's fds takes long
 //!
 //! Copied to a file named `nginx`, it is a hostile nginx instead: it
 //! listens on `app.sock` beside itself and sleeps (at most a minute). Run
@@ -87,6 +91,30 @@ fn ports(attempts: usize) {
     );
 }
 
+fn hold(fds: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimits for this process.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let null = std::fs::File::open("/dev/null").unwrap();
+    for _ in 0..fds {
+        // SAFETY: a copy of an fd we own, kept until exit.
+        assert!(
+            unsafe { libc::dup(null.as_raw_fd()) } >= 0,
+            "dup: errno {}",
+            errno()
+        );
+    }
+    println!("held={fds}");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
 fn pretend_nginx(args: &[String]) {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
@@ -126,8 +154,9 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("nofile") => nofile(n),
         Some("ports") => ports(n as usize),
+        Some("fds") => hold(n),
         _ => {
-            eprintln!("usage: exhaust nofile N | exhaust ports N");
+            eprintln!("usage: exhaust nofile N | exhaust ports N | exhaust fds N");
             std::process::exit(2);
         }
     }
