@@ -152,12 +152,28 @@ impl Droptrace {
         stdout
     }
 
+    /// `droptrace --json ARGS` run by `wrapper` (e.g. setpriv with its
+    /// options), the binary's path appended to it.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        let mut command = Command::new(wrapper[0]);
+        command
+            .args(&wrapper[1..])
+            .arg(binary())
+            .arg("--json")
+            .args(args);
+        Self::spawn_command(command, &[])
+    }
+
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary());
+        command.args(args);
+        Self::spawn_command(command, env)
+    }
+
+    fn spawn_command(mut command: Command, env: &[(&str, &str)]) -> Self {
         command
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
-            .args(args)
             .stdout(Stdio::piped());
         let (child, seen, stderr) = spawn_until_watching(&mut command);
         Self {

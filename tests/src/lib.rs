@@ -7,6 +7,7 @@ pub mod droptrace;
 pub mod guest;
 pub mod http;
 pub mod netns;
+pub mod prometheus;
 pub mod stack;
 pub mod tcp;
 pub mod unix;

@@ -71,6 +71,15 @@ pub struct Watch {
     /// and is used anyway when nginx logs to no file.
     #[arg(long)]
     pub nginx_uretprobe: bool,
+
+    /// Also serve Prometheus metrics at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9464: droptrace_drops_total{kind,limit,listener,owner_role}
+    /// (the summary's counts), listener queue and backlog gauges, the limit
+    /// values hit, doctor's risks (refreshed every 30 s), lost events and
+    /// build info. Bind to a private address: the metrics name sockets and
+    /// processes.
+    #[arg(long, value_name = "ADDR")]
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +190,8 @@ Examples:
   sudo droptrace                          watch every process
   sudo droptrace --pid $(cat /run/nginx.pid) --duration 60
   sudo droptrace --json > drops.jsonl     for jq and dashboards
+  sudo droptrace --prometheus 127.0.0.1:9464 --process nginx --process uwsgi
+                                          for Prometheus (deploy/ has a unit, alerts, a dashboard)
   sudo droptrace record -o /var/tmp/incident.dtc --process nginx --process uwsgi --max-size 100M
   droptrace report /var/tmp/incident.dtc --html incident.html
   droptrace doctor                        what will break under load, before it does

@@ -1,7 +1,10 @@
 //! The live view and the recorder's loop: read records from the kernel,
 //! hand them to the drop families, print what they become, summarise at
 //! the end.
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{anyhow, Result};
 use tokio::{
@@ -14,11 +17,15 @@ use crate::{
     config,
     contract::Notice,
     contract::{Drop, Snapshot},
+    exporter,
     families::{self, Clock, Families},
     host::{process::PidFilter, LiveHost},
     probes,
     record::{Recorder, Recording},
-    sinks::{aggregate::Aggregator, capture::CaptureWriter, Destination, Format, Sink},
+    sinks::{
+        aggregate::Aggregator, capture::CaptureWriter, prometheus::Metrics, Destination, Format,
+        Sink,
+    },
 };
 
 /// At most this many lines per second per (kind, listener, limit).
@@ -28,9 +35,13 @@ const LINE_INTERVAL: Duration = Duration::from_millis(250);
 fn show<W: Destination>(
     aggregator: &mut Aggregator,
     sink: &mut Sink<W>,
+    metrics: Option<&Metrics>,
     drops: impl IntoIterator<Item = (Drop, u64)>,
 ) -> std::io::Result<()> {
     for (drop, count) in drops {
+        if let Some(metrics) = metrics {
+            metrics.add(&drop, count);
+        }
         if let Some(line) = aggregator.add(drop, count, Instant::now()) {
             sink.line(&line)?;
         }
@@ -116,9 +127,32 @@ enum Target {
 /// is told to stop from here.
 pub async fn run(watch: Watch, output: Output) -> Result<()> {
     let mut filter = PidFilter::new(&watch.pids, &watch.names)?;
+    let endpoint = watch.prometheus.map(exporter::bind).transpose()?;
     let probes = probes::load(families::HOOKS)?;
     // Until here Ctrl-C ends droptrace at once: nothing was watched yet.
     let mut stop = Stop::watch()?;
+    let metrics = match endpoint {
+        Some(endpoint) => {
+            let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            let metrics = Arc::new(Metrics::new(kernel.trim(), &probes.choices));
+            exporter::look_periodically(
+                metrics.clone(),
+                PidFilter::new(&watch.pids, &watch.names)?,
+            );
+            let served = metrics.clone();
+            tracing::info!(
+                "serving metrics at http://{}/metrics",
+                endpoint.local_addr()?
+            );
+            tokio::spawn(async move {
+                if let Err(err) = exporter::serve(endpoint, served).await {
+                    tracing::error!("metrics: the server stopped: {err:#}");
+                }
+            });
+            Some(metrics)
+        }
+        None => None,
+    };
     let destination = match output {
         Output::Terminal { json } => Target::Terminal { json },
         Output::Capture { path, max_size } => {
@@ -142,6 +176,7 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
     let watching = Watching {
         probes,
         filter,
+        metrics,
         duration: watch.duration.map(Duration::from_secs),
         nginx_uretprobe: watch.nginx_uretprobe,
     };
@@ -170,6 +205,7 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
 struct Watching {
     probes: probes::Probes,
     filter: PidFilter,
+    metrics: Option<Arc<Metrics>>,
     duration: Option<Duration>,
     nginx_uretprobe: bool,
 }
@@ -217,6 +253,7 @@ async fn watch_until_stopped<W: Destination>(
     let Watching {
         probes,
         filter,
+        metrics,
         duration,
         nginx_uretprobe,
     } = watching;
@@ -271,14 +308,17 @@ async fn watch_until_stopped<W: Destination>(
                 }
                 guard.clear_ready();
                 if families.pending {
-                    show(&mut aggregator, &mut sink, families.drops(counters.read(), false))?;
+                    show(&mut aggregator, &mut sink, metrics.as_deref(), families.drops(counters.read(), false))?;
                 }
             }
             _ = tick.tick() => {
-                show(&mut aggregator, &mut sink, families.drops(counters.read(), false))?;
+                show(&mut aggregator, &mut sink, metrics.as_deref(), families.drops(counters.read(), false))?;
                 counters.forget(&families.retire());
                 families.worker_connections.scan(&mut ebpf);
-                show(&mut aggregator, &mut sink, families.logged_shortages())?;
+                show(&mut aggregator, &mut sink, metrics.as_deref(), families.logged_shortages())?;
+                if let Some(metrics) = &metrics {
+                    metrics.lost(&lost.read()?);
+                }
                 for line in aggregator.due(Instant::now()) {
                     sink.line(&line)?;
                 }
@@ -299,13 +339,19 @@ async fn watch_until_stopped<W: Destination>(
         let notice = families.handle(&item);
         show_notice(&mut sink, notice)?;
     }
-    show(&mut aggregator, &mut sink, families.logged_shortages())?;
+    show(
+        &mut aggregator,
+        &mut sink,
+        metrics.as_deref(),
+        families.logged_shortages(),
+    )?;
     // A packet still in flight on a CPU may have cost drops no later
     // packet will catch up: count them now.
     probes::catch_up_tcp(&mut ebpf);
     show(
         &mut aggregator,
         &mut sink,
+        metrics.as_deref(),
         families.drops(counters.read(), true),
     )?;
     for line in aggregator.drain() {

@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod contract;
 mod doctor;
+mod exporter;
 mod families;
 mod host;
 mod live;

@@ -1,5 +1,5 @@
 //! What the tests need beyond the toolchain: root, and Debian's nginx,
-//! uWSGI and Chromium. On Debian as root the missing packages are
+//! uWSGI, Chromium and Prometheus. On Debian as root the missing packages are
 //! installed; what still cannot be had leaves its tests out through
 //! nextest's filter, so the summary counts them as skipped, with one line
 //! that says why. A test that runs without what it needs fails.
@@ -22,11 +22,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "/usr/bin/busybox"),
     ("cpio", "/usr/bin/cpio"),
     ("xz-utils", "/usr/bin/xz"),
+    ("prometheus", "/usr/bin/prometheus"),
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 /// The tests that start nginx and uWSGI.
-const STACK_TESTS: &str =
-    "binary(nginx_uwsgi) | binary(nginx_uwsgi_tcp) | binary(nginx_limits) | binary(postmortem)";
+const STACK_TESTS: &str = "binary(nginx_uwsgi) | binary(nginx_uwsgi_tcp) | binary(nginx_limits) | binary(postmortem) | test(=prometheus_stores_what_nginx_logged_and_the_drop_alert_fires)";
+/// The tests that run Prometheus or promtool, and systemd-analyze.
+const PROMETHEUS_TESTS: &str = "test(=prometheus_stores_what_nginx_logged_and_the_drop_alert_fires) | test(=the_alert_rules_pass_promtool_and_their_unit_tests)";
+const SYSTEMD_TESTS: &str = "test(=the_systemd_unit_s_capabilities_are_enough)";
 /// The test that renders the HTML report in Chromium.
 const CHROMIUM_TESTS: &str =
     "test(=a_capture_of_a_real_burst_reports_the_live_totals_even_when_cut_short)";
@@ -71,6 +75,18 @@ pub fn ensure(root: bool) -> Result<Option<String>> {
             left_out.push((
                 CHROMIUM_TESTS,
                 "chromium not installed: the HTML report cannot be rendered".into(),
+            ));
+        }
+        if !installed("prometheus") {
+            left_out.push((
+                PROMETHEUS_TESTS,
+                "prometheus not installed (not Debian, or apt-get failed)".into(),
+            ));
+        }
+        if !installed("systemd") {
+            left_out.push((
+                SYSTEMD_TESTS,
+                "systemd-analyze not installed: the unit cannot be verified".into(),
             ));
         }
     }

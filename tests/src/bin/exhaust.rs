@@ -10,6 +10,9 @@
 //!                      fail with EADDRNOTAVAIL once the ephemeral ports are
 //!                      used up (run it in a netns with a tiny
 //!                      ip_local_port_range)
+//!   exhaust listen ADDR BACKLOG
+//!                      listen on TCP ADDR with BACKLOG, never accept,
+//!                      print `listening` and sleep (at most a minute)
 //!   exhaust fds N      hold N more fds (copies of /dev/null; the hard
 //!                      RLIMIT_NOFILE must allow them), print
 //!                      `held=N`, and sleep (at most a minute): every scan
@@ -91,6 +94,44 @@ fn ports(attempts: usize) {
     );
 }
 
+fn listen(addr: &str, backlog: i32) {
+    let addr: std::net::SocketAddr = addr.parse().expect("an address like 127.0.0.1:80");
+    // SAFETY: plain syscalls on a socket we own, kept until exit.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: errno {}", errno());
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let std::net::SocketAddr::V4(v4) = addr else {
+            panic!("IPv4 only")
+        };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), len),
+            0,
+            "bind: errno {}",
+            errno()
+        );
+        assert_eq!(libc::listen(fd, backlog), 0, "listen: errno {}", errno());
+    }
+    println!("listening");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
 fn hold(fds: u64) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -145,6 +186,10 @@ fn main() {
     if exe.file_name().is_some_and(|name| name == "nginx") {
         return pretend_nginx(&args);
     }
+    if args.get(1).map(String::as_str) == Some("listen") {
+        let backlog = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1);
+        return listen(args.get(2).expect("exhaust listen ADDR BACKLOG"), backlog);
+    }
     let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(16);
     if let Some(name) = args.get(3) {
         let name = std::ffi::CString::new(name.as_bytes()).expect("a name without NUL");
@@ -156,7 +201,7 @@ fn main() {
         Some("ports") => ports(n as usize),
         Some("fds") => hold(n),
         _ => {
-            eprintln!("usage: exhaust nofile N | exhaust ports N | exhaust fds N");
+            eprintln!("usage: exhaust nofile N | exhaust ports N | exhaust fds N | exhaust listen ADDR BACKLOG");
             std::process::exit(2);
         }
     }

@@ -157,6 +157,19 @@ pub struct Lost {
 }
 
 impl Lost {
+    /// Each cause by name, as JSON and the metrics call it.
+    pub const CAUSES: [&'static str; 3] =
+        ["ring_buffer_full", "pending_map_full", "counter_map_full"];
+
+    pub fn of(&self, cause: &str) -> u64 {
+        match cause {
+            "ring_buffer_full" => self.ring_buffer_full,
+            "pending_map_full" => self.pending_map_full,
+            "counter_map_full" => self.counter_map_full,
+            _ => 0,
+        }
+    }
+
     /// Drops that were not counted.
     pub fn total(&self) -> u64 {
         self.pending_map_full + self.counter_map_full

@@ -3,6 +3,7 @@
 //! diagnostics go to stderr through tracing.
 pub mod aggregate;
 pub mod capture;
+pub mod prometheus;
 pub mod terminal;
 
 use std::{
