@@ -2,11 +2,14 @@
 //! hand them to the drop families, print what they become, summarise at
 //! the end.
 use std::{
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, Signal, SignalKind},
@@ -39,6 +42,7 @@ fn show<W: Destination>(
     drops: impl IntoIterator<Item = (Drop, u64)>,
 ) -> std::io::Result<()> {
     for (drop, count) in drops {
+        progressed();
         if let Some(metrics) = metrics {
             metrics.add(&drop, count);
         }
@@ -102,9 +106,36 @@ impl Stop {
 
 /// From Ctrl-C or SIGTERM to the end of droptrace, in every state: the
 /// watcher's reads give up after half a second (`config::files`), and its
-/// summary takes milliseconds. Should the watcher still be held past this
-/// (a read the kernel does not let go of), droptrace ends without it.
+/// summary takes milliseconds. Should the watcher make no progress for this
+/// long (a read the kernel does not let go of), droptrace ends without it.
+/// A slow machine that is still making progress (an emulated kernel) is
+/// waited for.
 const STOP_LIMIT: Duration = Duration::from_secs(1);
+
+/// The watcher's steps so far: the signal thread tells a slow watcher from
+/// a stuck one.
+static PROGRESS: AtomicU64 = AtomicU64::new(0);
+
+fn progressed() {
+    PROGRESS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The watcher's result, waited for while it makes progress.
+async fn watcher_finishing(
+    done: &mut std::pin::Pin<&mut tokio::sync::oneshot::Receiver<Result<()>>>,
+) -> Result<()> {
+    let mut seen = PROGRESS.load(Ordering::Relaxed);
+    loop {
+        if let Ok(result) = tokio::time::timeout(STOP_LIMIT, done.as_mut()).await {
+            return result.map_err(|_| anyhow!("the watcher thread ended without a result"))?;
+        }
+        let now = PROGRESS.load(Ordering::Relaxed);
+        if now == seen {
+            bail!("stopped without the summary: the watcher (reading /proc, socket tables or a configuration) made no progress for {STOP_LIMIT:?} after the signal");
+        }
+        seen = now;
+    }
+}
 
 /// What the watcher thread writes to.
 enum Target {
@@ -189,16 +220,13 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
         })
         .map_err(|err| anyhow!("cannot start the watcher thread: {err}"))?;
     tokio::pin!(done);
-    let result = tokio::select! {
-        result = &mut done => result,
+    tokio::select! {
+        result = &mut done => result.map_err(|_| anyhow!("the watcher thread ended without a result"))?,
         _ = stop.signalled() => {
             let _ = tell_stop.send(true);
-            tokio::time::timeout(STOP_LIMIT, &mut done).await.map_err(|_| {
-                anyhow!("stopped without the summary: the watcher (reading /proc, socket tables or a configuration) was still busy {STOP_LIMIT:?} after the signal")
-            })?
+            watcher_finishing(&mut done).await
         }
-    };
-    result.map_err(|_| anyhow!("the watcher thread ended without a result"))?
+    }
 }
 
 /// What the watcher thread is given.
@@ -298,6 +326,7 @@ async fn watch_until_stopped<W: Destination>(
     );
 
     loop {
+        progressed();
         tokio::select! {
             guard = records.readable_mut() => {
                 let mut guard = guard?;
@@ -334,8 +363,10 @@ async fn watch_until_stopped<W: Destination>(
     }
 
     // What the kernel submitted or counted before we stopped still counts.
+    progressed();
     let ring = records.get_mut();
     while let Some(item) = ring.next() {
+        progressed();
         let notice = families.handle(&item);
         show_notice(&mut sink, notice)?;
     }
@@ -347,7 +378,9 @@ async fn watch_until_stopped<W: Destination>(
     )?;
     // A packet still in flight on a CPU may have cost drops no later
     // packet will catch up: count them now.
+    progressed();
     probes::catch_up_tcp(&mut ebpf);
+    progressed();
     show(
         &mut aggregator,
         &mut sink,
@@ -360,7 +393,9 @@ async fn watch_until_stopped<W: Destination>(
     if let (Some(recorder), Some(capture)) = (recorder.as_mut(), sink.out_mut().capture()) {
         recorder.sample(capture, aggregator.listeners())?;
     }
+    progressed();
     let kernel = families.reconcile(&baseline);
+    progressed();
     sink.summary(
         &aggregator.totals(),
         lost.read()?,
