@@ -143,7 +143,8 @@ pub fn look_periodically(metrics: Arc<Metrics>, mut filter: PidFilter) {
                 let growth = last.as_ref().map_or_else(Vec::new, |(at, before)| {
                     growth(before, &snapshot, at.elapsed())
                 });
-                metrics.risks(&doctor::risks(&snapshot, &growth));
+                let risks = doctor::risks(&snapshot, &growth);
+                metrics.risks(risks.iter().map(|r| (r.kind.as_str(), r.subject.as_str())));
                 for listener in &snapshot.listeners {
                     metrics.listener(listener);
                 }

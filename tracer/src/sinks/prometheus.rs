@@ -21,7 +21,6 @@ use prometheus_client::{
 
 use crate::{
     contract::{Drop, DropKind, ListenerView, Lost},
-    doctor::Risk,
     probes::hooks::Choice,
 };
 
@@ -247,14 +246,15 @@ impl Metrics {
         }
     }
 
-    /// The risks found now, replacing those found before.
-    pub fn risks(&self, risks: &[Risk]) {
+    /// The risks found now, as (kind, subject), replacing those found
+    /// before.
+    pub fn risks<'a>(&self, risks: impl IntoIterator<Item = (&'static str, &'a str)>) {
         self.risk.clear();
-        for risk in risks.iter().take(MAX_SERIES) {
+        for (kind, subject) in risks.into_iter().take(MAX_SERIES) {
             self.risk
                 .get_or_create(&RiskLabels {
-                    kind: risk.kind.as_str(),
-                    subject: risk.subject.clone(),
+                    kind,
+                    subject: subject.to_string(),
                 })
                 .set(1);
         }
