@@ -40,22 +40,35 @@ struct Bpftrace {
 impl Bpftrace {
     /// None when bpftrace is not installed (the figure is then left out).
     fn start(script: &str) -> Option<Self> {
+        let started = Self::try_start(script);
+        if let Err(true) = started {
+            panic!("bpftrace did not attach: {script}");
+        }
+        started.ok()
+    }
+
+    /// Err(false) when bpftrace is not installed, Err(true) when it did not
+    /// attach (a kernel refusing kretfunc).
+    fn try_start(script: &str) -> Result<Self, bool> {
         let mut child = Command::new("bpftrace")
             .args(["-e", script])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .ok()?;
+            .map_err(|_| false)?;
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        while stdout.read_line(&mut line).ok()? > 0 && !line.contains("Attaching") {
+        while stdout.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("Attaching") {
             line.clear();
         }
-        assert!(line.contains("Attaching"), "bpftrace did not attach");
+        if !line.contains("Attaching") {
+            let _ = child.wait();
+            return Err(true);
+        }
         // "Attaching N probes..." is printed before the attach itself.
         std::thread::sleep(Duration::from_millis(1000));
         child.stdout = Some(stdout.into_inner());
-        Some(Self { child })
+        Ok(Self { child })
     }
 
     /// Stop it; what it printed (its maps).
@@ -77,6 +90,20 @@ impl Bpftrace {
 /// bpftrace an operator would write.
 const BPFTRACE_STORM: &str =
     "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { @[comm] = count(); }";
+
+/// The same through one BPF trampoline (kretfunc = fexit) on
+/// unix_stream_connect, where the kernel allows it: what one trampoline
+/// costs in this storm, beside droptrace's.
+const BPFTRACE_STORM_FEXIT: &str =
+    "kretfunc:unix_stream_connect /retval == -11/ { @[comm] = count(); }";
+
+/// What a storm script counted, from its printed map (`@[bench]: N`).
+fn bpftrace_count(printed: &str) -> u64 {
+    printed
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("@[")?.split_once("]: ")?.1.parse::<u64>().ok())
+        .sum()
+}
 
 /// bpftrace on the syscall tracepoints droptrace uses where fexit is
 /// refused, doing as little as droptrace does on them.
@@ -119,12 +146,19 @@ fn storm(figures: &mut Figures, me: &str, connects: usize) {
     let listener = unix::Listener::bind(&path, 1);
     let (queued, _) = unix::connect_many(&path, 2);
     let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
+    let mut bpftrace_fexit = Vec::new();
     let (mut counted, mut lost, mut details_dropped) = (0, 0, 0);
     for _ in 0..ROUNDS {
         none.push(storm_rate(&path, connects));
         if let Some(tracer) = Bpftrace::start(BPFTRACE_STORM) {
             bpftrace.push(storm_rate(&path, connects));
-            tracer.stop();
+            let printed = tracer.stop();
+            assert_eq!(bpftrace_count(&printed), connects as u64, "bpftrace counted: {printed}");
+        }
+        if let Ok(tracer) = Bpftrace::try_start(BPFTRACE_STORM_FEXIT) {
+            bpftrace_fexit.push(storm_rate(&path, connects));
+            let printed = tracer.stop();
+            assert_eq!(bpftrace_count(&printed), connects as u64, "bpftrace counted: {printed}");
         }
         let tracer = Droptrace::start(&["--pid", me]);
         droptrace.push(storm_rate(&path, connects));
@@ -154,6 +188,12 @@ fn storm(figures: &mut Figures, me: &str, connects: usize) {
         );
     } else {
         println!("(bpftrace not installed: apt-get install bpftrace)");
+    }
+    if !bpftrace_fexit.is_empty() {
+        figures.add(
+            "storm: ratio with bpftrace through one trampoline (kretfunc)",
+            ratio(median(bpftrace_fexit), none),
+        );
     }
     let droptrace = median(droptrace);
     figures.add("storm: ratio with droptrace", ratio(droptrace, none));
