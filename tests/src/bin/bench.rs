@@ -101,7 +101,14 @@ const BPFTRACE_STORM_FEXIT: &str =
 fn bpftrace_count(printed: &str) -> u64 {
     printed
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("@[")?.split_once("]: ")?.1.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("@[")?
+                .split_once("]: ")?
+                .1
+                .parse::<u64>()
+                .ok()
+        })
         .sum()
 }
 
@@ -153,12 +160,20 @@ fn storm(figures: &mut Figures, me: &str, connects: usize) {
         if let Some(tracer) = Bpftrace::start(BPFTRACE_STORM) {
             bpftrace.push(storm_rate(&path, connects));
             let printed = tracer.stop();
-            assert_eq!(bpftrace_count(&printed), connects as u64, "bpftrace counted: {printed}");
+            assert_eq!(
+                bpftrace_count(&printed),
+                connects as u64,
+                "bpftrace counted: {printed}"
+            );
         }
         if let Ok(tracer) = Bpftrace::try_start(BPFTRACE_STORM_FEXIT) {
             bpftrace_fexit.push(storm_rate(&path, connects));
             let printed = tracer.stop();
-            assert_eq!(bpftrace_count(&printed), connects as u64, "bpftrace counted: {printed}");
+            assert_eq!(
+                bpftrace_count(&printed),
+                connects as u64,
+                "bpftrace counted: {printed}"
+            );
         }
         let tracer = Droptrace::start(&["--pid", me]);
         droptrace.push(storm_rate(&path, connects));
