@@ -25,10 +25,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
 use crate::{
+    cli::Watch,
     config::files::is_stopping,
     contract::Snapshot,
     doctor::{self, Growth},
     host::process::PidFilter,
+    probes::hooks::Choice,
     sinks::prometheus::{Metrics, OPENMETRICS, PROMETHEUS_TEXT},
 };
 
@@ -50,8 +52,32 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// The metrics for these hooks, served at `endpoint` from now on (a task
+/// on this thread's runtime) and refreshed every LOOK_EVERY for what
+/// `watch` covers.
+pub fn start(
+    endpoint: std::net::TcpListener,
+    watch: &Watch,
+    hooks: &[Choice],
+) -> Result<Arc<Metrics>> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let metrics = Arc::new(Metrics::new(kernel.trim(), hooks));
+    look_periodically(metrics.clone(), PidFilter::new(&watch.pids, &watch.names)?);
+    tracing::info!(
+        "serving metrics at http://{}/metrics",
+        endpoint.local_addr()?
+    );
+    let served = metrics.clone();
+    tokio::spawn(async move {
+        if let Err(err) = serve(endpoint, served).await {
+            tracing::error!("metrics: the server stopped: {err:#}");
+        }
+    });
+    Ok(metrics)
+}
+
 /// Answer scrapes for as long as droptrace runs.
-pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<()> {
+async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -133,7 +159,7 @@ async fn answer(
 /// Every LOOK_EVERY, on a thread of its own, look at the host as doctor
 /// does: its risks replace the last ones, and the watched listeners'
 /// queues and backlogs are set.
-pub fn look_periodically(metrics: Arc<Metrics>, mut filter: PidFilter) {
+fn look_periodically(metrics: Arc<Metrics>, mut filter: PidFilter) {
     let spawned = std::thread::Builder::new()
         .name("risks".into())
         .spawn(move || {

@@ -163,25 +163,7 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
     // Until here Ctrl-C ends droptrace at once: nothing was watched yet.
     let mut stop = Stop::watch()?;
     let metrics = match endpoint {
-        Some(endpoint) => {
-            let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-            let metrics = Arc::new(Metrics::new(kernel.trim(), &probes.choices));
-            exporter::look_periodically(
-                metrics.clone(),
-                PidFilter::new(&watch.pids, &watch.names)?,
-            );
-            let served = metrics.clone();
-            tracing::info!(
-                "serving metrics at http://{}/metrics",
-                endpoint.local_addr()?
-            );
-            tokio::spawn(async move {
-                if let Err(err) = exporter::serve(endpoint, served).await {
-                    tracing::error!("metrics: the server stopped: {err:#}");
-                }
-            });
-            Some(metrics)
-        }
+        Some(endpoint) => Some(exporter::start(endpoint, &watch, &probes.choices)?),
         None => None,
     };
     let destination = match output {

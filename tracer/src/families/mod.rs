@@ -87,7 +87,8 @@ const VERDICT_TTL: Duration = Duration::from_secs(5);
 /// Verdicts and failed accepts kept for reuse: beyond this many, the stale
 /// ones are forgotten (a long run sees many short-lived processes).
 const MAX_REMEMBERED: usize = 4096;
-/// How often keys are looked at for retirement (a TCP look scans /proc).
+/// How often keys are looked at for retirement (a TCP look dumps every
+/// namespace's listening sockets).
 const RETIRE_CHECK: Duration = Duration::from_secs(10);
 
 /// Converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall-clock time.

@@ -182,4 +182,9 @@ impl Host for FakeHost {
     fn listen_overflows(&mut self) -> HashMap<u32, u64> {
         self.listen_overflows.clone()
     }
+
+    /// The sockets some process holds stand for the listening ones.
+    fn open_tcp_listeners(&mut self) -> Option<HashSet<u64>> {
+        Some(self.socket_owners.keys().copied().collect())
+    }
 }

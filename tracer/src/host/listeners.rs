@@ -86,6 +86,18 @@ impl Registry {
         readings
     }
 
+    /// The inodes of every listening TCP socket of every network namespace
+    /// (sock_diag, one dump per namespace: no /proc scan); None when a
+    /// namespace's table could not be read.
+    pub fn open_tcp_listeners(&mut self) -> Option<HashSet<u64>> {
+        let mut open = HashSet::new();
+        for netns in sock_diag::namespaces() {
+            let listeners = self.view_for(&netns)?.tcp_listeners().ok()?;
+            open.extend(listeners.iter().map(|l| l.inode));
+        }
+        Some(open)
+    }
+
     /// net.ipv4.ip_local_port_range of the namespace with inode `netns`.
     pub fn ip_local_port_range(&mut self, netns: u32) -> Option<(u32, u32)> {
         if !self.views.contains_key(&netns) {

@@ -66,6 +66,9 @@ pub trait Host {
     fn tcp_local_address(&mut self, pid: u32, tid: u32, inode: u64) -> Option<(IpAddr, u16)>;
     /// TcpExtListenOverflows of every network namespace, by inode.
     fn listen_overflows(&mut self) -> HashMap<u32, u64>;
+    /// The inodes of every listening TCP socket of every network namespace
+    /// now; None when a namespace's table could not be read.
+    fn open_tcp_listeners(&mut self) -> Option<HashSet<u64>>;
     /// Let go of what is gone (closed listeners, namespaces), looking at
     /// most every `every`.
     fn maintain(&mut self, _every: Duration) {}
@@ -179,5 +182,9 @@ impl Host for LiveHost {
 
     fn listen_overflows(&mut self) -> HashMap<u32, u64> {
         self.registry.listen_overflows()
+    }
+
+    fn open_tcp_listeners(&mut self) -> Option<HashSet<u64>> {
+        self.registry.open_tcp_listeners()
     }
 }

@@ -215,8 +215,8 @@ impl TcpListeners {
             .unwrap_or(0)
     }
 
-    /// Keys of listeners that closed (no process holds the socket) and
-    /// did not grow for `after`: forgotten here, with their listener, to be
+    /// Keys of listeners that closed (no namespace lists the socket as
+    /// listening) and did not grow for `after`: forgotten here, with their listener, to be
     /// deleted from the kernel's table by the caller. A closed listener
     /// drops nothing more, so deleting its keys loses no count; their
     /// overflows still count in the namespace's total.
@@ -230,11 +230,14 @@ impl TcpListeners {
         if idle.is_empty() {
             return idle;
         }
-        let inodes: HashSet<u64> = idle.iter().map(|key| key.inode).collect();
-        let open = host.socket_owners(&inodes);
+        // A table that could not be read would make open listeners look
+        // closed: retire nothing then.
+        let Some(open) = host.open_tcp_listeners() else {
+            return Vec::new();
+        };
         let retired: Vec<TcpOverflowKey> = idle
             .into_iter()
-            .filter(|key| !open.contains_key(&key.inode))
+            .filter(|key| !open.contains(&key.inode))
             .collect();
         for key in &retired {
             let netns = self.netns_of(key.inode);
