@@ -40,7 +40,7 @@ const MAX_CONNECTIONS: usize = 16;
 const CONNECTION_LIMIT: Duration = Duration::from_secs(10);
 const HEADER_LIMIT: Duration = Duration::from_secs(2);
 /// How often risks and listener gauges are refreshed.
-pub const LOOK_EVERY: Duration = Duration::from_secs(30);
+const LOOK_EVERY: Duration = Duration::from_secs(30);
 
 /// The listening socket, bound before anything else is started so that an
 /// address in use is one line and exit 1.
