@@ -350,6 +350,23 @@ fn clamped(snapshot: &Snapshot, listener: &ListenerView) -> Option<Risk> {
     })
 }
 
+/// TcpExtListenOverflows growth of each namespace of `before` to the
+/// readings `after` taken `seconds` later.
+pub fn growth(before: &Snapshot, after: &HashMap<u32, u64>, seconds: Duration) -> Vec<Growth> {
+    before
+        .namespaces
+        .iter()
+        .filter_map(|n| {
+            let was = n.counters?.listen_overflows;
+            Some(Growth {
+                netns: n.netns,
+                overflows: after.get(&n.netns)?.checked_sub(was)?,
+                seconds: seconds.as_secs_f64(),
+            })
+        })
+        .collect()
+}
+
 /// TcpExtListenOverflows now, per namespace, through views kept open.
 fn overflows(views: &HashMap<u32, NetnsView>) -> HashMap<u32, u64> {
     views
@@ -373,21 +390,7 @@ pub fn run(args: &DoctorArgs) -> Result<ExitCode> {
     if let Some(rest) = GROWTH_WINDOW.checked_sub(started.elapsed()) {
         std::thread::sleep(rest);
     }
-    let after = overflows(&views);
-    let seconds = started.elapsed().as_secs_f64();
-    let growth: Vec<Growth> = snapshot
-        .namespaces
-        .iter()
-        .filter_map(|n| {
-            let before = n.counters?.listen_overflows;
-            let grew = after.get(&n.netns)?.checked_sub(before)?;
-            Some(Growth {
-                netns: n.netns,
-                overflows: grew,
-                seconds,
-            })
-        })
-        .collect();
+    let growth = growth(&snapshot, &overflows(&views), started.elapsed());
     let risks = risks(&snapshot, &growth);
     let checked = Checked::of(&snapshot);
     let cut_short = crate::config::files::is_stopping();

@@ -28,7 +28,7 @@ use crate::{
     cli::Watch,
     config::files::is_stopping,
     contract::Snapshot,
-    doctor::{self, Growth},
+    doctor,
     host::process::PidFilter,
     probes::hooks::Choice,
     sinks::prometheus::{Metrics, OPENMETRICS, PROMETHEUS_TEXT},
@@ -167,7 +167,12 @@ fn look_periodically(metrics: Arc<Metrics>, mut filter: PidFilter) {
             while !is_stopping() {
                 let (snapshot, _) = Snapshot::take(&mut filter);
                 let growth = last.as_ref().map_or_else(Vec::new, |(at, before)| {
-                    growth(before, &snapshot, at.elapsed())
+                    let now = snapshot
+                        .namespaces
+                        .iter()
+                        .filter_map(|n| Some((n.netns, n.counters?.listen_overflows)))
+                        .collect();
+                    doctor::growth(before, &now, at.elapsed())
                 });
                 let risks = doctor::risks(&snapshot, &growth);
                 metrics.risks(risks.iter().map(|r| (r.kind.as_str(), r.subject.as_str())));
@@ -181,24 +186,4 @@ fn look_periodically(metrics: Arc<Metrics>, mut filter: PidFilter) {
     if let Err(err) = spawned {
         tracing::warn!("metrics: no risks or listener gauges: cannot start a thread: {err}");
     }
-}
-
-/// TcpExtListenOverflows growth per namespace between two looks.
-fn growth(before: &Snapshot, now: &Snapshot, took: Duration) -> Vec<Growth> {
-    now.namespaces
-        .iter()
-        .filter_map(|n| {
-            let was = before
-                .namespaces
-                .iter()
-                .find(|b| b.netns == n.netns)?
-                .counters?
-                .listen_overflows;
-            Some(Growth {
-                netns: n.netns,
-                overflows: n.counters?.listen_overflows.checked_sub(was)?,
-                seconds: took.as_secs_f64(),
-            })
-        })
-        .collect()
 }

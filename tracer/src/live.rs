@@ -120,14 +120,19 @@ fn progressed() {
     PROGRESS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// What the watcher thread sent when it ended.
+fn watcher_result(sent: Result<Result<()>, tokio::sync::oneshot::error::RecvError>) -> Result<()> {
+    sent.map_err(|_| anyhow!("the watcher thread ended without a result"))?
+}
+
 /// The watcher's result, waited for while it makes progress.
 async fn watcher_finishing(
     done: &mut std::pin::Pin<&mut tokio::sync::oneshot::Receiver<Result<()>>>,
 ) -> Result<()> {
     let mut seen = PROGRESS.load(Ordering::Relaxed);
     loop {
-        if let Ok(result) = tokio::time::timeout(STOP_LIMIT, done.as_mut()).await {
-            return result.map_err(|_| anyhow!("the watcher thread ended without a result"))?;
+        if let Ok(sent) = tokio::time::timeout(STOP_LIMIT, done.as_mut()).await {
+            return watcher_result(sent);
         }
         let now = PROGRESS.load(Ordering::Relaxed);
         if now == seen {
@@ -203,7 +208,7 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
         .map_err(|err| anyhow!("cannot start the watcher thread: {err}"))?;
     tokio::pin!(done);
     tokio::select! {
-        result = &mut done => result.map_err(|_| anyhow!("the watcher thread ended without a result"))?,
+        sent = &mut done => watcher_result(sent),
         _ = stop.signalled() => {
             let _ = tell_stop.send(true);
             watcher_finishing(&mut done).await

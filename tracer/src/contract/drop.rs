@@ -226,13 +226,20 @@ impl Drop {
 }
 
 impl Drop {
-    /// Who a summary row names beside the subject: the listener's owner, or
-    /// the process that failed (for drops without a listener, and for
-    /// ephemeral_ports, whose "listener" is the far end).
+    /// The listener that refused, if the drop has one of its own: not for
+    /// ephemeral_ports, whose "listener" is the far end.
+    pub fn refusing_listener(&self) -> Option<&ListenerView> {
+        self.listener
+            .as_ref()
+            .filter(|_| self.kind != DropKind::EphemeralPorts)
+    }
+
+    /// Who a summary row names beside the subject: the refusing listener's
+    /// owner, or else the process that failed.
     pub fn owner_or_client(&self) -> String {
-        match &self.listener {
-            Some(listener) if self.kind != DropKind::EphemeralPorts => listener.owner_label(),
-            _ => self.client.label(),
+        match self.refusing_listener() {
+            Some(listener) => listener.owner_label(),
+            None => self.client.label(),
         }
     }
 }

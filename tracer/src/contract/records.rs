@@ -157,17 +157,13 @@ pub struct Lost {
 }
 
 impl Lost {
-    /// Each cause by name, as JSON and the metrics call it.
-    pub const CAUSES: [&'static str; 3] =
-        ["ring_buffer_full", "pending_map_full", "counter_map_full"];
-
-    pub fn of(&self, cause: &str) -> u64 {
-        match cause {
-            "ring_buffer_full" => self.ring_buffer_full,
-            "pending_map_full" => self.pending_map_full,
-            "counter_map_full" => self.counter_map_full,
-            _ => 0,
-        }
+    /// Each cause with its count, named as in JSON.
+    pub fn by_cause(&self) -> [(&'static str, u64); 3] {
+        [
+            ("ring_buffer_full", self.ring_buffer_full),
+            ("pending_map_full", self.pending_map_full),
+            ("counter_map_full", self.counter_map_full),
+        ]
     }
 
     /// Drops that were not counted.

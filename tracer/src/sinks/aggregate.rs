@@ -138,9 +138,8 @@ impl Aggregator {
         self.order
             .iter()
             .filter_map(|key| {
-                let drop = &self.batches.get(key)?.latest;
-                let listener = drop.listener.as_ref()?;
-                (drop.kind != DropKind::EphemeralPorts).then(|| (listener.netns, listener.label()))
+                let listener = self.batches.get(key)?.latest.refusing_listener()?;
+                Some((listener.netns, listener.label()))
             })
             .collect()
     }

@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    contract::{Drop, DropKind, ListenerView, Lost},
+    contract::{Drop, ListenerView, Lost},
     probes::hooks::Choice,
 };
 
@@ -167,7 +167,7 @@ impl Metrics {
             "Kernel events droptrace could not count (pending_map_full, counter_map_full: drops missing from droptrace_drops_total) or not detail (ring_buffer_full: the counts stay exact)",
             lost.clone(),
         );
-        for cause in Lost::CAUSES {
+        for (cause, _) in Lost::default().by_cause() {
             drop(lost.get_or_create(&CauseLabels { cause }));
         }
         registry.register(
@@ -228,7 +228,7 @@ impl Metrics {
                 value,
             );
         }
-        if let (Some(view), false) = (&drop.listener, drop.kind == DropKind::EphemeralPorts) {
+        if let Some(view) = drop.refusing_listener() {
             self.listener(view);
         }
     }
@@ -263,8 +263,8 @@ impl Metrics {
     /// The kernel's lost counters, read now.
     pub fn lost(&self, now: &Lost) {
         let mut seen = self.lost_seen.lock().unwrap_or_else(|e| e.into_inner());
-        for cause in Lost::CAUSES {
-            let grew = now.of(cause).saturating_sub(seen.of(cause));
+        for ((cause, count), (_, was)) in now.by_cause().into_iter().zip(seen.by_cause()) {
+            let grew = count.saturating_sub(was);
             if grew > 0 {
                 self.lost.get_or_create(&CauseLabels { cause }).inc_by(grew);
             }
@@ -291,12 +291,12 @@ struct HookLabels {
     mechanism: &'static str,
 }
 
-/// The role of the listener's owner, or of the process for drops without
-/// a listener (and for ephemeral_ports, whose "listener" is the far end).
+/// The role of the refusing listener's owner, or else of the process that
+/// failed.
 fn owner_role(drop: &Drop) -> &'static str {
-    let role = match &drop.listener {
-        Some(listener) if drop.kind != DropKind::EphemeralPorts => listener.role,
-        _ => drop.client.role,
+    let role = match drop.refusing_listener() {
+        Some(listener) => listener.role,
+        None => drop.client.role,
     };
     role.map_or("unknown", |role| role.as_str())
 }
@@ -339,7 +339,7 @@ fn prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{Client, Family as SocketFamily, Role, Verdict};
+    use crate::contract::{Client, DropKind, Family as SocketFamily, Role, Verdict};
 
     fn drop_at(path: &str, count_role: Role) -> Drop {
         Drop {
