@@ -327,6 +327,14 @@ impl Report {
             .collect()
     }
 
+    /// Sum of the `count` of the `kind` drop lines about the TCP listener at
+    /// `addr`:`port`.
+    pub fn tcp_count_at(&self, addr: &str, port: u16, kind: &str) -> u64 {
+        self.count_of(kind, |d| {
+            d["listener"]["addr"] == addr && d["listener"]["port"] == port
+        })
+    }
+
     /// The summary's TCP overflow totals for one namespace: (droptrace, kernel).
     pub fn reconciliation(&self, netns: u64) -> (u64, u64) {
         let entry = self.summary["kernel_listen_overflows"]

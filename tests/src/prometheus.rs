@@ -91,11 +91,6 @@ pub fn url_encoded(text: &str) -> String {
         .collect()
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    crate::stack::free_port()
-}
-
 pub struct Prometheus {
     child: Child,
     dir: tempfile::TempDir,
@@ -120,7 +115,9 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", crate::stack::free_port())
+            .parse()
+            .unwrap();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new(BINARY)
             .arg(format!("--config.file={}", config.display()))

@@ -103,7 +103,7 @@ fn command_in(netns: Option<&Netns>, program: &str) -> Command {
     }
 }
 
-pub fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
+fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
         assert!(

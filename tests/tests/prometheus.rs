@@ -24,9 +24,7 @@ const EAGAIN_LINE: &str = "(11: Resource temporarily unavailable) while connecti
 const ALERTS: &str = "deploy/prometheus/droptrace-alerts.yml";
 
 fn metrics_addr() -> SocketAddr {
-    format!("127.0.0.1:{}", prometheus::free_port())
-        .parse()
-        .unwrap()
+    format!("127.0.0.1:{}", stack::free_port()).parse().unwrap()
 }
 
 /// The sum of the `droptrace_drops_total` samples of `kind` in a scrape.
@@ -360,11 +358,7 @@ fn the_systemd_unit_s_capabilities_are_enough() {
 
     assert!(grew.listen_overflows > 0, "the flood overflowed nothing");
     let drops = report.tcp_drops_at("127.0.0.1", addr.port());
-    let counted: u64 = drops
-        .iter()
-        .filter(|d| d["kind"] == "tcp_accept_queue")
-        .map(|d| d["count"].as_u64().unwrap())
-        .sum();
+    let counted = report.tcp_count_at("127.0.0.1", addr.port(), "tcp_accept_queue");
     assert_eq!(counted, grew.listen_overflows, "stderr:\n{}", report.stderr);
     for drop in &drops {
         assert_eq!(

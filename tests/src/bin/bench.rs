@@ -32,6 +32,12 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// Why bpftrace is not running a script.
+enum NotAttached {
+    NotInstalled,
+    Refused,
+}
+
 /// bpftrace running a script, attached.
 struct Bpftrace {
     child: Child,
@@ -40,22 +46,21 @@ struct Bpftrace {
 impl Bpftrace {
     /// None when bpftrace is not installed (the figure is then left out).
     fn start(script: &str) -> Option<Self> {
-        let started = Self::try_start(script);
-        if let Err(true) = started {
-            panic!("bpftrace did not attach: {script}");
+        match Self::try_start(script) {
+            Ok(tracer) => Some(tracer),
+            Err(NotAttached::NotInstalled) => None,
+            Err(NotAttached::Refused) => panic!("bpftrace did not attach: {script}"),
         }
-        started.ok()
     }
 
-    /// Err(false) when bpftrace is not installed, Err(true) when it did not
-    /// attach (a kernel refusing kretfunc).
-    fn try_start(script: &str) -> Result<Self, bool> {
+    /// bpftrace attached, or why not (a kernel may refuse kretfunc).
+    fn try_start(script: &str) -> Result<Self, NotAttached> {
         let mut child = Command::new("bpftrace")
             .args(["-e", script])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|_| false)?;
+            .map_err(|_| NotAttached::NotInstalled)?;
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         while stdout.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("Attaching") {
@@ -63,7 +68,7 @@ impl Bpftrace {
         }
         if !line.contains("Attaching") {
             let _ = child.wait();
-            return Err(true);
+            return Err(NotAttached::Refused);
         }
         // "Attaching N probes..." is printed before the attach itself.
         std::thread::sleep(Duration::from_millis(1000));
@@ -155,25 +160,24 @@ fn storm(figures: &mut Figures, me: &str, connects: usize) {
     let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
     let mut bpftrace_fexit = Vec::new();
     let (mut counted, mut lost, mut details_dropped) = (0, 0, 0);
+    // A storm under bpftrace, which must have counted every refusal.
+    let under = |tracer: Bpftrace| {
+        let rate = storm_rate(&path, connects);
+        let printed = tracer.stop();
+        assert_eq!(
+            bpftrace_count(&printed),
+            connects as u64,
+            "bpftrace counted: {printed}"
+        );
+        rate
+    };
     for _ in 0..ROUNDS {
         none.push(storm_rate(&path, connects));
         if let Some(tracer) = Bpftrace::start(BPFTRACE_STORM) {
-            bpftrace.push(storm_rate(&path, connects));
-            let printed = tracer.stop();
-            assert_eq!(
-                bpftrace_count(&printed),
-                connects as u64,
-                "bpftrace counted: {printed}"
-            );
+            bpftrace.push(under(tracer));
         }
         if let Ok(tracer) = Bpftrace::try_start(BPFTRACE_STORM_FEXIT) {
-            bpftrace_fexit.push(storm_rate(&path, connects));
-            let printed = tracer.stop();
-            assert_eq!(
-                bpftrace_count(&printed),
-                connects as u64,
-                "bpftrace counted: {printed}"
-            );
+            bpftrace_fexit.push(under(tracer));
         }
         let tracer = Droptrace::start(&["--pid", me]);
         droptrace.push(storm_rate(&path, connects));
