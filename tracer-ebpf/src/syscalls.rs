@@ -4,7 +4,7 @@
 //! descriptor that failed to fd_limits.rs, successful listen() calls to
 //! listen.rs. The syscall and its arguments come from the caller's saved
 //! registers.
-use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_kernel, programs::BtfTracePointContext};
+use aya_ebpf::{bindings::pt_regs, programs::BtfTracePointContext};
 use tracer_common::{fd_syscall, FAST_PATH_FD_LIMITS, FAST_PATH_LISTEN};
 
 use crate::{
@@ -60,27 +60,30 @@ pub fn on_exit(ctx: &BtfTracePointContext) {
         return;
     }
     let regs: *const pt_regs = ctx.arg(0);
-    // rbx, ..., rcx, rdx, rsi, rdi, orig_rax, rip, cs in one copy (pt_regs
-    // from rbx on: rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs).
-    // SAFETY: bpf_probe_read_kernel checks the address.
-    let Ok([rbx, _r11, _r10, _r9, _r8, _rax, rcx, rdx, rsi, rdi, nr, _rip, cs]) =
-        (unsafe { bpf_probe_read_kernel((&raw const (*regs).rbx).cast::<[u64; 13]>()) })
-    else {
-        return;
-    };
+    // tp_btf arguments are typed by the kernel's BTF: the verifier lets the
+    // caller's registers be loaded directly (no helper call), field by
+    // field, and only those a family needs.
+    // SAFETY: the verifier checks each load against struct pt_regs.
+    let (nr, cs) = unsafe { ((*regs).orig_rax, (*regs).cs) };
     // The i386 ABI passes arguments in ebx, ecx, edx; x86-64 in rdi, rsi, rdx.
-    let (arg0, arg1, arg2) = if cs == USER32_CS {
-        (rbx, rcx, rdx)
-    } else {
-        (rdi, rsi, rdx)
+    let args = || unsafe {
+        if cs == USER32_CS {
+            ((*regs).rbx, (*regs).rcx, (*regs).rdx)
+        } else {
+            ((*regs).rdi, (*regs).rsi, (*regs).rdx)
+        }
     };
     match syscall(nr, cs) {
-        Syscall::Connect if ret < 0 => connect::on_failed(ret, arg1, arg2),
+        Syscall::Connect if ret < 0 => {
+            let (_, uservaddr, addrlen) = args();
+            connect::on_failed(ret, uservaddr, addrlen)
+        }
         Syscall::NeedsFd(which) if ret < 0 && !fast_path(FAST_PATH_FD_LIMITS) => {
             fd_limits::report(ret, which)
         }
         Syscall::Listen if ret == 0 && !fast_path(FAST_PATH_LISTEN) => {
-            listen::on_listened(arg0, arg1)
+            let (fd, backlog, _) = args();
+            listen::on_listened(fd, backlog)
         }
         _ => {}
     }

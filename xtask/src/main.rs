@@ -79,9 +79,10 @@ enum Task {
         /// droptrace; its RSS and kernel tables must stay flat.
         #[arg(long, default_value = "storm,wrk,programs,startup,connect")]
         only: String,
-        /// Run the storm and the programs' costs inside this kernel of the
-        /// matrix (5.10, 6.1, 6.12) under QEMU, where fexit is allowed;
-        /// emulation makes the absolute figures slow, the ratios hold.
+        /// Run the storm, the wrk comparison and the programs' costs inside
+        /// this kernel of the matrix (5.10, 6.1, 6.12) under QEMU, where
+        /// fexit is allowed; emulation makes the absolute figures slow, the
+        /// ratios hold.
         #[arg(long, value_name = "SERIES")]
         kernel: Option<String>,
     },

@@ -161,7 +161,17 @@ impl Route {
     /// everything the host build sets.
     pub fn cargo_build(&self, dir: &Path) -> Result<Command> {
         let arch = format!("--cfg=bpf_target_arch=\"{}\"", env::consts::ARCH);
-        let flags = [arch.as_str(), "-Cdebuginfo=2", "-Clink-arg=--btf"];
+        // bpf-linker's default --bpf-expand-memcpy-in-order sets LLVM's
+        // store limits for memset to zero: every zeroed key or padding then
+        // became a call to a byte-at-a-time loop (108 rounds for a UNIX
+        // path), on the hot paths. Without it LLVM writes them inline, in
+        // words (no memset, memcpy or memmove call is left in the object).
+        let flags = [
+            arch.as_str(),
+            "-Cdebuginfo=2",
+            "-Clink-arg=--btf",
+            "-Clink-arg=--disable-expand-memcpy-in-order",
+        ];
         let mut command = match self {
             Route::Debian => {
                 let mut command = Command::new("/usr/bin/cargo");
