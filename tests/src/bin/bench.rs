@@ -537,10 +537,12 @@ fn connect_cost(figures: &mut Figures, me: &str) {
     );
 }
 
+const WRK_SECONDS: u64 = 4;
+
 /// wrk's requests per second.
 fn wrk(port: u16, close: bool) -> f64 {
     let mut command = Command::new("wrk");
-    command.args(["-t2", "-c16", "-d4s"]);
+    command.args(["-t2", "-c16", &format!("-d{WRK_SECONDS}s")]);
     if close {
         command.args(["-H", "Connection: close"]);
     }
@@ -596,6 +598,22 @@ fn wrk_cost(figures: &mut Figures) {
         figures.add(
             format!("nginx → uWSGI, {label}: ratio with droptrace"),
             ratio(median(droptrace), none),
+        );
+        // What droptrace's programs cost per request, by program.
+        let tracer = Droptrace::start(&["--pid", &pids[0], "--pid", &pids[1]]);
+        let mut rate = 0.0;
+        let stats = Stats::during(tracer.pid(), || rate = wrk(stack.port, close));
+        tracer.stop();
+        let requests = rate * WRK_SECONDS as f64;
+        let mut total = 0.0;
+        for (name, ns, runs) in &stats {
+            let per_request = *runs as f64 / requests;
+            total += ns * per_request;
+            println!("  {label}: {name}: {per_request:.1} runs per request, {ns:.0} ns each");
+        }
+        figures.add(
+            format!("nginx → uWSGI, {label}: droptrace's programs per request"),
+            format!("{total:.0} ns (bpf_stats)"),
         );
     }
 }
