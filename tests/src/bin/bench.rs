@@ -633,7 +633,9 @@ fn in_guest(series: &str, connects: usize, only: &str) {
     let figures: Vec<&str> = run
         .console
         .lines()
-        .filter(|l| l.starts_with('|') || l.starts_with("droptrace benchmark"))
+        .filter(|l| {
+            l.starts_with('|') || l.starts_with("  ") || l.starts_with("droptrace benchmark")
+        })
         .collect();
     if run.exit != Some(0) || figures.is_empty() {
         panic!("the benchmark failed in Linux {series}:\n{}", run.console);
