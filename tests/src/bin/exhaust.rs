@@ -95,39 +95,8 @@ fn ports(attempts: usize) {
 }
 
 fn listen(addr: &str, backlog: i32) {
-    let addr: std::net::SocketAddr = addr.parse().expect("an address like 127.0.0.1:80");
-    // SAFETY: plain syscalls on a socket we own, kept until exit.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0, "socket: errno {}", errno());
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let std::net::SocketAddr::V4(v4) = addr else {
-            panic!("IPv4 only")
-        };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*v4.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(
-            libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), len),
-            0,
-            "bind: errno {}",
-            errno()
-        );
-        assert_eq!(libc::listen(fd, backlog), 0, "listen: errno {}", errno());
-    }
+    let addr = addr.parse().expect("an address like 127.0.0.1:80");
+    let _listener = droptrace_tests::tcp::listener(addr, backlog);
     println!("listening");
     std::thread::sleep(std::time::Duration::from_secs(60));
 }

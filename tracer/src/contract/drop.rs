@@ -242,6 +242,14 @@ impl Drop {
             None => self.client.label(),
         }
     }
+
+    /// The role of that same process, when known.
+    pub fn owner_or_client_role(&self) -> Option<Role> {
+        match self.refusing_listener() {
+            Some(listener) => listener.role,
+            None => self.client.role,
+        }
+    }
 }
 
 impl ListenerView {

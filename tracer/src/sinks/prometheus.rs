@@ -212,7 +212,9 @@ impl Metrics {
             // Its path or addr:port; for drops without a listener, the
             // process (the summary's first column).
             listener: drop.subject(),
-            owner_role: owner_role(drop),
+            owner_role: drop
+                .owner_or_client_role()
+                .map_or("unknown", |role| role.as_str()),
         };
         if !self.drops.admits(&labels) {
             labels.listener = OTHER.into();
@@ -289,16 +291,6 @@ impl Metrics {
 struct HookLabels {
     family: &'static str,
     mechanism: &'static str,
-}
-
-/// The role of the refusing listener's owner, or else of the process that
-/// failed.
-fn owner_role(drop: &Drop) -> &'static str {
-    let role = match drop.refusing_listener() {
-        Some(listener) => listener.role,
-        None => drop.client.role,
-    };
-    role.map_or("unknown", |role| role.as_str())
 }
 
 /// OpenMetrics text as the Prometheus text format 0.0.4: counters are
