@@ -63,8 +63,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
     ],
     // Names the local process that sent a dropped SYN; without it, drops
     // name the client's address only. The connect hooks run once per TCP
-    // connect(); the state tracepoint on every state change of every TCP
-    // socket.
+    // connect() and remember the process only for a port whose listener is
+    // near full (the ingress program marks it); the state tracepoint runs
+    // on every state change of every TCP socket.
     extras: &[
         Mechanism {
             name: "cgroup/connect4 + cgroup/connect6 (local TCP clients)",
