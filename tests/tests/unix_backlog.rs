@@ -98,25 +98,38 @@ fn refused_connects_to_a_path_socket_are_each_reported() {
     assert_attributed(&path, 1, refused, &report);
 }
 
-/// Where neither fexit nor tp_btf/sys_exit can be had, the enter/exit
-/// tracepoints count the same.
+/// Where neither fexit nor the exit tracepoints with the caller's
+/// registers (bpf_task_pt_regs, 5.15+) can be had, tp_btf/sys_exit counts
+/// the same; without it too, the enter/exit tracepoints do.
 #[test]
-fn the_enter_exit_fallback_reports_each_refused_connect() {
-    require_root("the_enter_exit_fallback_reports_each_refused_connect");
+fn the_fallbacks_report_each_refused_connect() {
+    require_root("the_fallbacks_report_each_refused_connect");
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fallback.sock").display().to_string();
-    let avoid = [(
-        "DROPTRACE_AVOID",
-        "unix_connect_refused,listen_fexit,syscall_exit",
-    )];
-    let (refused, report) = refuse_with(&path, 1, 9, &avoid);
-    assert_eq!(refused, 9);
-    assert_attributed(&path, 1, refused, &report);
-    for fallback in [
-        "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (skipped fexit/unix_stream_connect",
-        "listen (backlog_clamped, listener tables): tracepoints syscalls/sys_{enter,exit}_listen",
+    let fast = "unix_connect_refused,listen_fexit,connect_exit_regs,listen_exit_regs";
+    for (avoid, mechanisms) in [
+        (
+            fast.to_string(),
+            [
+                "unix_backlog: tp_btf/sys_exit (skipped fexit/unix_stream_connect",
+                "listen (backlog_clamped, listener tables): tp_btf/sys_exit",
+            ],
+        ),
+        (
+            format!("{fast},syscall_exit"),
+            [
+                "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (skipped fexit/unix_stream_connect",
+                "listen (backlog_clamped, listener tables): tracepoints syscalls/sys_{enter,exit}_listen",
+            ],
+        ),
     ] {
-        assert!(report.stderr.contains(fallback), "{}", report.stderr);
+        let path = dir.path().join("fallback.sock").display().to_string();
+        let (refused, report) = refuse_with(&path, 1, 9, &[("DROPTRACE_AVOID", &avoid)]);
+        assert_eq!(refused, 9);
+        assert_attributed(&path, 1, refused, &report);
+        for mechanism in mechanisms {
+            assert!(report.stderr.contains(mechanism), "{}", report.stderr);
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }
 

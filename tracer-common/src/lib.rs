@@ -15,16 +15,21 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
 /// Slots of the `FAST_PATHS` array: set to 1 by userspace when a family's
-/// fast hook (fexit) attached, so the syscall tracepoints it shares with
-/// other families leave that family's events to it (counted once).
+/// faster hook attached, so the syscall programs it shares with other
+/// families leave that family's events to it (counted once).
 pub const FAST_PATH_UNIX_CONNECT: u32 = 0;
 /// EADDRNOTAVAIL from connect() to IPv4/IPv6 (fexit on inet_hash_connect).
 pub const FAST_PATH_INET_CONNECT: u32 = 1;
-/// EMFILE/ENFILE (fexit on __x64_sys_{accept,accept4,socket,open,openat}).
+/// EMFILE/ENFILE (fexit on __x64_sys_{accept,accept4,socket,open,openat},
+/// or their exit tracepoints: tp_btf/sys_exit leaves them alone).
 pub const FAST_PATH_FD_LIMITS: u32 = 2;
-/// listen() (fexit on __sys_listen).
+/// listen() (fexit on __sys_listen, or sys_exit_listen with the caller's
+/// registers: tp_btf/sys_exit leaves it alone).
 pub const FAST_PATH_LISTEN: u32 = 3;
-pub const FAST_PATHS: u32 = 4;
+/// Failed connect() calls seen by sys_exit_connect with the caller's
+/// registers: tp_btf/sys_exit leaves them alone.
+pub const FAST_PATH_CONNECT_EXIT: u32 = 4;
+pub const FAST_PATHS: u32 = 5;
 
 /// Tag at the start of every ring-buffer record.
 #[repr(u32)]

@@ -11,8 +11,9 @@
 //! Failures are counted in the kernel, per CPU, keyed by the caller's
 //! process, namespace and address (`CONNECT_FAILURES`): exact in any storm.
 //! Only a sample of them crosses to userspace with the caller's thread and
-//! name. With tp_btf/sys_exit any other connect costs one comparison;
-//! with the enter/exit tracepoints, one hash insert and delete. The
+//! name. With sys_exit_connect and the caller's registers, or with
+//! tp_btf/sys_exit, any other connect costs one comparison; with the
+//! enter/exit tracepoints, one hash insert and delete. The
 //! address is read from the caller's memory at exit, when the kernel has
 //! just copied it (so it is resident), and only then.
 use core::mem::offset_of;
@@ -92,6 +93,16 @@ pub fn on_exit(ctx: &TracePointContext) {
         return;
     }
     report_user_connect(pid_tgid, ret, pending.uservaddr, pending.addrlen);
+}
+
+/// sys_exit_connect alone: the address comes from the caller's registers.
+pub fn on_exit_with_regs(ctx: &TracePointContext) {
+    let ret = crate::syscalls::exit_ret(ctx);
+    if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
+        return;
+    }
+    let (_, uservaddr, addrlen) = crate::syscalls::caller_args();
+    on_failed(ret, uservaddr, addrlen);
 }
 
 /// A connect() that returned `ret` (EAGAIN or EADDRNOTAVAIL) for the

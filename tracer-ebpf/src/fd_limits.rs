@@ -29,14 +29,9 @@ const RLIMIT_NOFILE: u32 = 7;
 /// sizeof(struct rlimit): two unsigned longs.
 const RLIMIT_SIZE: u32 = 16;
 
-const ARG_RET: usize = 16;
-
 /// sys_exit_<syscall>: report the call if it failed for lack of a file descriptor.
 pub fn on_exit(ctx: &TracePointContext, syscall: u32) {
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ARG_RET) }) else {
-        return;
-    };
-    report(ret, syscall);
+    report(crate::syscalls::exit_ret(ctx), syscall);
 }
 
 /// `syscall` returned `ret` (from its exit tracepoint, or fexit on its

@@ -2,8 +2,8 @@
 //!
 //! listen(fd, N) clamps N to the network namespace's net.core.somaxconn
 //! (__sys_listen) and stores it in sk->sk_max_ack_backlog. Once the call
-//! succeeded (fexit, tp_btf/sys_exit with the caller's registers, or
-//! sys_enter_listen keeping N for sys_exit_listen) we read the effective
+//! succeeded (fexit, sys_exit_listen or tp_btf/sys_exit with the caller's
+//! registers, or sys_enter_listen keeping N for sys_exit_listen) we read the effective
 //! value, the namespace and the bound path from the socket itself.
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -60,6 +60,15 @@ pub fn on_exit(ctx: &TracePointContext) {
         return;
     }
     report(pending);
+}
+
+/// sys_exit_listen alone: fd and backlog come from the caller's registers.
+pub fn on_exit_with_regs(ctx: &TracePointContext) {
+    if crate::syscalls::exit_ret(ctx) != 0 {
+        return;
+    }
+    let (fd, backlog, _) = crate::syscalls::caller_args();
+    on_listened(fd, backlog);
 }
 
 /// tp_btf/sys_exit saw listen(fd, backlog) succeed.

@@ -37,6 +37,17 @@ pub fn connect_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// syscalls/sys_exit_connect without an enter program: the address comes
+/// from the caller's registers (bpf_task_pt_regs, 5.15+). Where fexit is
+/// refused, this and the other exit tracepoints below are the cheapest
+/// hooks: a syscall nobody watches costs the kernel one bit test, no
+/// program run.
+#[tracepoint]
+pub fn connect_exit_regs(ctx: TracePointContext) -> u32 {
+    connect::on_exit_with_regs(&ctx);
+    0
+}
+
 /// fexit/unix_stream_connect: a refused UNIX connect, where the kernel
 /// allows fexit (the connect tracepoints then leave UNIX sockets to it).
 #[fexit(function = "unix_stream_connect")]
@@ -89,9 +100,10 @@ pub fn listen_fexit(ctx: FExitContext) -> i32 {
 }
 
 /// tp_btf/sys_exit (the raw tracepoint every syscall passes on its way
-/// out), where fexit is refused: one program for every syscall family,
-/// cheaper than the per-syscall tracepoints (no trace record is built).
-/// A call that succeeds, or fails otherwise, costs one comparison.
+/// out), where neither fexit nor bpf_task_pt_regs (for the per-syscall exit
+/// tracepoints) can be had: one program for every syscall family. It runs
+/// for every syscall of every process; a call that succeeds, or fails
+/// otherwise, costs one comparison beyond the run.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn syscall_exit(ctx: BtfTracePointContext) -> i32 {
     syscalls::on_exit(&ctx);
@@ -129,6 +141,14 @@ pub fn nginx_get_connection(ctx: RetProbeContext) -> u32 {
 #[tracepoint]
 pub fn listen_enter(ctx: TracePointContext) -> u32 {
     listen::on_enter(&ctx);
+    0
+}
+
+/// syscalls/sys_exit_listen without an enter program: fd and backlog come
+/// from the caller's registers (as connect_exit_regs).
+#[tracepoint]
+pub fn listen_exit_regs(ctx: TracePointContext) -> u32 {
+    listen::on_exit_with_regs(&ctx);
     0
 }
 

@@ -26,6 +26,18 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_LISTEN),
         },
+        // The fast path keeps tp_btf/sys_exit, if another family has it,
+        // from reporting listeners twice.
+        Mechanism {
+            name: "tracepoint syscalls/sys_exit_listen (arguments from the caller's registers)",
+            programs: &[Program::tracepoint(
+                "listen_exit_regs",
+                "syscalls",
+                "sys_exit_listen",
+            )],
+            needs: &[],
+            fast_path: Some(FAST_PATH_LISTEN),
+        },
         SYSCALL_EXIT,
         Mechanism {
             name: "tracepoints syscalls/sys_{enter,exit}_listen",

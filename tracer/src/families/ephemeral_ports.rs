@@ -5,7 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{ConnectFailure, AF_INET, AF_INET6, FAST_PATH_INET_CONNECT};
 
-use super::{comm_of, listener_view, Families, VerdictKey, CONNECT_TRACEPOINTS, SYSCALL_EXIT};
+use super::{
+    comm_of, listener_view, Families, VerdictKey, CONNECT_EXIT_WITH_REGS, CONNECT_TRACEPOINTS,
+    SYSCALL_EXIT,
+};
 use crate::{
     contract::{socket_label, Drop, DropKind, Family, LimitName, Verdict},
     probes::hooks::{FamilyHooks, Mechanism, Program},
@@ -23,6 +26,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_INET_CONNECT),
         },
+        CONNECT_EXIT_WITH_REGS,
         SYSCALL_EXIT,
         CONNECT_TRACEPOINTS,
     ],

@@ -30,7 +30,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_FD_LIMITS),
         },
-        SYSCALL_EXIT,
+        // Before tp_btf/sys_exit, as the other syscall families' exit
+        // tracepoints; where those cannot be had and tp_btf/sys_exit runs
+        // anyway, the fast path keeps it from counting these twice.
         Mechanism {
             name: "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
             programs: &[
@@ -41,8 +43,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
                 Program::tracepoint("openat_exit", "syscalls", "sys_exit_openat"),
             ],
             needs: &[],
-            fast_path: None,
+            fast_path: Some(FAST_PATH_FD_LIMITS),
         },
+        SYSCALL_EXIT,
     ],
     extras: &[],
 };

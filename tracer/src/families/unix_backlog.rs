@@ -9,7 +9,7 @@ use tracer_common::{ConnectFailure, FAST_PATH_UNIX_CONNECT};
 
 use super::{
     backlog::{self, backlog_facts, nginx_backlog, Transport},
-    comm_of, listener_view, Families, CONNECT_TRACEPOINTS, SYSCALL_EXIT,
+    comm_of, listener_view, Families, CONNECT_EXIT_WITH_REGS, CONNECT_TRACEPOINTS, SYSCALL_EXIT,
 };
 use crate::{
     contract::{Drop, DropKind, Family},
@@ -24,7 +24,7 @@ use crate::{
 const QUEUE_SAMPLE_TTL: Duration = Duration::from_millis(100);
 
 /// fexit on the function that refuses (unix_stream_connect) costs nothing
-/// to other syscalls; the connect tracepoints put every syscall of every
+/// to other syscalls; the syscall tracepoints put every syscall of every
 /// process on the traced path, and are the fallback where fexit is refused.
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "unix_backlog",
@@ -38,6 +38,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_UNIX_CONNECT),
         },
+        CONNECT_EXIT_WITH_REGS,
         SYSCALL_EXIT,
         CONNECT_TRACEPOINTS,
     ],
