@@ -349,6 +349,23 @@ fn startup(figures: &mut Figures, me: &str) {
     );
 }
 
+/// CPU time `pid` has used (user + system), from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which may hold spaces: utime and
+    // stime are the 14th and 15th of the line, the 12th and 13th after it.
+    let after_name = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb: f64 = status
@@ -602,9 +619,21 @@ fn wrk_cost(figures: &mut Figures) {
         // What droptrace's programs cost per request, by program.
         let tracer = Droptrace::start(&["--pid", &pids[0], "--pid", &pids[1]]);
         let mut rate = 0.0;
+        let cpu_before = cpu_time(tracer.pid());
         let stats = Stats::during(tracer.pid(), || rate = wrk(stack.port, close));
+        let cpu = cpu_time(tracer.pid()) - cpu_before;
         tracer.stop();
         let requests = rate * WRK_SECONDS as f64;
+        figures.add(
+            format!(
+                "nginx → uWSGI, {label}: droptrace's own CPU time (its process, not its programs)"
+            ),
+            format!(
+                "{:.0} ms in {WRK_SECONDS} s, {:.2} µs per request",
+                cpu.as_secs_f64() * 1e3,
+                cpu.as_secs_f64() * 1e6 / requests
+            ),
+        );
         let mut total = 0.0;
         for (name, ns, runs) in &stats {
             let per_request = *runs as f64 / requests;
