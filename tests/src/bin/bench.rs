@@ -554,7 +554,10 @@ fn connect_cost(figures: &mut Figures, me: &str) {
     );
 }
 
-const WRK_SECONDS: u64 = 4;
+const WRK_SECONDS: u64 = 3;
+/// wrk's rate moves by several percent from one run to the next here, more
+/// than the difference measured: more, shorter rounds than the others.
+const WRK_ROUNDS: usize = 9;
 
 /// wrk's requests per second.
 fn wrk(port: u16, close: bool) -> f64 {
@@ -591,7 +594,7 @@ fn wrk_cost(figures: &mut Figures) {
     let pids = [stack.nginx.id().to_string(), stack.uwsgi.id().to_string()];
     for (close, label) in [(false, "keep-alive"), (true, "new connection per request")] {
         let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
+        for _ in 0..WRK_ROUNDS {
             none.push(wrk(stack.port, close));
             if let Some(tracer) = Bpftrace::start(BPFTRACE_SYSCALLS) {
                 bpftrace.push(wrk(stack.port, close));
@@ -601,20 +604,22 @@ fn wrk_cost(figures: &mut Figures) {
             droptrace.push(wrk(stack.port, close));
             tracer.stop();
         }
-        let none = median(none);
+        // Each round's ratio to the no-tracer run just before it, then the
+        // median: the VM's drift over the rounds cancels out.
+        let paired = |with: &[f64]| median(with.iter().zip(&none).map(|(w, n)| w / n).collect());
         figures.add(
             format!("nginx → uWSGI, {label}: requests/s, no tracer"),
-            format!("{none:.0}"),
+            format!("{:.0}", median(none.clone())),
         );
         if !bpftrace.is_empty() {
             figures.add(
-                format!("nginx → uWSGI, {label}: ratio with bpftrace (same syscall tracepoints)"),
-                ratio(median(bpftrace), none),
+                format!("nginx → uWSGI, {label}: ratio with bpftrace (same syscall tracepoints), median of {WRK_ROUNDS} rounds"),
+                format!("{:.3}", paired(&bpftrace)),
             );
         }
         figures.add(
-            format!("nginx → uWSGI, {label}: ratio with droptrace"),
-            ratio(median(droptrace), none),
+            format!("nginx → uWSGI, {label}: ratio with droptrace, median of {WRK_ROUNDS} rounds"),
+            format!("{:.3}", paired(&droptrace)),
         );
         // What droptrace's programs cost per request, by program.
         let tracer = Droptrace::start(&["--pid", &pids[0], "--pid", &pids[1]]);
