@@ -532,26 +532,75 @@ fn connect_accept_cycles(path: &str, listener: RawFd, cycles: usize) -> Duration
     start.elapsed()
 }
 
-/// A successful UNIX connect + accept, with and without droptrace.
+/// A successful connection's cost, with and without droptrace: a UNIX
+/// connect + accept, and loopback TCP (connect, accept, 4 bytes, close:
+/// what the TCP family's packet and connect programs add), then a syscall
+/// nobody watches.
 fn connect_cost(figures: &mut Figures, me: &str) {
     const CYCLES: usize = 10_000;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("roomy.sock").display().to_string();
     let roomy = unix::Listener::bind(&path, 4096);
     let ns = |d: Duration| d.as_nanos() as f64 / CYCLES as f64;
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        without.push(ns(connect_accept_cycles(&path, roomy.fd, CYCLES)));
-        let tracer = Droptrace::start(&["--pid", me]);
-        with.push(ns(connect_accept_cycles(&path, roomy.fd, CYCLES)));
-        let report = tracer.stop();
-        assert!(report.drops.is_empty(), "successful connects were reported");
+    let unix = || ns(connect_accept_cycles(&path, roomy.fd, CYCLES));
+    let tcp = || {
+        let start = Instant::now();
+        loopback_traffic(CYCLES);
+        ns(start.elapsed())
+    };
+    let cycles: [(&str, &dyn Fn() -> f64); 2] = [
+        ("UNIX connect+accept", &unix),
+        ("TCP connect+accept+close on loopback", &tcp),
+    ];
+    for (what, timed) in cycles {
+        let (mut without, mut with) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            without.push(timed());
+            let tracer = Droptrace::start(&["--pid", me]);
+            with.push(timed());
+            let report = tracer.stop();
+            assert!(report.drops.is_empty(), "successful connects were reported");
+        }
+        let (without, with) = (median(without), median(with));
+        figures.add(
+            format!("{what}: ns without, with droptrace"),
+            format!("{without:.0}, {with:.0} ({:+.0} ns)", with - without),
+        );
     }
-    let (without, with) = (median(without), median(with));
-    figures.add(
-        "UNIX connect+accept: ns without, with droptrace",
-        format!("{without:.0}, {with:.0} ({:+.0} ns)", with - without),
-    );
+    syscall_cost(figures, me);
+}
+
+/// A syscall no tracer watches (getppid), timed bare, under bpftrace's
+/// syscall tracepoints and under droptrace: what tracing syscalls at all
+/// costs the other processes.
+fn syscall_cost(figures: &mut Figures, me: &str) {
+    const CALLS: u32 = 2_000_000;
+    let timed = || {
+        let start = Instant::now();
+        for _ in 0..CALLS {
+            // SAFETY: getppid has no arguments and cannot fail.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(CALLS)
+    };
+    let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        none.push(timed());
+        if let Some(tracer) = Bpftrace::start(BPFTRACE_SYSCALLS) {
+            bpftrace.push(timed());
+            tracer.stop();
+        }
+        let tracer = Droptrace::start(&["--pid", me]);
+        droptrace.push(timed());
+        tracer.stop();
+    }
+    let none = median(none);
+    let extra = |with: Vec<f64>| format!("{:+.0} ns", median(with) - none);
+    let mut value = format!("{none:.0} ns bare; droptrace {}", extra(droptrace));
+    if !bpftrace.is_empty() {
+        value = format!("{value}, bpftrace {}", extra(bpftrace));
+    }
+    figures.add("a syscall nobody watches (getppid)", value);
 }
 
 const WRK_SECONDS: u64 = 3;
