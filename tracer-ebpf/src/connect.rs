@@ -97,11 +97,11 @@ pub fn on_exit(ctx: &TracePointContext) {
 
 /// sys_exit_connect alone: the address comes from the caller's registers.
 pub fn on_exit_with_regs(ctx: &TracePointContext) {
-    let ret = crate::syscalls::exit_ret(ctx);
+    let ret = crate::kernel::exit_ret(ctx);
     if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
         return;
     }
-    let (_, uservaddr, addrlen) = crate::syscalls::caller_args();
+    let (_, uservaddr, addrlen) = crate::kernel::caller_args();
     on_failed(ret, uservaddr, addrlen);
 }
 

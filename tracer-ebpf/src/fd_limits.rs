@@ -31,7 +31,7 @@ const RLIMIT_SIZE: u32 = 16;
 
 /// sys_exit_<syscall>: report the call if it failed for lack of a file descriptor.
 pub fn on_exit(ctx: &TracePointContext, syscall: u32) {
-    report(crate::syscalls::exit_ret(ctx), syscall);
+    report(crate::kernel::exit_ret(ctx), syscall);
 }
 
 /// `syscall` returned `ret` (from its exit tracepoint, or fexit on its

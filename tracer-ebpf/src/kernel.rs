@@ -1,7 +1,17 @@
 //! Typed reads of kernel structures through offsets resolved from BTF by
 //! userspace (aya has no CO-RE relocations for Rust programs). Every read
-//! goes through bpf_probe_read_kernel and returns `None` on failure.
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+//! goes through bpf_probe_read_kernel and returns `None` on failure; but
+//! the caller's syscall arguments and return value, which the verifier
+//! lets us load directly.
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
+    programs::TracePointContext,
+    EbpfContext,
+};
 use tracer_common::KernelOffsets;
 
 /// Filled by userspace before load (EbpfLoader::override_global).
@@ -176,4 +186,27 @@ impl Sock {
         let path_len = (len - 2).clamp(0, tracer_common::UNIX_PATH_MAX as i32);
         Some(path_len as u16)
     }
+}
+
+/// The first three arguments of the current task's syscall (x86-64: rdi,
+/// rsi, rdx), from the registers saved at its entry. bpf_task_pt_regs
+/// (5.15+) returns a pointer typed by the kernel's BTF: the fields are
+/// loaded directly, no helper copies them. The syscall tracepoints never
+/// fire for i386 (compat) calls, so the x86-64 registers are the ones.
+#[inline(always)]
+pub fn caller_args() -> (u64, u64, u64) {
+    // SAFETY: the verifier checks each load against struct pt_regs.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        ((*regs).rdi, (*regs).rsi, (*regs).rdx)
+    }
+}
+
+/// The return value in a syscalls/sys_exit_NAME record (offset 16, see
+/// /sys/kernel/tracing/events/syscalls/sys_exit_connect/format), loaded
+/// directly: the verifier allows reads of the tracepoint's record.
+#[inline(always)]
+pub fn exit_ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: inside the record, aligned; the verifier checks the bounds.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(16).cast::<i64>()) }
 }

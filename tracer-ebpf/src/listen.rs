@@ -64,10 +64,10 @@ pub fn on_exit(ctx: &TracePointContext) {
 
 /// sys_exit_listen alone: fd and backlog come from the caller's registers.
 pub fn on_exit_with_regs(ctx: &TracePointContext) {
-    if crate::syscalls::exit_ret(ctx) != 0 {
+    if crate::kernel::exit_ret(ctx) != 0 {
         return;
     }
-    let (fd, backlog, _) = crate::syscalls::caller_args();
+    let (fd, backlog, _) = crate::kernel::caller_args();
     on_listened(fd, backlog);
 }
 

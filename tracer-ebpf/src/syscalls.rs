@@ -1,18 +1,12 @@
-//! The caller's syscall arguments, from its saved registers, for the
-//! per-syscall exit tracepoints (their records carry only the return
-//! value); and tp_btf/sys_exit: every syscall's exit, for the families
-//! that watch syscalls where neither fexit nor those can be had. It hands
-//! each call to its family:
+//! tp_btf/sys_exit: every syscall's exit, for the families that watch
+//! syscalls where neither fexit nor their exit tracepoints (with the
+//! caller's registers, kernel.rs) can be had. It hands each call to its
+//! family:
 //! failed connect() calls to connect.rs, the calls needing a new file
 //! descriptor that failed to fd_limits.rs, successful listen() calls to
 //! listen.rs. The syscall and its arguments come from the caller's saved
 //! registers.
-use aya_ebpf::{
-    bindings::pt_regs,
-    helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
-    programs::{BtfTracePointContext, TracePointContext},
-    EbpfContext,
-};
+use aya_ebpf::{bindings::pt_regs, programs::BtfTracePointContext};
 use tracer_common::{fd_syscall, FAST_PATH_CONNECT_EXIT, FAST_PATH_FD_LIMITS, FAST_PATH_LISTEN};
 
 use crate::{
@@ -27,29 +21,6 @@ const USER_CS: u64 = 0x33;
 const USER32_CS: u64 = 0x23;
 /// x32 syscalls have the x86-64 numbers with this bit set.
 const X32_SYSCALL_BIT: u64 = 0x4000_0000;
-
-/// The first three arguments of the current task's syscall (x86-64: rdi,
-/// rsi, rdx), from the registers saved at its entry. bpf_task_pt_regs
-/// (5.15+) returns a pointer typed by the kernel's BTF: the fields are
-/// loaded directly, no helper copies them. The syscall tracepoints never
-/// fire for i386 (compat) calls, so the x86-64 registers are the ones.
-#[inline(always)]
-pub fn caller_args() -> (u64, u64, u64) {
-    // SAFETY: the verifier checks each load against struct pt_regs.
-    unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        ((*regs).rdi, (*regs).rsi, (*regs).rdx)
-    }
-}
-
-/// The return value in a syscalls/sys_exit_NAME record (offset 16, see
-/// /sys/kernel/tracing/events/syscalls/sys_exit_connect/format), loaded
-/// directly: the verifier allows reads of the tracepoint's record.
-#[inline(always)]
-pub fn exit_ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: inside the record, aligned; the verifier checks the bounds.
-    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(16).cast::<i64>()) }
-}
 
 /// A syscall of the x86-64 or i386 ABI, as the families know it.
 enum Syscall {
