@@ -38,10 +38,10 @@ pub fn connect_exit(ctx: TracePointContext) -> u32 {
 }
 
 /// syscalls/sys_exit_connect without an enter program: the address comes
-/// from the caller's registers (bpf_task_pt_regs, 5.15+). Where fexit is
-/// refused, this and the other exit tracepoints below are the cheapest
-/// hooks: a syscall nobody watches costs the kernel one bit test, no
-/// program run.
+/// from the caller's registers (bpf_task_pt_regs, 5.15+). Where neither
+/// fexit nor tp_btf/sys_exit can be had. A syscall nobody watches costs the
+/// kernel one bit test, no program run; but closing the perf events of
+/// syscall tracepoints is slow (see tracer's families/mod.rs).
 #[tracepoint]
 pub fn connect_exit_regs(ctx: TracePointContext) -> u32 {
     connect::on_exit_with_regs(&ctx);

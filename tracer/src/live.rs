@@ -349,48 +349,54 @@ async fn watch_until_stopped<W: Destination>(
         }
     }
 
-    // What the kernel submitted or counted before we stopped still counts.
+    // Nothing after Ctrl-C is watched: the tracepoints are detached on
+    // threads meanwhile (slow), and what the kernel submitted or counted
+    // before we stopped still counts.
     progressed();
-    let ring = records.get_mut();
-    while let Some(item) = ring.next() {
+    let (tracepoints, catch_up) = probes::for_stop(&mut ebpf);
+    std::thread::scope(|scope| -> Result<()> {
+        probes::detach_tracepoints(scope, tracepoints);
+        let ring = records.get_mut();
+        while let Some(item) = ring.next() {
+            progressed();
+            let notice = families.handle(&item);
+            show_notice(&mut sink, notice)?;
+        }
+        show(
+            &mut aggregator,
+            &mut sink,
+            metrics.as_deref(),
+            families.logged_shortages(),
+        )?;
+        // A packet still in flight on a CPU may have cost drops no later
+        // packet will catch up: count them now.
         progressed();
-        let notice = families.handle(&item);
-        show_notice(&mut sink, notice)?;
-    }
-    show(
-        &mut aggregator,
-        &mut sink,
-        metrics.as_deref(),
-        families.logged_shortages(),
-    )?;
-    // A packet still in flight on a CPU may have cost drops no later
-    // packet will catch up: count them now.
-    progressed();
-    probes::catch_up_tcp(&mut ebpf);
-    progressed();
-    show(
-        &mut aggregator,
-        &mut sink,
-        metrics.as_deref(),
-        families.drops(counters.read(), true),
-    )?;
-    for line in aggregator.drain() {
-        sink.line(&line)?;
-    }
-    if let (Some(recorder), Some(capture)) = (recorder.as_mut(), sink.out_mut().capture()) {
-        recorder.sample(capture, aggregator.listeners())?;
-    }
-    progressed();
-    let kernel = families.reconcile(&baseline);
-    progressed();
-    sink.summary(
-        &aggregator.totals(),
-        lost.read()?,
-        &kernel,
-        started.elapsed(),
-    )?;
-    if let Some(capture) = sink.out_mut().capture() {
-        capture.sync()?;
-    }
-    Ok(())
+        probes::catch_up_tcp(catch_up);
+        progressed();
+        show(
+            &mut aggregator,
+            &mut sink,
+            metrics.as_deref(),
+            families.drops(counters.read(), true),
+        )?;
+        for line in aggregator.drain() {
+            sink.line(&line)?;
+        }
+        if let (Some(recorder), Some(capture)) = (recorder.as_mut(), sink.out_mut().capture()) {
+            recorder.sample(capture, aggregator.listeners())?;
+        }
+        progressed();
+        let kernel = families.reconcile(&baseline);
+        progressed();
+        sink.summary(
+            &aggregator.totals(),
+            lost.read()?,
+            &kernel,
+            started.elapsed(),
+        )?;
+        if let Some(capture) = sink.out_mut().capture() {
+            capture.sync()?;
+        }
+        Ok(())
+    })
 }

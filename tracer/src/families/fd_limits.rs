@@ -30,9 +30,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_FD_LIMITS),
         },
-        // Before tp_btf/sys_exit, as the other syscall families' exit
-        // tracepoints; where those cannot be had and tp_btf/sys_exit runs
-        // anyway, the fast path keeps it from counting these twice.
+        SYSCALL_EXIT,
+        // Where tp_btf/sys_exit runs anyway for another family, the fast
+        // path keeps it from counting these twice.
         Mechanism {
             name: "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
             programs: &[
@@ -45,7 +45,6 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_FD_LIMITS),
         },
-        SYSCALL_EXIT,
     ],
     extras: &[],
 };

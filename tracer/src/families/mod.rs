@@ -49,11 +49,13 @@ const CONNECT_EXIT: Program = Program::tracepoint("connect_exit", "syscalls", "s
 const LISTEN_ENTER: Program = Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen");
 const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen");
 
-/// Where fexit is refused, the exit tracepoints of the syscalls a family
-/// watches, without enter programs: the arguments come from the caller's
-/// registers (bpf_task_pt_regs, 5.15+). Other syscalls run no program: the
-/// kernel tests one bit for them (measured here: a getppid() took 40 ns
-/// more under these, 80 ns more under tp_btf/sys_exit).
+/// Where neither fexit nor tp_btf/sys_exit can be had, the exit tracepoints
+/// of the syscalls a family watches, without enter programs: the arguments
+/// come from the caller's registers (bpf_task_pt_regs, 5.15+). Other
+/// syscalls run no program (a getppid() took 31 ns more under these, 80 ns
+/// more under tp_btf/sys_exit), but each tracepoint's perf event waits for
+/// RCU grace periods when closed: with the seven, Ctrl-C took 0.3 to 0.5 s
+/// more, too long beside a slow /proc scan, so they come second.
 const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
     name: "tracepoint syscalls/sys_exit_connect (arguments from the caller's registers)",
     programs: &[Program::tracepoint(
@@ -65,9 +67,8 @@ const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
     fast_path: Some(FAST_PATH_CONNECT_EXIT),
 };
 
-/// Where neither fexit nor bpf_task_pt_regs can be had, the families that
-/// watch syscalls share one program on the raw tracepoint every syscall
-/// passes on its way out: a call that succeeds costs one comparison, no
+/// Where fexit is refused, the families that watch syscalls share one
+/// program on the raw tracepoint every syscall passes on its way out: a call that succeeds costs one comparison, no
 /// trace record is built, and the arguments come from the caller's
 /// registers. The exit tracepoints' mechanisms set fast paths, so that
 /// where both run (a family refused those), nothing is counted twice.

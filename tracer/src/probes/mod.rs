@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{uprobe::UProbeScope, RawTracePoint, TestRun, UProbe},
+    programs::{uprobe::UProbeScope, Program, RawTracePoint, TestRun, TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
@@ -239,15 +239,41 @@ fn load_catch_up(ebpf: &mut Ebpf) {
     }
 }
 
+/// What stopping needs of the programs: the classic tracepoints, to detach,
+/// and the TCP catch-up program, to run once more.
+pub fn for_stop(ebpf: &mut Ebpf) -> (Vec<&mut TracePoint>, Option<&mut RawTracePoint>) {
+    let (mut tracepoints, mut catch_up) = (Vec::new(), None);
+    for (name, program) in ebpf.programs_mut() {
+        match program {
+            Program::TracePoint(tracepoint) => tracepoints.push(tracepoint),
+            Program::RawTracePoint(program) if name == CATCH_UP => catch_up = Some(program),
+            _ => {}
+        }
+    }
+    (tracepoints, catch_up)
+}
+
+/// Detach the classic tracepoints on threads of `scope`, all at once,
+/// while the summary is made. Closing a syscall tracepoint's perf event
+/// waits for RCU grace periods in the kernel: closed one after another at
+/// exit, the seven took half a second after Ctrl-C here.
+pub fn detach_tracepoints<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    tracepoints: Vec<&'scope mut TracePoint>,
+) {
+    for tracepoint in tracepoints {
+        scope.spawn(move || {
+            let _ = tracepoint.unload();
+        });
+    }
+}
+
 const CATCH_UP: &str = "tcp_catch_up";
 
 /// Count the TCP drops of packets still in flight on every CPU (when the
 /// catch-up program loaded).
-pub fn catch_up_tcp(ebpf: &mut Ebpf) {
-    let Some(program) = ebpf.program_mut(CATCH_UP) else {
-        return;
-    };
-    let Ok(program): Result<&mut RawTracePoint, _> = program.try_into() else {
+pub fn catch_up_tcp(program: Option<&mut RawTracePoint>) {
+    let Some(program) = program else {
         return;
     };
     if program.fd().is_err() {
