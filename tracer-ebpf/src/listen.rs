@@ -2,9 +2,10 @@
 //!
 //! listen(fd, N) clamps N to the network namespace's net.core.somaxconn
 //! (__sys_listen) and stores it in sk->sk_max_ack_backlog. Once the call
-//! succeeded (fexit, sys_exit_listen or tp_btf/sys_exit with the caller's
-//! registers, or sys_enter_listen keeping N for sys_exit_listen) we read the effective
-//! value, the namespace and the bound path from the socket itself.
+//! succeeded (fexit, tp_btf/sys_exit or sys_exit_listen with the caller's
+//! registers, or sys_enter_listen keeping N for sys_exit_listen) we read
+//! the effective value, the namespace and the bound path from the socket
+//! itself.
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,

@@ -1,7 +1,5 @@
 //! tp_btf/sys_exit: every syscall's exit, for the families that watch
-//! syscalls where neither fexit nor their exit tracepoints (with the
-//! caller's registers, kernel.rs) can be had. It hands each call to its
-//! family:
+//! syscalls where fexit is refused. It hands each call to its family:
 //! failed connect() calls to connect.rs, the calls needing a new file
 //! descriptor that failed to fd_limits.rs, successful listen() calls to
 //! listen.rs. The syscall and its arguments come from the caller's saved

@@ -570,6 +570,28 @@ fn connect_cost(figures: &mut Figures, me: &str) {
     syscall_cost(figures, me);
 }
 
+/// `measure` with no tracer, under bpftrace's syscall tracepoints (when
+/// installed) and under droptrace with `args`, interleaved for `rounds`
+/// rounds: (none, bpftrace, droptrace), one value per round each.
+fn interleaved(
+    rounds: usize,
+    args: &[&str],
+    mut measure: impl FnMut() -> f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        none.push(measure());
+        if let Some(tracer) = Bpftrace::start(BPFTRACE_SYSCALLS) {
+            bpftrace.push(measure());
+            tracer.stop();
+        }
+        let tracer = Droptrace::start(args);
+        droptrace.push(measure());
+        tracer.stop();
+    }
+    (none, bpftrace, droptrace)
+}
+
 /// A syscall no tracer watches (getppid), timed bare, under bpftrace's
 /// syscall tracepoints and under droptrace: what tracing syscalls at all
 /// costs the other processes.
@@ -583,17 +605,7 @@ fn syscall_cost(figures: &mut Figures, me: &str) {
         }
         start.elapsed().as_nanos() as f64 / f64::from(CALLS)
     };
-    let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        none.push(timed());
-        if let Some(tracer) = Bpftrace::start(BPFTRACE_SYSCALLS) {
-            bpftrace.push(timed());
-            tracer.stop();
-        }
-        let tracer = Droptrace::start(&["--pid", me]);
-        droptrace.push(timed());
-        tracer.stop();
-    }
+    let (none, bpftrace, droptrace) = interleaved(ROUNDS, &["--pid", me], timed);
     let none = median(none);
     let extra = |with: Vec<f64>| format!("{:+.0} ns", median(with) - none);
     let mut value = format!("{none:.0} ns bare; droptrace {}", extra(droptrace));
@@ -642,17 +654,10 @@ fn wrk_cost(figures: &mut Figures) {
     });
     let pids = [stack.nginx.id().to_string(), stack.uwsgi.id().to_string()];
     for (close, label) in [(false, "keep-alive"), (true, "new connection per request")] {
-        let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..WRK_ROUNDS {
-            none.push(wrk(stack.port, close));
-            if let Some(tracer) = Bpftrace::start(BPFTRACE_SYSCALLS) {
-                bpftrace.push(wrk(stack.port, close));
-                tracer.stop();
-            }
-            let tracer = Droptrace::start(&["--pid", &pids[0], "--pid", &pids[1]]);
-            droptrace.push(wrk(stack.port, close));
-            tracer.stop();
-        }
+        let (none, bpftrace, droptrace) =
+            interleaved(WRK_ROUNDS, &["--pid", &pids[0], "--pid", &pids[1]], || {
+                wrk(stack.port, close)
+            });
         // Each round's ratio to the no-tracer run just before it, then the
         // median: the VM's drift over the rounds cancels out.
         let paired = |with: &[f64]| median(with.iter().zip(&none).map(|(w, n)| w / n).collect());

@@ -68,10 +68,11 @@ const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
 };
 
 /// Where fexit is refused, the families that watch syscalls share one
-/// program on the raw tracepoint every syscall passes on its way out: a call that succeeds costs one comparison, no
-/// trace record is built, and the arguments come from the caller's
-/// registers. The exit tracepoints' mechanisms set fast paths, so that
-/// where both run (a family refused those), nothing is counted twice.
+/// program on the raw tracepoint every syscall passes on its way out: a
+/// call that succeeds costs one comparison, no trace record is built, and
+/// the arguments come from the caller's registers. The exit tracepoints'
+/// mechanisms set fast paths, so that where both run (one family got
+/// this, another those), nothing is counted twice.
 const SYSCALL_EXIT: Mechanism = Mechanism {
     name: "tp_btf/sys_exit",
     programs: &[Program::btf_tracepoint("syscall_exit", "sys_exit")],
