@@ -92,3 +92,15 @@ pub fn map_keys(pid: u32, name: &str, key_size: usize) -> Option<Vec<Vec<u8>>> {
         }
     }
 }
+
+/// The tracepoints `pid`'s BPF links are attached to: `tp_name` of each
+/// raw or BTF-typed tracepoint link, as the link's fdinfo shows it.
+pub fn tracepoint_links(pid: u32) -> Vec<String> {
+    objects(pid, "link_type:")
+        .into_iter()
+        .filter_map(|(_, info)| {
+            let name = info.lines().find_map(|l| l.strip_prefix("tp_name:"))?;
+            Some(name.trim().to_string())
+        })
+        .collect()
+}

@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use droptrace_tests::{
+    bpf,
     droptrace::{Droptrace, Report, TCP_CLIENT_HOOKS, TCP_HOOKS},
     netns::{Netns, TcpExt},
     require_root, tcp,
@@ -237,4 +238,93 @@ fn a_full_syn_queue_with_syncookies_off_is_counted_like_the_kernel_counts_it() {
             "{drop}"
         );
     }
+}
+
+/// droptrace's links on the free tracepoints (consume_skb, kfree_skb), as
+/// the kernel lists them.
+fn free_links(pid: u32) -> Vec<String> {
+    let mut links: Vec<String> = bpf::tracepoint_links(pid)
+        .into_iter()
+        .filter(|name| name == "consume_skb" || name == "kfree_skb")
+        .collect();
+    links.sort();
+    links
+}
+
+/// Polls `free_links` until `done` says yes, for at most `limit`.
+fn free_links_until(pid: u32, limit: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let start = std::time::Instant::now();
+    loop {
+        let links = free_links(pid);
+        if done(&links) || start.elapsed() > limit {
+            return links;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every packet the machine frees would run the free tracepoints: they are
+/// attached while a listener is near full and detached after, and the
+/// drops before they attach are counted all the same.
+#[test]
+fn the_free_tracepoints_are_attached_only_while_a_listener_is_near_full() {
+    let test = "the_free_tracepoints_are_attached_only_while_a_listener_is_near_full";
+    require_root(test);
+    let netns = Netns::create("tcpfree", &[]);
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let pid = tracer.pid();
+    let addr: SocketAddr = "127.0.0.1:19090".parse().unwrap();
+    let before = netns.tcp_ext();
+    let (far, near) = std::thread::scope(|s| {
+        s.spawn(|| {
+            netns.enter_on_this_thread();
+            // Far from full: 8 queued of 128.
+            let listener = tcp::listener(addr, 128);
+            let fds = tcp::connect_many(addr, 8);
+            std::thread::sleep(Duration::from_millis(1500));
+            let far = free_links(pid);
+            tcp::close_all(fds);
+            drop(listener);
+            // Full: backlog 2, 12 clients.
+            let listener = tcp::listener(addr, 2);
+            let fds = tcp::connect_many(addr, 12);
+            let near = free_links_until(pid, Duration::from_secs(3), |links| {
+                links.iter().any(|l| l == "consume_skb") && links.iter().any(|l| l == "kfree_skb")
+            });
+            std::thread::sleep(Duration::from_millis(1500));
+            tcp::close_all(fds);
+            drop(listener);
+            (far, near)
+        })
+        .join()
+        .unwrap()
+    });
+    let grew = netns.tcp_ext().since(before);
+    assert_eq!(
+        far,
+        Vec::<String>::new(),
+        "attached with no listener near full"
+    );
+    assert_eq!(
+        near.iter().filter(|l| *l == "consume_skb").count(),
+        2,
+        "consume_skb links while a listener is full: {near:?}"
+    );
+    assert_eq!(
+        near.iter().filter(|l| *l == "kfree_skb").count(),
+        2,
+        "kfree_skb links while a listener is full: {near:?}"
+    );
+    let after = free_links_until(pid, Duration::from_secs(10), |links| links.is_empty());
+    assert_eq!(after, Vec::<String>::new(), "still attached 10 s after");
+    std::thread::sleep(Duration::from_millis(500));
+    let report = tracer.stop();
+    let counted = total(&report.tcp_drops_at("127.0.0.1", 19090), "tcp_accept_queue");
+    assert!(grew.listen_overflows > 0, "nothing overflowed: {grew:?}");
+    assert_eq!(
+        counted, grew.listen_overflows,
+        "droptrace's tcp_accept_queue vs the namespace's TcpExtListenOverflows; droptrace said:\n{}",
+        report.stderr
+    );
 }

@@ -15,7 +15,12 @@
 //!    SYN refused by a full accept queue is consumed (tcp_conn_request);
 //!    a final ACK with no room for the child is freed (with reason NO_SOCKET
 //!    when it carried a SYN cookie, on kernels whose kfree_skb has a reason:
-//!    5.17+; before, a cookie ACK is counted as an ACK).
+//!    5.17+; before, a cookie ACK is counted as an ACK). Every freed packet
+//!    of the machine runs these, so userspace attaches them only while
+//!    packets reach a listener near full (NEAR_FULL_SEEN). Without them a
+//!    drop is counted all the same, later: the next packet to a listener
+//!    on that CPU settles what the one before cost (`catch_up`), and so
+//!    does droptrace's stop.
 //!
 //! Counts are exact; the stage and the limit come from the packet and the
 //! queue state. Counts live in per-CPU counters per listener and stage; a
@@ -72,6 +77,14 @@ static LOCAL_CLIENTS: LruHashMap<u64, LocalClient> = LruHashMap::with_max_entrie
 /// each (about 0.8 µs here, 11 µs under emulation).
 #[map]
 static NEAR_FULL_PORTS: Array<u32> = Array::with_max_entries(65536, 0);
+
+/// Packets that reached a listener near full, on this CPU. Userspace
+/// attaches the free tracepoints (consume_skb, kfree_skb) only while this
+/// grows: every freed packet of the machine runs them, and without them a
+/// drop is still counted, when the next packet reaches a listener on that
+/// CPU (`catch_up`) or when droptrace stops.
+#[map]
+static NEAR_FULL_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The packet a listener is processing on this CPU, from ingress to free.
 #[map]
@@ -250,6 +263,10 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     mark_port(unsafe { (*sk).src_port }, near_full);
     if !near_full {
         return;
+    }
+    if let Some(seen) = NEAR_FULL_SEEN.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *seen += 1 };
     }
     let Some(packet) = parse(load) else { return };
     let Some(sock) = Sock::at(tcp_sock) else {

@@ -300,6 +300,7 @@ async fn watch_until_stopped<W: Destination>(
         families.retire_after = Duration::from_millis(ms);
     }
     families.worker_connections.scan(&mut ebpf);
+    let mut tcp_frees = families::tcp_queue::FreeWatch::new(&choices);
     let mut aggregator = Aggregator::new(LINE_INTERVAL);
 
     // SAFETY: the ring buffer owns its fd and keeps it open until dropped.
@@ -331,6 +332,7 @@ async fn watch_until_stopped<W: Destination>(
                 show(&mut aggregator, &mut sink, metrics.as_deref(), families.drops(counters.read(), false))?;
                 counters.forget(&families.retire());
                 families.worker_connections.scan(&mut ebpf);
+                tcp_frees.tick(&mut ebpf, Instant::now());
                 show(&mut aggregator, &mut sink, metrics.as_deref(), families.logged_shortages())?;
                 if let Some(metrics) = &metrics {
                     metrics.lost(&lost.read()?);

@@ -42,6 +42,10 @@ pub struct Program {
     /// The program's name in the eBPF object.
     pub name: &'static str,
     pub attach: Attach,
+    /// Attached only while its family needs it (tp_btf programs): at
+    /// start-up it is attached once, to know the kernel takes it, and
+    /// detached again (see `OnDemand`).
+    pub on_demand: bool,
 }
 
 impl Program {
@@ -56,6 +60,7 @@ impl Program {
                 category,
                 name: event,
             },
+            on_demand: false,
         }
     }
 
@@ -63,6 +68,15 @@ impl Program {
         Self {
             name,
             attach: Attach::BtfTracepoint { name: event },
+            on_demand: false,
+        }
+    }
+
+    /// This program, attached only while its family needs it.
+    pub const fn on_demand(self) -> Self {
+        Self {
+            on_demand: true,
+            ..self
         }
     }
 
@@ -70,6 +84,7 @@ impl Program {
         Self {
             name,
             attach: Attach::CgroupIngress,
+            on_demand: false,
         }
     }
 
@@ -77,6 +92,7 @@ impl Program {
         Self {
             name,
             attach: Attach::CgroupConnect,
+            on_demand: false,
         }
     }
 
@@ -84,6 +100,7 @@ impl Program {
         Self {
             name,
             attach: Attach::Fexit { function },
+            on_demand: false,
         }
     }
 
@@ -91,6 +108,7 @@ impl Program {
         Self {
             name,
             attach: Attach::Uretprobe { symbol },
+            on_demand: false,
         }
     }
 }
@@ -337,9 +355,14 @@ impl<'a> Attacher<'a> {
                 tracepoint
                     .load(event, btf)
                     .with_context(|| format!("cannot load tp_btf/{event}"))?;
-                tracepoint
+                let link = tracepoint
                     .attach()
                     .with_context(|| format!("cannot attach tp_btf/{event}"))?;
+                if program.on_demand {
+                    tracepoint
+                        .detach(link)
+                        .with_context(|| format!("cannot detach tp_btf/{event}"))?;
+                }
             }
             Attach::CgroupIngress => {
                 let root = cgroup2_root()?;

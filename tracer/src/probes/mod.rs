@@ -9,7 +9,10 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{uprobe::UProbeScope, Program, RawTracePoint, TestRun, TracePoint, UProbe},
+    programs::{
+        tp_btf::BtfTracePointLinkId, uprobe::UProbeScope, BtfTracePoint, Program, RawTracePoint,
+        TestRun, TracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
@@ -324,6 +327,68 @@ pub(crate) fn cgroup2_root() -> Result<std::path::PathBuf> {
                 "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)"
             )
         })
+}
+
+/// The programs of `family`'s mechanism in use that attach only while the
+/// family needs them (`Program::on_demand`): loaded, and detached.
+pub struct OnDemand {
+    programs: Vec<&'static str>,
+    links: Vec<(&'static str, BtfTracePointLinkId)>,
+}
+
+impl OnDemand {
+    pub fn of(family: &FamilyHooks, choices: &[Choice]) -> Self {
+        let chosen = choices
+            .iter()
+            .find(|choice| choice.family == family.family)
+            .and_then(|choice| choice.mechanism);
+        let programs = family
+            .mechanisms
+            .iter()
+            .filter(|mechanism| Some(mechanism.name) == chosen)
+            .flat_map(|mechanism| mechanism.programs)
+            .filter(|program| program.on_demand)
+            .map(|program| program.name)
+            .collect();
+        Self {
+            programs,
+            links: Vec::new(),
+        }
+    }
+
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Attach them all, or none.
+    pub fn attach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        for &name in &self.programs {
+            let attached = btf_tracepoint(ebpf, name).and_then(|program| Ok(program.attach()?));
+            match attached {
+                Ok(link) => self.links.push((name, link)),
+                Err(err) => {
+                    self.detach(ebpf);
+                    return Err(err.context(format!("cannot attach {name}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn detach(&mut self, ebpf: &mut Ebpf) {
+        for (name, link) in self.links.drain(..) {
+            if let Err(err) = btf_tracepoint(ebpf, name).and_then(|p| Ok(p.detach(link)?)) {
+                tracing::debug!("cannot detach {name}: {err:#}");
+            }
+        }
+    }
+}
+
+fn btf_tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
+        .try_into()?)
 }
 
 /// Attach uretprobe `program` to `symbol` of the binary at `exe`, for every

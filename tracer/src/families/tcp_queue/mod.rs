@@ -5,6 +5,7 @@
 //! tcp_listen.rs). Details (addresses, queue, backlog, the local process
 //! that sent the SYN) come from records sampled at most once per listener
 //! per 10 ms.
+mod frees;
 mod listeners;
 
 use std::{collections::HashMap, time::SystemTime};
@@ -19,21 +20,23 @@ use crate::{
     contract::{Client, Drop, DropKind, Family, Reconciliation, Stage},
     probes::hooks::{FamilyHooks, Mechanism, Need, Program},
 };
+pub use frees::FreeWatch;
 pub use listeners::{Batch, TcpListeners};
 
 /// Ingress, consume and the ACK-time free: what every mechanism shares but
 /// the kfree_skb program.
 /// Each free program is attached twice: the kernel skips a tracing program
 /// already running on this CPU (a softirq freeing our packet inside a
-/// task's consume_skb), never both copies.
+/// task's consume_skb), never both copies. They are attached only while a
+/// listener is near full (`FreeWatch`).
 macro_rules! tcp_programs {
     ($kfree:literal) => {
         &[
             Program::cgroup_ingress("tcp_syn_ingress"),
-            Program::btf_tracepoint("tcp_syn_done", "consume_skb"),
-            Program::btf_tracepoint("tcp_syn_done_nested", "consume_skb"),
-            Program::btf_tracepoint($kfree, "kfree_skb"),
-            Program::btf_tracepoint(concat!($kfree, "_nested"), "kfree_skb"),
+            Program::btf_tracepoint("tcp_syn_done", "consume_skb").on_demand(),
+            Program::btf_tracepoint("tcp_syn_done_nested", "consume_skb").on_demand(),
+            Program::btf_tracepoint($kfree, "kfree_skb").on_demand(),
+            Program::btf_tracepoint(concat!($kfree, "_nested"), "kfree_skb").on_demand(),
         ]
     };
 }
