@@ -87,19 +87,32 @@ fn a_hostile_process_name_never_reaches_the_terminal_raw() {
     }
 }
 
-/// Where neither fexit nor tp_btf/sys_exit can be had, the per-syscall
-/// exit tracepoints count the same.
+/// Where fexit is refused, the per-syscall exit tracepoints count the same.
 #[test]
 fn emfile_is_counted_by_the_syscall_tracepoints_too() {
     let test = "emfile_is_counted_by_the_syscall_tracepoints_too";
     require_root(test);
     let me = std::process::id().to_string();
-    let avoid = "accept_fexit,accept4_fexit,socket_fexit,open_fexit,openat_fexit,syscall_exit";
+    let avoid = "accept_fexit,accept4_fexit,socket_fexit,open_fexit,openat_fexit";
     let tracer = Droptrace::start_with_env(&["--pid", &me], &[("DROPTRACE_AVOID", avoid)]);
     assert_eq!(
         tracer.mechanism_of("nofile/file_max"),
         "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}"
     );
+    assert_emfile_counted(tracer);
+}
+
+/// Where neither fexit nor the exit tracepoints can be had, tp_btf/sys_exit
+/// counts the same.
+#[test]
+fn emfile_is_counted_by_tp_btf_sys_exit_too() {
+    let test = "emfile_is_counted_by_tp_btf_sys_exit_too";
+    require_root(test);
+    let me = std::process::id().to_string();
+    let avoid = "accept_fexit,accept4_fexit,socket_fexit,open_fexit,openat_fexit,\
+                 accept_exit,accept4_exit,socket_exit,open_exit,openat_exit";
+    let tracer = Droptrace::start_with_env(&["--pid", &me], &[("DROPTRACE_AVOID", avoid)]);
+    assert_eq!(tracer.mechanism_of("nofile/file_max"), "tp_btf/sys_exit");
     assert_emfile_counted(tracer);
 }
 

@@ -107,18 +107,19 @@ fn kernel_version() -> (u32, u32) {
     (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
-/// Where fexit is refused, tp_btf/sys_exit counts the same; without it,
-/// the exit tracepoints with the caller's registers do (bpf_task_pt_regs:
-/// 5.15+; before, the loader falls back further); without them too, the
-/// enter/exit tracepoints do.
+/// Where fexit is refused, the exit tracepoints with the caller's registers
+/// count the same (bpf_task_pt_regs: 5.15+; before, the loader falls back
+/// to tp_btf/sys_exit); without them, tp_btf/sys_exit does; without it
+/// too, the enter/exit tracepoints do.
 #[test]
 fn the_fallbacks_report_each_refused_connect() {
     require_root("the_fallbacks_report_each_refused_connect");
     let dir = tempfile::tempdir().unwrap();
     let no_fexit = "unix_connect_refused,listen_fexit";
-    let enter_exit = [
-        "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (skipped fexit/unix_stream_connect",
-        "listen (backlog_clamped, listener tables): tracepoints syscalls/sys_{enter,exit}_listen",
+    let no_regs = format!("{no_fexit},connect_exit_regs,listen_exit_regs");
+    let syscall_exit = [
+        "unix_backlog: tp_btf/sys_exit (skipped fexit/unix_stream_connect",
+        "listen (backlog_clamped, listener tables): tp_btf/sys_exit",
     ];
     let exit_tracepoints = if kernel_version() >= (5, 15) {
         [
@@ -126,20 +127,17 @@ fn the_fallbacks_report_each_refused_connect() {
             "listen (backlog_clamped, listener tables): tracepoint syscalls/sys_exit_listen (arguments from the caller's registers)",
         ]
     } else {
-        enter_exit
+        syscall_exit
     };
     for (avoid, mechanisms) in [
+        (no_fexit.to_string(), exit_tracepoints),
+        (no_regs.clone(), syscall_exit),
         (
-            no_fexit.to_string(),
+            format!("{no_regs},syscall_exit"),
             [
-                "unix_backlog: tp_btf/sys_exit (skipped fexit/unix_stream_connect",
-                "listen (backlog_clamped, listener tables): tp_btf/sys_exit",
+                "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (skipped fexit/unix_stream_connect",
+                "listen (backlog_clamped, listener tables): tracepoints syscalls/sys_{enter,exit}_listen",
             ],
-        ),
-        (format!("{no_fexit},syscall_exit"), exit_tracepoints),
-        (
-            format!("{no_fexit},syscall_exit,connect_exit_regs,listen_exit_regs"),
-            enter_exit,
         ),
     ] {
         let path = dir.path().join("fallback.sock").display().to_string();

@@ -38,10 +38,10 @@ pub fn connect_exit(ctx: TracePointContext) -> u32 {
 }
 
 /// syscalls/sys_exit_connect without an enter program: the address comes
-/// from the caller's registers (bpf_task_pt_regs, 5.15+). Used where
-/// neither fexit nor tp_btf/sys_exit can be had: a syscall nobody watches
-/// costs the kernel one bit test, no program run, but closing the perf
-/// events of syscall tracepoints is slow (see tracer's families/mod.rs).
+/// from the caller's registers (bpf_task_pt_regs, 5.15+). Where fexit is
+/// refused, this and the other exit tracepoints below are the cheapest
+/// hooks: a syscall nobody watches costs the kernel one bit test, no
+/// program run (closing them is slow: see tracer's families/mod.rs).
 #[tracepoint]
 pub fn connect_exit_regs(ctx: TracePointContext) -> u32 {
     connect::on_exit_with_regs(&ctx);
@@ -100,7 +100,8 @@ pub fn listen_fexit(ctx: FExitContext) -> i32 {
 }
 
 /// tp_btf/sys_exit (the raw tracepoint every syscall passes on its way
-/// out), where fexit is refused: one program for every syscall family. It
+/// out), where neither fexit nor the exit tracepoints with the caller's
+/// registers can be had: one program for every syscall family. It
 /// runs for every syscall of every process; a call that succeeds, or fails
 /// otherwise, costs one comparison beyond the run.
 #[btf_tracepoint(function = "sys_exit")]

@@ -1,5 +1,6 @@
 //! tp_btf/sys_exit: every syscall's exit, for the families that watch
-//! syscalls where fexit is refused. It hands each call to its family:
+//! syscalls where neither fexit nor the per-syscall exit tracepoints can
+//! be had. It hands each call to its family:
 //! failed connect() calls to connect.rs, the calls needing a new file
 //! descriptor that failed to fd_limits.rs, successful listen() calls to
 //! listen.rs. The syscall and its arguments come from the caller's saved

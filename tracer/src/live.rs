@@ -165,6 +165,7 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
     let mut filter = PidFilter::new(&watch.pids, &watch.names)?;
     let endpoint = watch.prometheus.map(exporter::bind).transpose()?;
     let probes = probes::load(families::HOOKS)?;
+    let tracepoints = probes.tracepoints.clone();
     // Until here Ctrl-C ends droptrace at once: nothing was watched yet.
     let mut stop = Stop::watch()?;
     let metrics = match endpoint {
@@ -211,7 +212,12 @@ pub async fn run(watch: Watch, output: Output) -> Result<()> {
         sent = &mut done => watcher_result(sent),
         _ = stop.signalled() => {
             let _ = tell_stop.send(true);
-            watcher_finishing(&mut done).await
+            // Nothing after the signal is watched: the tracepoints are
+            // detached while the watcher finishes (see Tracepoints).
+            let detaching = tracepoints.detach();
+            let finished = watcher_finishing(&mut done).await;
+            detaching.wait();
+            finished
         }
     }
 }
@@ -274,6 +280,7 @@ async fn watch_until_stopped<W: Destination>(
     } = watching;
     let probes::Probes {
         mut ebpf,
+        tracepoints,
         records,
         lost,
         mut counters,
@@ -351,54 +358,52 @@ async fn watch_until_stopped<W: Destination>(
         }
     }
 
-    // Nothing after Ctrl-C is watched: the tracepoints are detached on
-    // threads meanwhile (slow), and what the kernel submitted or counted
-    // before we stopped still counts.
+    // Nothing after the loop is watched: the tracepoints are detached on
+    // threads meanwhile (slow; at once if a signal ended the loop), and what
+    // the kernel submitted or counted before we stopped still counts.
     progressed();
-    let (tracepoints, catch_up) = probes::for_stop(&mut ebpf);
-    std::thread::scope(|scope| -> Result<()> {
-        probes::detach_tracepoints(scope, tracepoints);
-        let ring = records.get_mut();
-        while let Some(item) = ring.next() {
-            progressed();
-            let notice = families.handle(&item);
-            show_notice(&mut sink, notice)?;
-        }
-        show(
-            &mut aggregator,
-            &mut sink,
-            metrics.as_deref(),
-            families.logged_shortages(),
-        )?;
-        // A packet still in flight on a CPU may have cost drops no later
-        // packet will catch up: count them now.
+    let detaching = tracepoints.detach();
+    let ring = records.get_mut();
+    while let Some(item) = ring.next() {
         progressed();
-        probes::catch_up_tcp(catch_up);
-        progressed();
-        show(
-            &mut aggregator,
-            &mut sink,
-            metrics.as_deref(),
-            families.drops(counters.read(), true),
-        )?;
-        for line in aggregator.drain() {
-            sink.line(&line)?;
-        }
-        if let (Some(recorder), Some(capture)) = (recorder.as_mut(), sink.out_mut().capture()) {
-            recorder.sample(capture, aggregator.listeners())?;
-        }
-        progressed();
-        let kernel = families.reconcile(&baseline);
-        progressed();
-        sink.summary(
-            &aggregator.totals(),
-            lost.read()?,
-            &kernel,
-            started.elapsed(),
-        )?;
-        if let Some(capture) = sink.out_mut().capture() {
-            capture.sync()?;
-        }
-        Ok(())
-    })
+        let notice = families.handle(&item);
+        show_notice(&mut sink, notice)?;
+    }
+    show(
+        &mut aggregator,
+        &mut sink,
+        metrics.as_deref(),
+        families.logged_shortages(),
+    )?;
+    // A packet still in flight on a CPU may have cost drops no later
+    // packet will catch up: count them now.
+    progressed();
+    probes::catch_up_tcp(probes::catch_up_program(&mut ebpf));
+    progressed();
+    show(
+        &mut aggregator,
+        &mut sink,
+        metrics.as_deref(),
+        families.drops(counters.read(), true),
+    )?;
+    for line in aggregator.drain() {
+        sink.line(&line)?;
+    }
+    if let (Some(recorder), Some(capture)) = (recorder.as_mut(), sink.out_mut().capture()) {
+        recorder.sample(capture, aggregator.listeners())?;
+    }
+    progressed();
+    let kernel = families.reconcile(&baseline);
+    progressed();
+    sink.summary(
+        &aggregator.totals(),
+        lost.read()?,
+        &kernel,
+        started.elapsed(),
+    )?;
+    if let Some(capture) = sink.out_mut().capture() {
+        capture.sync()?;
+    }
+    detaching.wait();
+    Ok(())
 }

@@ -26,7 +26,6 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_LISTEN),
         },
-        SYSCALL_EXIT,
         // The fast path keeps tp_btf/sys_exit, if another family has it,
         // from reporting listeners twice.
         Mechanism {
@@ -39,6 +38,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_LISTEN),
         },
+        SYSCALL_EXIT,
         Mechanism {
             name: "tracepoints syscalls/sys_{enter,exit}_listen",
             programs: &[LISTEN_ENTER, LISTEN_EXIT],

@@ -30,7 +30,6 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_FD_LIMITS),
         },
-        SYSCALL_EXIT,
         // Where tp_btf/sys_exit runs anyway for another family, the fast
         // path keeps it from counting these twice.
         Mechanism {
@@ -45,6 +44,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             needs: &[],
             fast_path: Some(FAST_PATH_FD_LIMITS),
         },
+        SYSCALL_EXIT,
     ],
     extras: &[],
 };

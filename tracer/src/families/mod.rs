@@ -49,13 +49,14 @@ const CONNECT_EXIT: Program = Program::tracepoint("connect_exit", "syscalls", "s
 const LISTEN_ENTER: Program = Program::tracepoint("listen_enter", "syscalls", "sys_enter_listen");
 const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys_exit_listen");
 
-/// Where neither fexit nor tp_btf/sys_exit can be had, the exit tracepoints
-/// of the syscalls a family watches, without enter programs: the arguments
-/// come from the caller's registers (bpf_task_pt_regs, 5.15+). Other
-/// syscalls run no program (a getppid() took 31 ns more under these, 80 ns
-/// more under tp_btf/sys_exit), but each tracepoint's perf event waits for
-/// RCU grace periods when closed: with the seven, Ctrl-C took 0.3 to 0.5 s
-/// more, too long beside a slow /proc scan, so they come second.
+/// Where fexit is refused, the exit tracepoints of the syscalls a family
+/// watches, without enter programs: the arguments come from the caller's
+/// registers (bpf_task_pt_regs, 5.15+). Other syscalls run no program: the
+/// kernel tests one bit for them (a getppid() took 31 ns more under these,
+/// 80 ns more under tp_btf/sys_exit). Closing them is slow (each perf event
+/// waits for RCU grace periods under a kernel-wide mutex: 0.3 s for the
+/// seven here), so they are closed as soon as Ctrl-C comes, while the
+/// watcher finishes (probes::Tracepoints).
 const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
     name: "tracepoint syscalls/sys_exit_connect (arguments from the caller's registers)",
     programs: &[Program::tracepoint(
@@ -67,7 +68,8 @@ const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
     fast_path: Some(FAST_PATH_CONNECT_EXIT),
 };
 
-/// Where fexit is refused, the families that watch syscalls share one
+/// Where neither fexit nor the exit tracepoints can be had (before 5.15,
+/// for connect and listen), the families that watch syscalls share one
 /// program on the raw tracepoint every syscall passes on its way out: a
 /// call that succeeds costs one comparison, no trace record is built, and
 /// the arguments come from the caller's registers. The exit tracepoints'

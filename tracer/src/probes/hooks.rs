@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint,
+        trace_point::TracePointLink, BtfTracePoint, CgroupAttachMode, CgroupSkb,
+        CgroupSkbAttachType, CgroupSockAddr, TracePoint,
     },
     Ebpf,
 };
@@ -227,6 +228,8 @@ pub struct Attacher<'a> {
     met: HashSet<Need>,
     aya_btf: Option<aya::Btf>,
     attached: HashMap<&'static str, Result<(), String>>,
+    /// The classic tracepoints' links, held apart (see `Tracepoints`).
+    tracepoints: Vec<TracePointLink>,
 }
 
 impl<'a> Attacher<'a> {
@@ -236,7 +239,13 @@ impl<'a> Attacher<'a> {
             met,
             aya_btf: None,
             attached: HashMap::new(),
+            tracepoints: Vec::new(),
         }
+    }
+
+    /// The links of the classic tracepoints attached.
+    pub fn into_tracepoints(self) -> Vec<TracePointLink> {
+        self.tracepoints
     }
 
     /// Try each family's mechanisms in order; the first that attaches wins.
@@ -341,9 +350,10 @@ impl<'a> Attacher<'a> {
                 tracepoint
                     .load()
                     .with_context(|| format!("cannot load {name}"))?;
-                tracepoint
+                let link = tracepoint
                     .attach(category, event)
                     .with_context(|| format!("cannot attach to tracepoint {category}/{event}"))?;
+                self.tracepoints.push(tracepoint.take_link(link)?);
             }
             Attach::BtfTracepoint { name: event } => {
                 let btf = parsed_btf(&mut self.aya_btf)?;

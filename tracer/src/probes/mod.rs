@@ -4,14 +4,17 @@ mod btf;
 pub mod hooks;
 pub mod offsets;
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        tp_btf::BtfTracePointLinkId, uprobe::UProbeScope, BtfTracePoint, Program, RawTracePoint,
-        TestRun, TracePoint, UProbe,
+        tp_btf::BtfTracePointLinkId, trace_point::TracePointLink, uprobe::UProbeScope,
+        BtfTracePoint, Program, RawTracePoint, TestRun, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -29,8 +32,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub struct Probes {
-    /// Keeps the programs attached for as long as it lives.
+    /// Keeps the programs attached for as long as it lives, but the classic
+    /// tracepoints.
     pub ebpf: Ebpf,
+    pub tracepoints: Tracepoints,
     pub records: RingBuf<MapData>,
     pub lost: LostCounters,
     pub counters: Counters,
@@ -199,7 +204,9 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         .override_global("QUEUE_MARGIN", &queue_margin(), true)
         .load(EBPF_OBJECT)
         .context("the kernel refused droptrace's eBPF programs")?;
-    let choices = Attacher::new(&mut ebpf, met).choose(families);
+    let mut attacher = Attacher::new(&mut ebpf, met);
+    let choices = attacher.choose(families);
+    let tracepoints = Tracepoints(Arc::new(Mutex::new(attacher.into_tracepoints())));
     Attacher::require(&choices)?;
     load_catch_up(&mut ebpf);
     let mut take = |name: &str| {
@@ -216,6 +223,7 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
     };
     Ok(Probes {
         ebpf,
+        tracepoints,
         records,
         lost,
         counters,
@@ -242,32 +250,46 @@ fn load_catch_up(ebpf: &mut Ebpf) {
     }
 }
 
-/// What stopping needs of the programs: the classic tracepoints, to detach,
-/// and the TCP catch-up program, to run once more.
-pub fn for_stop(ebpf: &mut Ebpf) -> (Vec<&mut TracePoint>, Option<&mut RawTracePoint>) {
-    let (mut tracepoints, mut catch_up) = (Vec::new(), None);
-    for (name, program) in ebpf.programs_mut() {
-        match program {
-            Program::TracePoint(tracepoint) => tracepoints.push(tracepoint),
-            Program::RawTracePoint(program) if name == CATCH_UP => catch_up = Some(program),
-            _ => {}
-        }
-    }
-    (tracepoints, catch_up)
+/// The TCP catch-up program, to run once more when droptrace stops.
+pub fn catch_up_program(ebpf: &mut Ebpf) -> Option<&mut RawTracePoint> {
+    ebpf.programs_mut()
+        .find_map(|(name, program)| match program {
+            Program::RawTracePoint(program) if name == CATCH_UP => Some(program),
+            _ => None,
+        })
 }
 
-/// Detach the classic tracepoints on threads of `scope`, all at once,
-/// while the summary is made. Closing a syscall tracepoint's perf event
-/// waits for RCU grace periods in the kernel: closed one after another at
-/// exit, the seven took half a second after Ctrl-C here.
-pub fn detach_tracepoints<'scope>(
-    scope: &'scope std::thread::Scope<'scope, '_>,
-    tracepoints: Vec<&'scope mut TracePoint>,
-) {
-    for tracepoint in tracepoints {
-        scope.spawn(move || {
-            let _ = tracepoint.unload();
-        });
+/// The links of the classic tracepoints, shared by the signal's thread and
+/// the watcher. Closing a syscall tracepoint's perf event waits for RCU
+/// grace periods in the kernel: closed one after another at exit, seven
+/// took half a second after Ctrl-C here. So they are closed all at once,
+/// each on a thread, as soon as Ctrl-C or SIGTERM comes (while the watcher
+/// finishes), or when the watcher stops on its own.
+#[derive(Clone)]
+pub struct Tracepoints(Arc<Mutex<Vec<TracePointLink>>>);
+
+/// Tracepoints being detached.
+#[must_use = "wait for the detach to end"]
+pub struct Detaching(Vec<std::thread::JoinHandle<()>>);
+
+impl Tracepoints {
+    /// Start detaching every tracepoint not detached yet.
+    pub fn detach(&self) -> Detaching {
+        let links = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        Detaching(
+            links
+                .into_iter()
+                .filter_map(|link| std::thread::Builder::new().spawn(move || drop(link)).ok())
+                .collect(),
+        )
+    }
+}
+
+impl Detaching {
+    pub fn wait(self) {
+        for thread in self.0 {
+            let _ = thread.join();
+        }
     }
 }
 
