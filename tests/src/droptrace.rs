@@ -85,27 +85,27 @@ pub fn hook_variable(family: &str) -> String {
 /// The mechanisms droptrace declares, as its start-up line names them.
 pub const UNIX_BACKLOG_HOOKS: &[&str] = &[
     "fexit/unix_stream_connect",
-    "tracepoint syscalls/sys_exit_connect (arguments from the caller's registers)",
+    "tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers)",
     "tp_btf/sys_exit",
-    "tracepoints syscalls/sys_{enter,exit}_connect",
+    "tracepoints syscalls/sys_{enter,exit}_connect (64-bit callers)",
 ];
 pub const NOFILE_HOOKS: &[&str] = &[
     "fexit/__x64_sys_{accept,accept4,socket,open,openat}",
-    "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
+    "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat} (64-bit callers)",
     "tp_btf/sys_exit",
 ];
 pub const EPHEMERAL_PORTS_HOOKS: &[&str] = &[
     "fexit/inet_hash_connect + inet6_hash_connect",
-    "tracepoint syscalls/sys_exit_connect (arguments from the caller's registers)",
+    "tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers)",
     "tp_btf/sys_exit",
-    "tracepoints syscalls/sys_{enter,exit}_connect",
+    "tracepoints syscalls/sys_{enter,exit}_connect (64-bit callers)",
 ];
 pub const LISTEN: &str = "listen (backlog_clamped, listener tables)";
 pub const LISTEN_HOOKS: &[&str] = &[
     "fexit/__sys_listen",
-    "tracepoint syscalls/sys_exit_listen (arguments from the caller's registers)",
+    "tracepoint syscalls/sys_exit_listen (64-bit callers, arguments from their registers)",
     "tp_btf/sys_exit",
-    "tracepoints syscalls/sys_{enter,exit}_listen",
+    "tracepoints syscalls/sys_{enter,exit}_listen (64-bit callers)",
 ];
 /// How the TCP family names the local process that sent a dropped SYN.
 pub const TCP_CLIENT_HOOKS: &[&str] = &[

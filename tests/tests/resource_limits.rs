@@ -97,7 +97,7 @@ fn emfile_is_counted_by_the_syscall_tracepoints_too() {
     let tracer = Droptrace::start_with_env(&["--pid", &me], &[("DROPTRACE_AVOID", avoid)]);
     assert_eq!(
         tracer.mechanism_of("nofile/file_max"),
-        "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}"
+        "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat} (64-bit callers)"
     );
     assert_emfile_counted(tracer);
 }

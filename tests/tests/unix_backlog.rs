@@ -123,8 +123,8 @@ fn the_fallbacks_report_each_refused_connect() {
     ];
     let exit_tracepoints = if kernel_version() >= (5, 15) {
         [
-            "unix_backlog: tracepoint syscalls/sys_exit_connect (arguments from the caller's registers) (skipped fexit/unix_stream_connect",
-            "listen (backlog_clamped, listener tables): tracepoint syscalls/sys_exit_listen (arguments from the caller's registers)",
+            "unix_backlog: tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers) (skipped fexit/unix_stream_connect",
+            "listen (backlog_clamped, listener tables): tracepoint syscalls/sys_exit_listen (64-bit callers, arguments from their registers)",
         ]
     } else {
         syscall_exit
@@ -135,8 +135,8 @@ fn the_fallbacks_report_each_refused_connect() {
         (
             format!("{no_regs},syscall_exit"),
             [
-                "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (skipped fexit/unix_stream_connect",
-                "listen (backlog_clamped, listener tables): tracepoints syscalls/sys_{enter,exit}_listen",
+                "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (64-bit callers) (skipped fexit/unix_stream_connect",
+                "listen (backlog_clamped, listener tables): tracepoints syscalls/sys_{enter,exit}_listen (64-bit callers)",
             ],
         ),
     ] {

@@ -29,7 +29,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         // The fast path keeps tp_btf/sys_exit, if another family has it,
         // from reporting listeners twice.
         Mechanism {
-            name: "tracepoint syscalls/sys_exit_listen (arguments from the caller's registers)",
+            name: "tracepoint syscalls/sys_exit_listen (64-bit callers, arguments from their registers)",
             programs: &[Program::tracepoint(
                 "listen_exit_regs",
                 "syscalls",
@@ -40,7 +40,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         },
         SYSCALL_EXIT,
         Mechanism {
-            name: "tracepoints syscalls/sys_{enter,exit}_listen",
+            name: "tracepoints syscalls/sys_{enter,exit}_listen (64-bit callers)",
             programs: &[LISTEN_ENTER, LISTEN_EXIT],
             needs: &[],
             fast_path: None,

@@ -33,7 +33,8 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         // Where tp_btf/sys_exit runs anyway for another family, the fast
         // path keeps it from counting these twice.
         Mechanism {
-            name: "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat}",
+            name:
+                "tracepoints syscalls/sys_exit_{accept,accept4,socket,open,openat} (64-bit callers)",
             programs: &[
                 Program::tracepoint("accept_exit", "syscalls", "sys_exit_accept"),
                 Program::tracepoint("accept4_exit", "syscalls", "sys_exit_accept4"),

@@ -56,9 +56,11 @@ const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys
 /// 80 ns more under tp_btf/sys_exit). Closing them is slow (each perf event
 /// waits for RCU grace periods under a kernel-wide mutex: 0.3 s for the
 /// seven here), so they are closed as soon as Ctrl-C comes, while the
-/// watcher finishes (probes::Tracepoints).
+/// watcher finishes (probes::Tracepoints). Like every syscall tracepoint
+/// on x86-64, they never fire for 32-bit (i386) callers, which
+/// tp_btf/sys_exit would see: their names say so on the start-up line.
 const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
-    name: "tracepoint syscalls/sys_exit_connect (arguments from the caller's registers)",
+    name: "tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers)",
     programs: &[Program::tracepoint(
         "connect_exit_regs",
         "syscalls",
@@ -85,7 +87,7 @@ const SYSCALL_EXIT: Mechanism = Mechanism {
 /// The last fallback of the families that see failed connect() calls: the
 /// address is kept from entry to exit.
 const CONNECT_TRACEPOINTS: Mechanism = Mechanism {
-    name: "tracepoints syscalls/sys_{enter,exit}_connect",
+    name: "tracepoints syscalls/sys_{enter,exit}_connect (64-bit callers)",
     programs: &[CONNECT_ENTER, CONNECT_EXIT],
     needs: &[],
     fast_path: None,
