@@ -43,9 +43,8 @@ pub struct Program {
     /// The program's name in the eBPF object.
     pub name: &'static str,
     pub attach: Attach,
-    /// Attached only while its family needs it (tp_btf programs): at
-    /// start-up it is attached once, to know the kernel takes it, and
-    /// detached again (see `OnDemand`).
+    /// Loaded after start-up and attached only while its family needs it
+    /// (tp_btf programs, see `OnDemand`).
     pub on_demand: bool,
 }
 
@@ -193,7 +192,7 @@ fn avoided(program: &str) -> bool {
 
 /// aya's parse of the kernel's BTF, which tp_btf and fexit programs need:
 /// made once, on first use.
-fn parsed_btf(slot: &mut Option<aya::Btf>) -> Result<&aya::Btf> {
+pub(super) fn parsed_btf(slot: &mut Option<aya::Btf>) -> Result<&aya::Btf> {
     if slot.is_none() {
         *slot = Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?);
     }
@@ -243,9 +242,10 @@ impl<'a> Attacher<'a> {
         }
     }
 
-    /// The links of the classic tracepoints attached.
-    pub fn into_tracepoints(self) -> Vec<TracePointLink> {
-        self.tracepoints
+    /// The links of the classic tracepoints attached, and aya's parse of
+    /// the kernel's BTF if one was made.
+    pub fn into_parts(self) -> (Vec<TracePointLink>, Option<aya::Btf>) {
+        (self.tracepoints, self.aya_btf)
     }
 
     /// Try each family's mechanisms in order; the first that attaches wins.
@@ -355,6 +355,9 @@ impl<'a> Attacher<'a> {
                     .with_context(|| format!("cannot attach to tracepoint {category}/{event}"))?;
                 self.tracepoints.push(tracepoint.take_link(link)?);
             }
+            // Loaded (verified) and attached later, by its family: not
+            // on the way to "watching".
+            Attach::BtfTracepoint { .. } if program.on_demand => {}
             Attach::BtfTracepoint { name: event } => {
                 let btf = parsed_btf(&mut self.aya_btf)?;
                 let tracepoint: &mut BtfTracePoint = self
@@ -365,14 +368,9 @@ impl<'a> Attacher<'a> {
                 tracepoint
                     .load(event, btf)
                     .with_context(|| format!("cannot load tp_btf/{event}"))?;
-                let link = tracepoint
+                tracepoint
                     .attach()
                     .with_context(|| format!("cannot attach tp_btf/{event}"))?;
-                if program.on_demand {
-                    tracepoint
-                        .detach(link)
-                        .with_context(|| format!("cannot detach tp_btf/{event}"))?;
-                }
             }
             Attach::CgroupIngress => {
                 let root = cgroup2_root()?;

@@ -35,6 +35,10 @@ pub struct Probes {
     /// Keeps the programs attached for as long as it lives, but the classic
     /// tracepoints.
     pub ebpf: Ebpf,
+    /// aya's parse of the kernel's BTF, if start-up made one: kept until
+    /// the programs loaded after start-up are (`OnDemand::load`), then
+    /// dropped.
+    pub btf: Option<aya::Btf>,
     pub tracepoints: Tracepoints,
     pub records: RingBuf<MapData>,
     pub lost: LostCounters,
@@ -206,7 +210,8 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         .context("the kernel refused droptrace's eBPF programs")?;
     let mut attacher = Attacher::new(&mut ebpf, met);
     let choices = attacher.choose(families);
-    let tracepoints = Tracepoints(Arc::new(Mutex::new(attacher.into_tracepoints())));
+    let (tracepoints, btf) = attacher.into_parts();
+    let tracepoints = Tracepoints(Arc::new(Mutex::new(tracepoints)));
     Attacher::require(&choices)?;
     load_catch_up(&mut ebpf);
     let mut take = |name: &str| {
@@ -223,6 +228,7 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
     };
     Ok(Probes {
         ebpf,
+        btf,
         tracepoints,
         records,
         lost,
@@ -352,9 +358,11 @@ pub(crate) fn cgroup2_root() -> Result<std::path::PathBuf> {
 }
 
 /// The programs of `family`'s mechanism in use that attach only while the
-/// family needs them (`Program::on_demand`): loaded, and detached.
+/// family needs them (`Program::on_demand`). Start-up leaves them out:
+/// their family loads them once it runs, then attaches and detaches them.
 pub struct OnDemand {
-    programs: Vec<&'static str>,
+    /// Names and tp_btf events.
+    programs: Vec<(&'static str, &'static str)>,
     links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
@@ -370,12 +378,30 @@ impl OnDemand {
             .filter(|mechanism| Some(mechanism.name) == chosen)
             .flat_map(|mechanism| mechanism.programs)
             .filter(|program| program.on_demand)
-            .map(|program| program.name)
+            .filter_map(|program| match program.attach {
+                hooks::Attach::BtfTracepoint { name } => Some((program.name, name)),
+                _ => None,
+            })
             .collect();
         Self {
             programs,
             links: Vec::new(),
         }
+    }
+
+    /// Load them all (the verifier runs here), with aya's parse of the
+    /// kernel's BTF (made here if `btf` has none).
+    pub fn load(&self, ebpf: &mut Ebpf, btf: &mut Option<aya::Btf>) -> Result<()> {
+        if self.programs.is_empty() {
+            return Ok(());
+        }
+        let btf = hooks::parsed_btf(btf)?;
+        for &(name, event) in &self.programs {
+            btf_tracepoint(ebpf, name)?
+                .load(event, btf)
+                .with_context(|| format!("cannot load tp_btf/{event}"))?;
+        }
+        Ok(())
     }
 
     pub fn attached(&self) -> bool {
@@ -384,13 +410,13 @@ impl OnDemand {
 
     /// Attach them all, or none.
     pub fn attach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
-        for &name in &self.programs {
+        for &(name, event) in &self.programs {
             let attached = btf_tracepoint(ebpf, name).and_then(|program| Ok(program.attach()?));
             match attached {
                 Ok(link) => self.links.push((name, link)),
                 Err(err) => {
                     self.detach(ebpf);
-                    return Err(err.context(format!("cannot attach {name}")));
+                    return Err(err.context(format!("cannot attach tp_btf/{event}")));
                 }
             }
         }

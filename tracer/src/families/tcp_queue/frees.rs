@@ -8,7 +8,8 @@
 //! that CPU, or when droptrace stops. They make it counted at once, and
 //! tell a SYN-cookie ACK from a plain one (the drop reason). The ingress
 //! program counts packets to a listener near full (NEAR_FULL_SEEN); while
-//! that count grows, they are attached, and for IDLE after.
+//! that count grows, they are attached, and for IDLE after. They are loaded
+//! (verified: tens of milliseconds) at the first tick, not at start-up.
 use std::time::{Duration, Instant};
 
 use aya::{maps::PerCpuArray, Ebpf};
@@ -22,17 +23,21 @@ const IDLE: Duration = Duration::from_secs(5);
 
 pub struct FreeWatch {
     programs: OnDemand,
+    /// Until the first tick loads the programs: aya's parse of the
+    /// kernel's BTF, if start-up made one.
+    unloaded: Option<Option<aya::Btf>>,
     /// NEAR_FULL_SEEN summed over CPUs when last read.
     seen: u64,
     last_near_full: Option<Instant>,
-    /// Attaching failed once: do not retry at every tick.
+    /// Loading or attaching failed: do not retry at every tick.
     failed: bool,
 }
 
 impl FreeWatch {
-    pub fn new(choices: &[Choice]) -> Self {
+    pub fn new(choices: &[Choice], btf: Option<aya::Btf>) -> Self {
         Self {
             programs: OnDemand::of(&HOOKS, choices),
+            unloaded: Some(btf),
             seen: 0,
             last_near_full: None,
             failed: false,
@@ -41,6 +46,11 @@ impl FreeWatch {
 
     /// Attach or detach the free tracepoints as the listeners need.
     pub fn tick(&mut self, ebpf: &mut Ebpf, now: Instant) {
+        if let Some(mut btf) = self.unloaded.take() {
+            if let Err(err) = self.programs.load(ebpf, &mut btf) {
+                self.fail(&err);
+            }
+        }
         if self.failed {
             return;
         }
@@ -53,13 +63,7 @@ impl FreeWatch {
                     Ok(()) => {
                         tracing::debug!("a TCP listener is near full: free tracepoints attached")
                     }
-                    Err(err) => {
-                        self.failed = true;
-                        tracing::warn!(
-                            "TCP drops will be counted at the next packet to a listener instead of at once: {}",
-                            short(&err)
-                        );
-                    }
+                    Err(err) => self.fail(&err),
                 }
             }
         } else if self.programs.attached()
@@ -68,6 +72,14 @@ impl FreeWatch {
             self.programs.detach(ebpf);
             tracing::debug!("no TCP listener near full for {IDLE:?}: free tracepoints detached");
         }
+    }
+
+    fn fail(&mut self, err: &anyhow::Error) {
+        self.failed = true;
+        tracing::warn!(
+            "TCP drops will be counted at the next packet to a listener instead of at once: {}",
+            short(err)
+        );
     }
 }
 
