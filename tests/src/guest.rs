@@ -51,11 +51,40 @@ impl Drop for Owned {
     }
 }
 
+/// How a boot failed.
+enum Failed {
+    /// The kernel died in its own boot, before its init ran anything of
+    /// ours (under emulation this happens, rarely: CI once saw 6.12 oops
+    /// on an int3 while patching its own code, 1.1 s into its boot).
+    Boot(String),
+    Other(String),
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Self {
+        Failed::Other(why)
+    }
+}
+
 /// Boot the kernel in `dir`, run `script` (bash/sh text) in it as root,
 /// and return its console. Fails naming the kernel and the cause when the
 /// guest does not boot, cannot reach the host's root, or runs past
-/// `timeout`.
+/// `timeout`. A kernel that dies before its init is booted once more: it
+/// ran nothing of droptrace's, and the first console's tail is printed.
 pub fn run(series: &str, dir: &Path, script: &str, timeout: Duration) -> Result<Run, String> {
+    match boot(series, dir, script, timeout) {
+        Err(Failed::Boot(first)) => {
+            eprintln!("{first}\nLinux {series}: booting it once more");
+            boot(series, dir, script, timeout).map_err(|failed| match failed {
+                Failed::Boot(why) | Failed::Other(why) => why,
+            })
+        }
+        Err(Failed::Other(why)) => Err(why),
+        Ok(run) => Ok(run),
+    }
+}
+
+fn boot(series: &str, dir: &Path, script: &str, timeout: Duration) -> Result<Run, Failed> {
     let work = tempfile::Builder::new()
         .prefix("droptrace-guest-")
         .tempdir()
@@ -75,7 +104,7 @@ pub fn run(series: &str, dir: &Path, script: &str, timeout: Duration) -> Result<
     let started = Instant::now();
     while !socket.exists() {
         if started.elapsed() > Duration::from_secs(10) {
-            return Err(format!("Linux {series}: virtiofsd did not open its socket"));
+            return Err(format!("Linux {series}: virtiofsd did not open its socket").into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -126,20 +155,20 @@ pub fn run(series: &str, dir: &Path, script: &str, timeout: Duration) -> Result<
     let _ = fs::File::open(&console).and_then(|mut f| f.read_to_string(&mut text));
     let text = text.replace("\r\n", "\n");
     if status.is_none() {
-        return Err(format!(
+        return Err(Failed::Other(format!(
             "Linux {series}: the guest ran past {} s and was stopped; its console ended with:\n{}",
             timeout.as_secs(),
             tail(&text, 40)
-        ));
+        )));
     }
     if let Some(error) = text.lines().find_map(|l| l.split("GUEST-ERROR ").nth(1)) {
-        return Err(format!("Linux {series}: {error}"));
+        return Err(Failed::Other(format!("Linux {series}: {error}")));
     }
     if !text.contains("GUEST-START") {
-        return Err(format!(
+        return Err(Failed::Boot(format!(
             "Linux {series}: the guest did not boot to its init; its console ended with:\n{}",
             tail(&text, 40)
-        ));
+        )));
     }
     let exit = text
         .lines()
