@@ -280,7 +280,6 @@ async fn watch_until_stopped<W: Destination>(
     } = watching;
     let probes::Probes {
         mut ebpf,
-        btf,
         tracepoints,
         records,
         lost,
@@ -308,7 +307,7 @@ async fn watch_until_stopped<W: Destination>(
         families.retire_after = Duration::from_millis(ms);
     }
     families.worker_connections.scan(&mut ebpf);
-    let mut tcp_frees = families::tcp_queue::FreeWatch::new(&choices, btf);
+    let mut tcp_frees = families::tcp_queue::FreeWatch::new(&choices);
     let mut aggregator = Aggregator::new(LINE_INTERVAL);
 
     // SAFETY: the ring buffer owns its fd and keeps it open until dropped.

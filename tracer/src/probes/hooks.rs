@@ -43,7 +43,7 @@ pub struct Program {
     /// The program's name in the eBPF object.
     pub name: &'static str,
     pub attach: Attach,
-    /// Loaded after start-up and attached only while its family needs it
+    /// Loaded and attached only when its family needs it, not at start-up
     /// (tp_btf programs, see `OnDemand`).
     pub on_demand: bool,
 }
@@ -192,7 +192,7 @@ fn avoided(program: &str) -> bool {
 
 /// aya's parse of the kernel's BTF, which tp_btf and fexit programs need:
 /// made once, on first use.
-pub(super) fn parsed_btf(slot: &mut Option<aya::Btf>) -> Result<&aya::Btf> {
+fn parsed_btf(slot: &mut Option<aya::Btf>) -> Result<&aya::Btf> {
     if slot.is_none() {
         *slot = Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?);
     }
@@ -242,10 +242,9 @@ impl<'a> Attacher<'a> {
         }
     }
 
-    /// The links of the classic tracepoints attached, and aya's parse of
-    /// the kernel's BTF if one was made.
-    pub fn into_parts(self) -> (Vec<TracePointLink>, Option<aya::Btf>) {
-        (self.tracepoints, self.aya_btf)
+    /// The links of the classic tracepoints attached.
+    pub fn into_tracepoints(self) -> Vec<TracePointLink> {
+        self.tracepoints
     }
 
     /// Try each family's mechanisms in order; the first that attaches wins.

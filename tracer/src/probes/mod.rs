@@ -35,10 +35,6 @@ pub struct Probes {
     /// Keeps the programs attached for as long as it lives, but the classic
     /// tracepoints.
     pub ebpf: Ebpf,
-    /// aya's parse of the kernel's BTF, if start-up made one: kept until
-    /// the programs loaded after start-up are (`OnDemand::load`), then
-    /// dropped.
-    pub btf: Option<aya::Btf>,
     pub tracepoints: Tracepoints,
     pub records: RingBuf<MapData>,
     pub lost: LostCounters,
@@ -210,8 +206,7 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
         .context("the kernel refused droptrace's eBPF programs")?;
     let mut attacher = Attacher::new(&mut ebpf, met);
     let choices = attacher.choose(families);
-    let (tracepoints, btf) = attacher.into_parts();
-    let tracepoints = Tracepoints(Arc::new(Mutex::new(tracepoints)));
+    let tracepoints = Tracepoints(Arc::new(Mutex::new(attacher.into_tracepoints())));
     Attacher::require(&choices)?;
     load_catch_up(&mut ebpf);
     let mut take = |name: &str| {
@@ -228,7 +223,6 @@ pub fn load(families: &[FamilyHooks]) -> Result<Probes> {
     };
     Ok(Probes {
         ebpf,
-        btf,
         tracepoints,
         records,
         lost,
@@ -358,11 +352,12 @@ pub(crate) fn cgroup2_root() -> Result<std::path::PathBuf> {
 }
 
 /// The programs of `family`'s mechanism in use that attach only while the
-/// family needs them (`Program::on_demand`). Start-up leaves them out:
-/// their family loads them once it runs, then attaches and detaches them.
+/// family needs them (`Program::on_demand`). Start-up leaves them out: they
+/// are loaded (verified) when first needed, then attached and detached.
 pub struct OnDemand {
     /// Names and tp_btf events.
     programs: Vec<(&'static str, &'static str)>,
+    loaded: bool,
     links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
@@ -385,22 +380,24 @@ impl OnDemand {
             .collect();
         Self {
             programs,
+            loaded: false,
             links: Vec::new(),
         }
     }
 
-    /// Load them all (the verifier runs here), with aya's parse of the
-    /// kernel's BTF (made here if `btf` has none).
-    pub fn load(&self, ebpf: &mut Ebpf, btf: &mut Option<aya::Btf>) -> Result<()> {
+    /// Load them all (the verifier runs here), with a parse of the
+    /// kernel's BTF dropped after.
+    fn load(&mut self, ebpf: &mut Ebpf) -> Result<()> {
         if self.programs.is_empty() {
             return Ok(());
         }
-        let btf = hooks::parsed_btf(btf)?;
+        let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
         for &(name, event) in &self.programs {
             btf_tracepoint(ebpf, name)?
-                .load(event, btf)
+                .load(event, &btf)
                 .with_context(|| format!("cannot load tp_btf/{event}"))?;
         }
+        self.loaded = true;
         Ok(())
     }
 
@@ -408,8 +405,11 @@ impl OnDemand {
         !self.links.is_empty()
     }
 
-    /// Attach them all, or none.
+    /// Attach them all (loaded first if they are not yet), or none.
     pub fn attach(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        if !self.loaded {
+            self.load(ebpf)?;
+        }
         for &(name, event) in &self.programs {
             let attached = btf_tracepoint(ebpf, name).and_then(|program| Ok(program.attach()?));
             match attached {

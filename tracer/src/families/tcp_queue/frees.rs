@@ -9,7 +9,8 @@
 //! tell a SYN-cookie ACK from a plain one (the drop reason). The ingress
 //! program counts packets to a listener near full (NEAR_FULL_SEEN); while
 //! that count grows, they are attached, and for IDLE after. They are loaded
-//! (verified: tens of milliseconds) at the first tick, not at start-up.
+//! (verified: tens of milliseconds, a third of a second under emulation)
+//! when first needed, not at start-up.
 use std::time::{Duration, Instant};
 
 use aya::{maps::PerCpuArray, Ebpf};
@@ -23,9 +24,6 @@ const IDLE: Duration = Duration::from_secs(5);
 
 pub struct FreeWatch {
     programs: OnDemand,
-    /// Until the first tick loads the programs: aya's parse of the
-    /// kernel's BTF, if start-up made one.
-    unloaded: Option<Option<aya::Btf>>,
     /// NEAR_FULL_SEEN summed over CPUs when last read.
     seen: u64,
     last_near_full: Option<Instant>,
@@ -34,10 +32,9 @@ pub struct FreeWatch {
 }
 
 impl FreeWatch {
-    pub fn new(choices: &[Choice], btf: Option<aya::Btf>) -> Self {
+    pub fn new(choices: &[Choice]) -> Self {
         Self {
             programs: OnDemand::of(&HOOKS, choices),
-            unloaded: Some(btf),
             seen: 0,
             last_near_full: None,
             failed: false,
@@ -46,11 +43,6 @@ impl FreeWatch {
 
     /// Attach or detach the free tracepoints as the listeners need.
     pub fn tick(&mut self, ebpf: &mut Ebpf, now: Instant) {
-        if let Some(mut btf) = self.unloaded.take() {
-            if let Err(err) = self.programs.load(ebpf, &mut btf) {
-                self.fail(&err);
-            }
-        }
         if self.failed {
             return;
         }
