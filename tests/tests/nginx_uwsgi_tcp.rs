@@ -128,7 +128,9 @@ fn nginx_own_listener_with_a_tiny_backlog_names_nginx_listen_backlog() {
     let (stack, netns, report) = burst_in_namespace(
         "e2enginx",
         StackConfig {
-            nginx_backlog: Some(8),
+            // Tiny enough for the burst to overflow it under emulation too,
+            // where nginx keeps up with the clients better than here.
+            nginx_backlog: Some(2),
             ..StackConfig::default()
         },
     );
@@ -146,9 +148,9 @@ fn nginx_own_listener_with_a_tiny_backlog_names_nginx_listen_backlog() {
             "the nginx master owns the socket: {drop}"
         );
         assert_eq!(drop["listener"]["role"], "nginx-master");
-        assert_eq!(drop["listener"]["backlog"], 8);
+        assert_eq!(drop["listener"]["backlog"], 2);
         assert_eq!(drop["limit"]["name"], "nginx_listen_backlog", "{drop}");
-        assert_eq!(drop["limit"]["value"], 8);
+        assert_eq!(drop["limit"]["value"], 2);
         assert!(
             drop["limit"]["fix"]
                 .as_str()

@@ -127,9 +127,14 @@ pub struct InFlight {
     /// then when it was last settled.
     overflows: u64,
     drops: u64,
+    /// The listener's namespace (struct net *), its inode number, and its
+    /// per-CPU MIB: read again from here, not through the listener, which
+    /// may be closed before its last drop is settled.
+    net: u64,
+    mib: u64,
+    netns: u32,
     /// For a SYN, which SYN-queue limit would refuse it (a name, not a count).
     syn_queue_stage: u32,
-    _pad: u32,
     packet: Packet,
     client: LocalClient,
 }
@@ -205,12 +210,23 @@ fn this_cpu_offset() -> Option<u64> {
     }
 }
 
-/// This CPU's (LISTENOVERFLOWS, LISTENDROPS) in the listener's namespace.
+/// The listener's namespace: (struct net *, its inode number, the per-CPU
+/// base of its MIB).
 #[inline(always)]
-fn listen_counters(sock: &Sock) -> Option<(u64, u64)> {
+fn namespace_of(sock: &Sock) -> Option<(u64, u32, u64)> {
     let off = offsets();
     let net = read_ptr(sock.addr, off.sock_net)?;
-    let per_cpu: u64 = read(net, off.net_mib_statistics)?;
+    Some((
+        net as u64,
+        read(net, off.net_ns_inum)?,
+        read(net, off.net_mib_statistics)?,
+    ))
+}
+
+/// This CPU's (LISTENOVERFLOWS, LISTENDROPS) in the MIB at `per_cpu`.
+#[inline(always)]
+fn listen_counters(per_cpu: u64) -> Option<(u64, u64)> {
+    let off = offsets();
     let mib = per_cpu.wrapping_add(this_cpu_offset()?) as usize;
     // Neighbours in enum linux_mib on every kernel so far: one read.
     if off.mib_listen_drops == off.mib_listen_overflows + 1 {
@@ -272,7 +288,10 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     let Some(sock) = Sock::at(tcp_sock) else {
         return;
     };
-    let Some((overflows, drops)) = listen_counters(&sock) else {
+    let Some((net, netns, mib)) = namespace_of(&sock) else {
+        return;
+    };
+    let Some((overflows, drops)) = listen_counters(mib) else {
         return;
     };
     let is_syn = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
@@ -293,8 +312,10 @@ pub fn on_ingress(ctx: &SkBuffContext) {
             inode: sock.inode,
             overflows,
             drops,
+            net,
+            mib,
+            netns,
             syn_queue_stage,
-            _pad: 0,
             packet,
             client: client.unwrap_or(LocalClient {
                 pid: 0,
@@ -383,10 +404,7 @@ pub fn catch_up_this_cpu() {
     };
     // SAFETY: this CPU's slot.
     let flight = unsafe { &mut *in_flight };
-    // Only through a listener that is still the one recorded: a closed
-    // one's memory may hold another socket now, and its counters would be
-    // nonsense (a drop that did not happen must not be invented).
-    if flight.sk != 0 && Sock::at(flight.sk as usize).is_some_and(|s| s.inode == flight.inode) {
+    if flight.sk != 0 {
         catch_up(flight, None);
     }
 }
@@ -418,7 +436,14 @@ fn catch_up(flight: &mut InFlight, reason: Option<u32>) {
         addr: flight.sk as usize,
         inode: flight.inode,
     };
-    let Some((overflows, drops)) = listen_counters(&sock) else {
+    // Only through a namespace that is still the one recorded: a freed
+    // one's memory may hold another now, and its counters would be
+    // nonsense (a drop that did not happen must not be invented).
+    let off = offsets();
+    if read::<u32>(flight.net as usize, off.net_ns_inum) != Some(flight.netns) {
+        return;
+    }
+    let Some((overflows, drops)) = listen_counters(flight.mib) else {
         return;
     };
     let overflowed = overflows.wrapping_sub(flight.overflows);
@@ -555,6 +580,11 @@ fn count(sock: &Sock, stage: u32, n: u64, flight: &InFlight) {
         None => {
             let _ = LAST_SAMPLE.insert(&sock.inode, &now, 0);
         }
+    }
+    // The details are read through the listener: not once it is closed
+    // (its drops are counted all the same, under its inode).
+    if Sock::at(sock.addr).is_none_or(|s| s.inode != sock.inode) {
+        return;
     }
     let packet = &flight.packet;
     let (netns, somaxconn) = sock.netns().unwrap_or((0, 0));
