@@ -378,7 +378,7 @@ async fn watch_until_stopped<W: Destination>(
     // A packet still in flight on a CPU may have cost drops no later
     // packet will catch up: count them now.
     progressed();
-    probes::catch_up_tcp(probes::catch_up_program(&mut ebpf));
+    probes::catch_up_tcp(&mut ebpf);
     progressed();
     show(
         &mut aggregator,

@@ -14,7 +14,7 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         tp_btf::BtfTracePointLinkId, trace_point::TracePointLink, uprobe::UProbeScope,
-        BtfTracePoint, Program, RawTracePoint, TestRun, UProbe,
+        BtfTracePoint, RawTracePoint, TestRun, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -250,21 +250,13 @@ fn load_catch_up(ebpf: &mut Ebpf) {
     }
 }
 
-/// The TCP catch-up program, to run once more when droptrace stops.
-pub fn catch_up_program(ebpf: &mut Ebpf) -> Option<&mut RawTracePoint> {
-    ebpf.programs_mut()
-        .find_map(|(name, program)| match program {
-            Program::RawTracePoint(program) if name == CATCH_UP => Some(program),
-            _ => None,
-        })
-}
-
 /// The links of the classic tracepoints, shared by the signal's thread and
 /// the watcher. Closing a syscall tracepoint's perf event waits for RCU
-/// grace periods in the kernel: closed one after another at exit, seven
-/// took half a second after Ctrl-C here. So they are closed all at once,
-/// each on a thread, as soon as Ctrl-C or SIGTERM comes (while the watcher
-/// finishes), or when the watcher stops on its own.
+/// grace periods in the kernel, partly under a kernel-wide mutex
+/// (event_mutex): the seven took 0.5 s closed on one thread here, 0.3 s
+/// each on its own. So they are closed each on a thread, as soon as Ctrl-C
+/// or SIGTERM comes (while the watcher finishes), or when the watcher stops
+/// on its own.
 #[derive(Clone)]
 pub struct Tracepoints(Arc<Mutex<Vec<TracePointLink>>>);
 
@@ -297,8 +289,11 @@ const CATCH_UP: &str = "tcp_catch_up";
 
 /// Count the TCP drops of packets still in flight on every CPU (when the
 /// catch-up program loaded).
-pub fn catch_up_tcp(program: Option<&mut RawTracePoint>) {
-    let Some(program) = program else {
+pub fn catch_up_tcp(ebpf: &mut Ebpf) {
+    let Some(program) = ebpf.program_mut(CATCH_UP) else {
+        return;
+    };
+    let Ok(program): Result<&mut RawTracePoint, _> = program.try_into() else {
         return;
     };
     if program.fd().is_err() {
