@@ -208,6 +208,44 @@ fn build(release: bool) -> Result<PathBuf> {
         .join("droptrace"))
 }
 
+/// What a whole `cargo xtask test` from a clean clone writes, rounded up:
+/// the debug, release and eBPF builds and the guests' kernels (2.4 GiB
+/// measured), Debian's packages for the tests, and the toolchain pieces.
+const TEST_NEEDS_GIB: f64 = 5.0;
+
+/// Says so, before hours of building, when the disk under target/ has less
+/// free space than `need_gib`: out of space, rustc and LLVM fail with an
+/// I/O error deep in the build that does not say what to do.
+fn warn_if_disk_is_short(need_gib: f64) {
+    let target = workspace_root();
+    let Some(free) = free_gib(&target) else {
+        return;
+    };
+    if free < need_gib {
+        eprintln!(
+            "xtask: warning: {free:.1} GiB free under {}; a full build and test run needs \
+             about {need_gib:.0} GiB. Free some (old clones' target/, /tmp) or the build \
+             may fail with \"No space left on device\".",
+            target.display()
+        );
+    }
+}
+
+/// Free space for root on the filesystem holding `path`, from df(1).
+fn free_gib(path: &Path) -> Option<f64> {
+    let out = Command::new("df").args(["-Pk"]).arg(path).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    // POSIX format: a header, then "fs blocks used available capacity mount".
+    let kib: f64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -234,6 +272,7 @@ fn run_as_root(binary: &Path, args: &[String]) -> Result<()> {
 }
 
 fn test(only_kernels: &[String], args: &[String]) -> Result<()> {
+    warn_if_disk_is_short(TEST_NEEDS_GIB);
     let binary = build(false)?;
     let object = build_ebpf()?;
     let root = is_root();

@@ -465,12 +465,12 @@ fn too_large() -> io::Error {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("droptrace-files-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A new directory under the temp dir, removed when the test ends.
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("droptrace-files-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
@@ -489,15 +489,17 @@ mod tests {
 
     #[test]
     fn an_absolute_symlink_resolves_inside_the_root() {
-        let root = scratch("symlink");
+        let scratch_root = scratch("symlink");
+        let root = scratch_root.path();
         std::fs::create_dir_all(root.join("etc")).unwrap();
         std::fs::write(root.join("etc/inside.conf"), "inside").unwrap();
-        let outside = scratch("symlink-outside");
+        let scratch_outside = scratch("symlink-outside");
+        let outside = scratch_outside.path();
         std::fs::write(outside.join("secret"), "outside").unwrap();
         std::os::unix::fs::symlink("/etc/inside.conf", root.join("etc/link.conf")).unwrap();
         std::os::unix::fs::symlink(outside.join("secret"), root.join("etc/escape.conf")).unwrap();
         std::os::unix::fs::symlink("../../../../../..", root.join("etc/up")).unwrap();
-        let view = View::at(&root).unwrap();
+        let view = View::at(root).unwrap();
         assert_eq!(view.read(Path::new("/etc/link.conf")).unwrap(), "inside");
         // The host's path, taken inside the root, is not there.
         assert!(view.read(Path::new("/etc/escape.conf")).is_err());
@@ -510,12 +512,13 @@ mod tests {
 
     #[test]
     fn only_regular_files_are_read_and_never_waited_for() {
-        let root = scratch("fifo");
+        let scratch_root = scratch("fifo");
+        let root = scratch_root.path();
         let fifo = CString::new(root.join("fifo.conf").as_os_str().as_bytes()).unwrap();
         // SAFETY: a valid C string.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
         std::os::unix::fs::symlink("/dev/zero", root.join("zero.conf")).unwrap();
-        let view = View::at(&root).unwrap();
+        let view = View::at(root).unwrap();
         let started = std::time::Instant::now();
         let err = view.read(Path::new("/fifo.conf")).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
@@ -529,10 +532,11 @@ mod tests {
 
     #[test]
     fn a_large_file_is_refused() {
-        let root = scratch("large");
+        let scratch_root = scratch("large");
+        let root = scratch_root.path();
         let file = File::create(root.join("big.conf")).unwrap();
         file.set_len(MAX_FILE_BYTES + 1).unwrap();
-        let err = View::at(&root)
+        let err = View::at(root)
             .unwrap()
             .read(Path::new("/big.conf"))
             .unwrap_err();
@@ -541,7 +545,8 @@ mod tests {
 
     #[test]
     fn glob_matches_inside_the_root_sorted() {
-        let root = scratch("glob");
+        let scratch_root = scratch("glob");
+        let root = scratch_root.path();
         for dir in ["a", "b"] {
             std::fs::create_dir_all(root.join("conf.d").join(dir)).unwrap();
             std::fs::write(root.join("conf.d").join(dir).join("x.conf"), "").unwrap();
@@ -549,7 +554,7 @@ mod tests {
         std::fs::write(root.join("conf.d/2.conf"), "").unwrap();
         std::fs::write(root.join("conf.d/1.conf"), "").unwrap();
         std::fs::write(root.join("conf.d/.hidden.conf"), "").unwrap();
-        let view = View::at(&root).unwrap();
+        let view = View::at(root).unwrap();
         assert_eq!(
             view.glob(Path::new("/conf.d/*.conf")),
             vec![
