@@ -104,3 +104,103 @@ pub fn tracepoint_links(pid: u32) -> Vec<String> {
         })
         .collect()
 }
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// A cgroup_skb/ingress program that only lets the packet through
+/// (`r0 = 1; exit`), attached to the cgroup v2 root beside droptrace's, so
+/// that both run on the same packets: what the kernel's dispatch and the
+/// `bpf_stats` clock reads cost a program that does nothing, the floor
+/// under droptrace's per-run figure. Detached when dropped.
+pub struct PassIngress {
+    program: OwnedFd,
+    cgroup: OwnedFd,
+}
+
+impl PassIngress {
+    /// Load and attach it to the cgroup v2 root (needs root).
+    pub fn attach() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // struct bpf_insn: code, dst/src registers, offset, immediate.
+        let insns: [u8; 16] = [
+            0xb7, 0, 0, 0, 1, 0, 0, 0, // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 1
+            0x95, 0, 0, 0, 0, 0, 0, 0, // BPF_JMP | BPF_EXIT
+        ];
+        let license = b"GPL\0";
+        // union bpf_attr for PROG_LOAD: prog_type, insn_cnt, insns, license,
+        // log_level, log_size, log_buf, kern_version, prog_flags,
+        // prog_name[16] (at 48), prog_ifindex, expected_attach_type (at 68).
+        let mut attr = [0u8; 128];
+        attr[..4].copy_from_slice(&BPF_PROG_TYPE_CGROUP_SKB.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..60].copy_from_slice(b"pass_ingress");
+        attr[68..72].copy_from_slice(&BPF_CGROUP_INET_INGRESS.to_ne_bytes());
+        // SAFETY: attr points at insns and license, which outlive the call.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd that nothing else owns.
+        let program = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let cgroup: OwnedFd = std::fs::File::open(cgroup2_root()?)?.into();
+        let mut attr = Self::attach_attr(&cgroup, &program);
+        // SAFETY: attr holds no pointers.
+        if !unsafe { bpf(BPF_PROG_ATTACH, &mut attr) } {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { program, cgroup })
+    }
+
+    /// union bpf_attr for PROG_ATTACH and PROG_DETACH: target_fd,
+    /// attach_bpf_fd, attach_type, attach_flags.
+    fn attach_attr(cgroup: &OwnedFd, program: &OwnedFd) -> [u8; 20] {
+        let mut attr = [0u8; 20];
+        attr[..4].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&BPF_CGROUP_INET_INGRESS.to_ne_bytes());
+        attr[12..16].copy_from_slice(&BPF_F_ALLOW_MULTI.to_ne_bytes());
+        attr
+    }
+
+    /// (run_time_ns, run_cnt) so far, from its fdinfo (counted while
+    /// kernel.bpf_stats_enabled=1).
+    pub fn stats(&self) -> (u64, u64) {
+        let path = format!("/proc/self/fdinfo/{}", self.program.as_raw_fd());
+        let info = std::fs::read_to_string(path).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        (field("run_time_ns:"), field("run_cnt:"))
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from /proc/self/mounts.
+fn cgroup2_root() -> std::io::Result<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let (path, fstype) = (fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| path.to_string())
+        })
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 hierarchy is mounted"))
+}
+
+impl Drop for PassIngress {
+    fn drop(&mut self) {
+        let mut attr = Self::attach_attr(&self.cgroup, &self.program);
+        // SAFETY: attr holds no pointers.
+        unsafe { bpf(BPF_PROG_DETACH, &mut attr) };
+    }
+}
