@@ -344,19 +344,23 @@ fn program_costs(figures: &mut Figures, me: &str) {
 
 /// Start-up to the "watching" line, and peak memory once idle.
 fn startup(figures: &mut Figures, me: &str) {
-    let (mut times, mut peaks) = (Vec::new(), Vec::new());
+    let (mut times, mut peaks, mut idle) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let start = Instant::now();
         let tracer = Droptrace::start(&["--pid", me]);
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_secs(1));
         let status = std::fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
-        let hwm_kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        peaks.push(hwm_kb / 1024.0);
+        let mib = |field: &str| -> f64 {
+            let kb: f64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap();
+            kb / 1024.0
+        };
+        peaks.push(mib("VmHWM:"));
+        idle.push(mib("VmRSS:"));
         tracer.stop();
     }
     figures.add(
@@ -367,6 +371,7 @@ fn startup(figures: &mut Figures, me: &str) {
         "peak RSS (VmHWM), idle",
         format!("{:.1} MiB", median(peaks)),
     );
+    figures.add("RSS once idle (VmRSS)", format!("{:.1} MiB", median(idle)));
 }
 
 /// CPU time `pid` has used (user + system), from /proc/PID/stat.
