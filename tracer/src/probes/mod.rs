@@ -331,8 +331,6 @@ pub(crate) fn short(err: &anyhow::Error) -> String {
     }
 }
 
-/// The cgroup v2 hierarchy's root, where one cgroup_skb program sees every
-/// socket of the machine (hybrid systems mount it at /sys/fs/cgroup/unified).
 /// Return the heap's free pages to the kernel. Each parse of the kernel's
 /// BTF by aya takes 17 MB for a moment, the peak of droptrace's memory;
 /// glibc keeps those pages once they are freed. Given back, droptrace runs
@@ -343,6 +341,8 @@ fn give_back_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// The cgroup v2 hierarchy's root, where one cgroup_skb program sees every
+/// socket of the machine (hybrid systems mount it at /sys/fs/cgroup/unified).
 pub(crate) fn cgroup2_root() -> Result<std::path::PathBuf> {
     let mounts =
         std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
