@@ -204,3 +204,33 @@ fn a_pid_reused_by_another_process_is_not_the_one_given_to_pid() {
         report.drops
     );
 }
+
+/// VmHWM and VmRSS of `pid`, in MiB, as the kernel counts them.
+fn peak_and_resident_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mib = |field: &str| -> f64 {
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+        kb / 1024.0
+    };
+    (mib("VmHWM:"), mib("VmRSS:"))
+}
+
+/// aya parses the kernel's BTF at start-up (17 MB for a moment, the peak):
+/// once droptrace watches, those pages are back with the kernel, not kept
+/// for weeks by the allocator.
+#[test]
+fn the_memory_of_the_start_up_parse_is_given_back() {
+    require_root("the_memory_of_the_start_up_parse_is_given_back");
+    let tracer = Droptrace::start(&["--pid", &std::process::id().to_string()]);
+    let (peak, resident) = peak_and_resident_mib(tracer.pid());
+    tracer.stop();
+    assert!(
+        peak - resident >= 12.0,
+        "droptrace holds {resident:.1} MiB once watching, its peak was {peak:.1} MiB: \
+         the parse's pages were not given back"
+    );
+}
