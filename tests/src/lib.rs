@@ -58,3 +58,15 @@ pub fn signal(pid: u32, signal: i32) {
     // SAFETY: plain syscall on a pid we own.
     unsafe { libc::kill(pid as i32, signal) };
 }
+
+/// A memory figure of `pid` from /proc/PID/status ("VmRSS", "VmHWM"), in
+/// MiB, as the kernel counts it; 0 once the process is gone.
+pub fn memory_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}

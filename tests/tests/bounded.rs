@@ -11,7 +11,8 @@ use std::{
 };
 
 use droptrace_tests::{
-    bpf, droptrace::Droptrace, netns, netns::Netns, require_root, signal, spawn_and_read_line, tcp,
+    bpf, droptrace::Droptrace, memory_mib, netns, netns::Netns, require_root, signal,
+    spawn_and_read_line, tcp,
 };
 
 /// struct FdLimitKey: pid first, 32 bytes.
@@ -205,20 +206,6 @@ fn a_pid_reused_by_another_process_is_not_the_one_given_to_pid() {
     );
 }
 
-/// VmHWM and VmRSS of `pid`, in MiB, as the kernel counts them.
-fn peak_and_resident_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let mib = |field: &str| -> f64 {
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
-        kb / 1024.0
-    };
-    (mib("VmHWM:"), mib("VmRSS:"))
-}
-
 /// aya parses the kernel's BTF at start-up (17 MB for a moment, the peak):
 /// once droptrace watches, those pages are back with the kernel, not kept
 /// for weeks by the allocator.
@@ -226,7 +213,10 @@ fn peak_and_resident_mib(pid: u32) -> (f64, f64) {
 fn the_memory_of_the_start_up_parse_is_given_back() {
     require_root("the_memory_of_the_start_up_parse_is_given_back");
     let tracer = Droptrace::start(&["--pid", &std::process::id().to_string()]);
-    let (peak, resident) = peak_and_resident_mib(tracer.pid());
+    let (peak, resident) = (
+        memory_mib(tracer.pid(), "VmHWM"),
+        memory_mib(tracer.pid(), "VmRSS"),
+    );
     tracer.stop();
     assert!(
         peak - resident >= 12.0,

@@ -22,7 +22,7 @@ use std::{
 use droptrace_tests::{
     bpf,
     droptrace::{self, Droptrace},
-    stack, unix,
+    memory_mib, stack, unix,
 };
 
 const ROUNDS: usize = 3;
@@ -350,17 +350,8 @@ fn startup(figures: &mut Figures, me: &str) {
         let tracer = Droptrace::start(&["--pid", me]);
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_secs(1));
-        let status = std::fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
-        let mib = |field: &str| -> f64 {
-            let kb: f64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap();
-            kb / 1024.0
-        };
-        peaks.push(mib("VmHWM:"));
-        idle.push(mib("VmRSS:"));
+        peaks.push(memory_mib(tracer.pid(), "VmHWM"));
+        idle.push(memory_mib(tracer.pid(), "VmRSS"));
         tracer.stop();
     }
     figures.add(
@@ -389,16 +380,6 @@ fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis(ticks * 1000 / per_second)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
 }
 
 /// Keys droptrace's kernel tables hold for processes and listeners.
@@ -452,11 +433,11 @@ fn soak(figures: &mut Figures) {
     let pid = child.id();
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
-    let rss_start = rss_mib(pid);
+    let rss_start = memory_mib(pid, "VmRSS");
     let mut rss_peak = rss_start;
     let mut keys_peak = 0;
     let sample = |rss_peak: &mut f64, keys_peak: &mut usize| {
-        *rss_peak = rss_peak.max(rss_mib(pid));
+        *rss_peak = rss_peak.max(memory_mib(pid, "VmRSS"));
         *keys_peak = (*keys_peak).max(kernel_keys(pid));
     };
     let per_round = PROCESSES / 10;
@@ -488,14 +469,14 @@ fn soak(figures: &mut Figures) {
             "soak round {}: {:.0} s, RSS {:.1} MiB, kernel keys {}",
             round + 1,
             started.elapsed().as_secs_f64(),
-            rss_mib(pid),
+            memory_mib(pid, "VmRSS"),
             kernel_keys(pid)
         );
     }
     let churn = started.elapsed();
     // Past the retirement delay and a check, everything gone is let go.
     std::thread::sleep(Duration::from_secs(15));
-    let rss_end = rss_mib(pid);
+    let rss_end = memory_mib(pid, "VmRSS");
     let keys_end = kernel_keys(pid);
     let (last_pid, last_refused) = exhaust_once();
     std::thread::sleep(Duration::from_millis(1500));
