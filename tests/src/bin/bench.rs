@@ -734,8 +734,14 @@ fn in_guest(series: &str, connects: usize, only: &str) {
     let dir = droptrace_tests::guest::kernel_dir(series);
     let me = std::env::current_exe().unwrap();
     let droptrace = std::env::var("DROPTRACE_BIN").expect("DROPTRACE_BIN is unset");
+    // Programs left out on the host (DROPTRACE_AVOID=NAME,...) are left
+    // out in the guest too: what droptrace costs without one family.
+    let avoid = match std::env::var("DROPTRACE_AVOID") {
+        Ok(names) => format!("export DROPTRACE_AVOID='{names}'\n"),
+        Err(_) => String::new(),
+    };
     let script = format!(
-        "export DROPTRACE_BIN='{droptrace}'\ncd /tmp\n'{}' {connects} '{only}' 2>&1\n",
+        "export DROPTRACE_BIN='{droptrace}'\n{avoid}cd /tmp\n'{}' {connects} '{only}' 2>&1\n",
         me.display()
     );
     let run = droptrace_tests::guest::run(series, &dir, &script, Duration::from_secs(40 * 60))
