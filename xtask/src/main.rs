@@ -100,6 +100,7 @@ fn run(task: Task) -> Result<()> {
         Task::BuildEbpf => build_ebpf().map(drop),
         Task::Build { release } => build(release).map(drop),
         Task::Run { debug, args } => {
+            warn_if_disk_is_short(RUN_NEEDS_GIB);
             let binary = build(!debug)?;
             run_as_root(&binary, &args)
         }
@@ -113,6 +114,7 @@ fn run(task: Task) -> Result<()> {
             only,
             kernel,
         } => {
+            warn_if_disk_is_short(RUN_NEEDS_GIB);
             let binary = build(true)?;
             prerequisites::ensure_bench(is_root());
             let kernel_dir = workspace_root().join("target/kernels");
@@ -213,6 +215,10 @@ fn build(release: bool) -> Result<PathBuf> {
 /// measured), Debian's packages for the tests, and the toolchain pieces.
 const TEST_NEEDS_GIB: f64 = 5.0;
 
+/// What `cargo xtask run` or `bench` writes from a clean clone, rounded
+/// up: the release and eBPF builds (1.1 GiB measured) and the toolchain.
+const RUN_NEEDS_GIB: f64 = 2.0;
+
 /// Says so, before hours of building, when the disk under target/ has less
 /// free space than `need_gib`: out of space, rustc and LLVM fail with an
 /// I/O error deep in the build that does not say what to do.
@@ -223,9 +229,9 @@ fn warn_if_disk_is_short(need_gib: f64) {
     };
     if free < need_gib {
         eprintln!(
-            "xtask: warning: {free:.1} GiB free under {}; a full build and test run needs \
-             about {need_gib:.0} GiB. Free some (old clones' target/, /tmp) or the build \
-             may fail with \"No space left on device\".",
+            "xtask: warning: {free:.1} GiB free under {}; this task needs about \
+             {need_gib:.0} GiB. Free some (old clones' target/, /tmp) or the build may \
+             fail with \"No space left on device\".",
             target.display()
         );
     }
