@@ -93,6 +93,29 @@ pub fn map_keys(pid: u32, name: &str, key_size: usize) -> Option<Vec<Vec<u8>>> {
     }
 }
 
+/// droptrace's links on the TCP free tracepoints (consume_skb, kfree_skb),
+/// as the kernel lists them, sorted.
+pub fn free_links(pid: u32) -> Vec<String> {
+    let mut links: Vec<String> = tracepoint_links(pid)
+        .into_iter()
+        .filter(|name| name == "consume_skb" || name == "kfree_skb")
+        .collect();
+    links.sort();
+    links
+}
+
+/// (run_time_ns, run_cnt) in a BPF program's fdinfo (counted while
+/// kernel.bpf_stats_enabled=1).
+pub fn run_stats(fdinfo: &str) -> (u64, u64) {
+    let field = |name: &str| -> u64 {
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("run_time_ns:"), field("run_cnt:"))
+}
+
 /// The tracepoints `pid`'s BPF links are attached to: `tp_name` of each
 /// raw or BTF-typed tracepoint link, as the link's fdinfo shows it.
 pub fn tracepoint_links(pid: u32) -> Vec<String> {
@@ -174,13 +197,7 @@ impl PassIngress {
     /// kernel.bpf_stats_enabled=1).
     pub fn stats(&self) -> (u64, u64) {
         let path = format!("/proc/self/fdinfo/{}", self.program.as_raw_fd());
-        let info = std::fs::read_to_string(path).unwrap_or_default();
-        let field = |name: &str| -> u64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        (field("run_time_ns:"), field("run_cnt:"))
+        run_stats(&std::fs::read_to_string(path).unwrap_or_default())
     }
 }
 

@@ -219,19 +219,15 @@ fn the_memory_of_each_parse_is_given_back() {
     let pid = tracer.pid();
     let (peak, started) = (memory_mib(pid, "VmHWM"), memory_mib(pid, "VmRSS"));
     // A full listener: the free programs are loaded (the second parse).
-    let free_links = || {
-        bpf::tracepoint_links(pid)
-            .iter()
-            .filter(|name| *name == "consume_skb" || *name == "kfree_skb")
-            .count()
-    };
     std::thread::scope(|s| {
         s.spawn(|| {
             namespace.enter_on_this_thread();
             let addr = "127.0.0.1:19091".parse().unwrap();
             let listener = tcp::listener(addr, 2);
             let fds = tcp::connect_many(addr, 12);
-            eventually("the TCP free programs attached", || free_links() == 4);
+            eventually("the TCP free programs attached", || {
+                bpf::free_links(pid).len() == 4
+            });
             tcp::close_all(fds);
             drop(listener);
         });

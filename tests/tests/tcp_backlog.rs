@@ -240,22 +240,11 @@ fn a_full_syn_queue_with_syncookies_off_is_counted_like_the_kernel_counts_it() {
     }
 }
 
-/// droptrace's links on the free tracepoints (consume_skb, kfree_skb), as
-/// the kernel lists them.
-fn free_links(pid: u32) -> Vec<String> {
-    let mut links: Vec<String> = bpf::tracepoint_links(pid)
-        .into_iter()
-        .filter(|name| name == "consume_skb" || name == "kfree_skb")
-        .collect();
-    links.sort();
-    links
-}
-
-/// Polls `free_links` until `done` says yes, for at most `limit`.
+/// Polls `bpf::free_links` until `done` says yes, for at most `limit`.
 fn free_links_until(pid: u32, limit: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     let start = std::time::Instant::now();
     loop {
-        let links = free_links(pid);
+        let links = bpf::free_links(pid);
         if done(&links) || start.elapsed() > limit {
             return links;
         }
@@ -283,7 +272,7 @@ fn the_free_tracepoints_are_attached_only_while_a_listener_is_near_full() {
             let listener = tcp::listener(addr, 128);
             let fds = tcp::connect_many(addr, 8);
             std::thread::sleep(Duration::from_millis(1500));
-            let far = free_links(pid);
+            let far = bpf::free_links(pid);
             tcp::close_all(fds);
             drop(listener);
             // Full: backlog 2, 12 clients.

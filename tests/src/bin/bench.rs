@@ -233,14 +233,11 @@ fn storm(figures: &mut Figures, me: &str, connects: usize) {
 fn program_stats(pid: u32) -> std::collections::BTreeMap<String, (u64, u64)> {
     let mut totals = std::collections::BTreeMap::new();
     for (fd, info) in bpf::objects(pid, "prog_type:") {
-        let field = |name: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        };
         let name = bpf::program_name(pid, fd).unwrap_or_else(|| format!("fd {fd}"));
+        let (time, runs) = bpf::run_stats(&info);
         let total: &mut (u64, u64) = totals.entry(name).or_default();
-        total.0 += field("run_time_ns:").unwrap_or(0);
-        total.1 += field("run_cnt:").unwrap_or(0);
+        total.0 += time;
+        total.1 += runs;
     }
     totals
 }
@@ -292,9 +289,10 @@ fn program_costs(figures: &mut Figures, me: &str) {
     // The floor, on the same packets: a program that only returns.
     let pass = bpf::PassIngress::attach().expect("cannot attach a cgroup_skb program");
     let tracer = Droptrace::start(&["--pid", me]);
-    let (pass_time, pass_runs) = pass.stats();
+    let (time_before, runs_before) = pass.stats();
     let stats = Stats::during(tracer.pid(), || loopback_traffic(5_000));
-    let (pass_time, pass_runs) = (pass.stats().0 - pass_time, pass.stats().1 - pass_runs);
+    let (time_after, runs_after) = pass.stats();
+    let (pass_time, pass_runs) = (time_after - time_before, runs_after - runs_before);
     tracer.stop();
     drop(pass);
     let ingress = stats.iter().find(|(name, _, _)| name == "tcp_syn_ingress");

@@ -55,8 +55,8 @@ const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys
 /// kernel tests one bit for them (a getppid() took 31 ns more under these,
 /// 80 ns more under tp_btf/sys_exit). Closing them is slow (each perf event
 /// waits for RCU grace periods, partly under a kernel-wide mutex: 0.3 s
-/// for the seven here, each on a thread), so they are closed as soon as Ctrl-C comes, while the
-/// watcher finishes (probes::Tracepoints). Like every syscall tracepoint
+/// for the seven here, each on a thread), so they are closed as soon as
+/// Ctrl-C comes, while the watcher finishes (probes::Tracepoints). Like every syscall tracepoint
 /// on x86-64, they never fire for 32-bit (i386) callers, which
 /// tp_btf/sys_exit would see: their names say so on the start-up line.
 const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
