@@ -11,8 +11,11 @@ use std::{
 };
 
 use droptrace_tests::{
-    bpf, droptrace::Droptrace, memory_mib, netns, netns::Netns, require_root, signal,
-    spawn_and_read_line, tcp,
+    bpf,
+    droptrace::{Droptrace, AVOID_TCP_CALLS},
+    memory_mib, netns,
+    netns::Netns,
+    require_root, signal, spawn_and_read_line, tcp,
 };
 
 /// struct FdLimitKey: pid first, 32 bytes.
@@ -215,7 +218,11 @@ fn the_memory_of_each_parse_is_given_back() {
     let test = "the_memory_of_each_parse_is_given_back";
     require_root(test);
     let namespace = Netns::create("memory", &[]);
-    let tracer = Droptrace::start(&["--pid", &std::process::id().to_string()]);
+    // The packet programs, whose free programs are loaded on demand.
+    let tracer = Droptrace::start_with_env(
+        &["--pid", &std::process::id().to_string()],
+        &[("DROPTRACE_AVOID", AVOID_TCP_CALLS)],
+    );
     let pid = tracer.pid();
     let (peak, started) = (memory_mib(pid, "VmHWM"), memory_mib(pid, "VmRSS"));
     // A full listener: the free programs are loaded (the second parse).

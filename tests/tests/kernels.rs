@@ -8,7 +8,7 @@ use std::time::Duration;
 use droptrace_tests::{
     droptrace::{
         hook_variable, EPHEMERAL_PORTS_HOOKS, LISTEN, LISTEN_HOOKS, NOFILE_HOOKS, TCP_HOOKS,
-        UNIX_BACKLOG_HOOKS,
+        TCP_PACKET_HOOK, UNIX_BACKLOG_HOOKS,
     },
     guest, require_root,
 };
@@ -17,17 +17,19 @@ use droptrace_tests::{
 const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 
 /// The mechanisms droptrace must pick on Debian's cloud kernels, which
-/// allow fexit: the fast path for UNIX refusals, and kfree_skb with drop
-/// reasons from 5.17 on.
+/// allow fentry and fexit: the fast path of every family. And where the
+/// TCP tests leave the per-connection path out: the packet programs, with
+/// kfree_skb's drop reasons from 5.17 on.
 fn expected_hooks(series: &str) -> String {
-    let tcp = if series == "5.10" {
-        TCP_HOOKS[1]
+    let tcp_packets = if series == "5.10" {
+        TCP_HOOKS[2]
     } else {
-        TCP_HOOKS[0]
+        TCP_HOOKS[1]
     };
-    [
+    let packets = format!("export {TCP_PACKET_HOOK}='{tcp_packets}'\n");
+    let fast = [
         ("unix_backlog", UNIX_BACKLOG_HOOKS[0]),
-        ("tcp_accept_queue/tcp_syn_queue", tcp),
+        ("tcp_accept_queue/tcp_syn_queue", TCP_HOOKS[0]),
         ("nofile/file_max", NOFILE_HOOKS[0]),
         ("ephemeral_ports", EPHEMERAL_PORTS_HOOKS[0]),
         (LISTEN, LISTEN_HOOKS[0]),
@@ -39,7 +41,8 @@ fn expected_hooks(series: &str) -> String {
             hook_variable(family)
         )
     })
-    .collect()
+    .collect::<String>();
+    fast + &packets
 }
 
 /// Run the test binaries listed in $`list` inside Linux `series`.

@@ -6,10 +6,22 @@ use std::{net::SocketAddr, time::Duration};
 
 use droptrace_tests::{
     bpf,
-    droptrace::{Droptrace, Report, TCP_CLIENT_HOOKS, TCP_HOOKS},
+    droptrace::{Droptrace, Report, AVOID_TCP_CALLS, TCP_CLIENT_HOOKS, TCP_HOOKS, TCP_PACKET_HOOK},
     netns::{Netns, TcpExt},
     require_root, tcp,
 };
+
+/// How droptrace is made to see a flood's drops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hooks {
+    /// What this kernel allows first: the per-connection calls where fentry
+    /// is allowed (the kernel matrix), the packet programs with the connect
+    /// hooks here.
+    Preferred,
+    /// The packet programs, clients named by the state tracepoint: the
+    /// calls and the connect hooks left out, as a kernel refusing them would.
+    PacketsAndStateTracepoint,
+}
 
 /// Flood a backlog-`backlog` listener at `addr` inside `netns` with `clients`
 /// connects, let their SYNs be retransmitted for `linger`, then close them
@@ -23,34 +35,48 @@ fn flood(
     linger: Duration,
     deferred: bool,
 ) -> (Report, TcpExt) {
-    flood_naming_clients_by(netns, addr, backlog, clients, linger, deferred, 0)
+    flood_seen_by(
+        netns,
+        addr,
+        backlog,
+        clients,
+        linger,
+        deferred,
+        Hooks::Preferred,
+    )
 }
 
-/// `flood`, with the SYN's sender named by TCP_CLIENT_HOOKS[`hook`] (the
-/// preferred ones left out, as a kernel refusing them would).
-fn flood_naming_clients_by(
+/// `flood`, seen through `hooks`.
+fn flood_seen_by(
     netns: &Netns,
     addr: SocketAddr,
     backlog: i32,
     clients: usize,
     linger: Duration,
     deferred: bool,
-    hook: usize,
+    hooks: Hooks,
 ) -> (Report, TcpExt) {
     let me = std::process::id().to_string();
-    let avoid = if hook == 1 {
-        "tcp_client_connect4,tcp_client_connect6"
-    } else {
-        ""
+    let family = "tcp_accept_queue/tcp_syn_queue";
+    let avoid = match hooks {
+        Hooks::Preferred => String::new(),
+        Hooks::PacketsAndStateTracepoint => {
+            format!("{AVOID_TCP_CALLS},tcp_client_connect4,tcp_client_connect6")
+        }
     };
-    let env = [("RUST_LOG", "debug"), ("DROPTRACE_AVOID", avoid)];
+    let env = [("RUST_LOG", "debug"), ("DROPTRACE_AVOID", avoid.as_str())];
     let tracer = Droptrace::start_with_env(&["--pid", &me], &env);
-    tracer.assert_mechanism("tcp_accept_queue/tcp_syn_queue", TCP_HOOKS);
-    // The connect hooks on every kernel droptrace supports, so far.
-    assert_eq!(
-        tracer.extra_of("tcp_accept_queue/tcp_syn_queue").as_deref(),
-        Some(TCP_CLIENT_HOOKS[hook])
-    );
+    let extra = tracer.extra_of(family);
+    if hooks == Hooks::Preferred {
+        let used = tracer.assert_mechanism(family, TCP_HOOKS);
+        // The calls name clients themselves; the packet programs with the
+        // connect hooks, on every kernel droptrace supports so far.
+        let expected = (used != TCP_HOOKS[0]).then_some(TCP_CLIENT_HOOKS[0]);
+        assert_eq!(extra.as_deref(), expected);
+    } else {
+        assert_packet_mechanism(&tracer);
+        assert_eq!(extra.as_deref(), Some(TCP_CLIENT_HOOKS[1]));
+    }
     let before = netns.tcp_ext();
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -71,6 +97,16 @@ fn flood_naming_clients_by(
     // Let the last counted drops reach droptrace's next poll.
     std::thread::sleep(Duration::from_millis(500));
     (tracer.stop(), grew)
+}
+
+/// The TCP family uses its packet programs (AVOID_TCP_CALLS in effect):
+/// the one the kernel matrix names, or one of them.
+fn assert_packet_mechanism(tracer: &Droptrace) {
+    let used = tracer.mechanism_of("tcp_accept_queue/tcp_syn_queue");
+    match std::env::var(TCP_PACKET_HOOK) {
+        Ok(expected) => assert_eq!(used, expected, "{TCP_PACKET_HOOK}: {}", tracer.hooks_line()),
+        Err(_) => assert!(TCP_HOOKS[1..].contains(&used.as_str()), "uses {used}"),
+    }
 }
 
 /// The sum of the `count`s of the drop lines of `kind`.
@@ -171,15 +207,16 @@ fn a_full_ipv6_accept_queue_is_counted_like_the_kernel_counts_it() {
 fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
     require_root("a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn");
     let netns = Netns::create("tcpclamp", &[("net.core.somaxconn", "4")]);
-    // Clients named by the state tracepoint here: the fallback is tested too.
-    let report = flood_naming_clients_by(
+    // The packet programs and the state tracepoint here: the fallbacks
+    // are tested too, on every kernel.
+    let report = flood_seen_by(
         &netns,
         "127.0.0.1:19090".parse().unwrap(),
         64,
         30,
         Duration::from_millis(2500),
         false,
-        1,
+        Hooks::PacketsAndStateTracepoint,
     );
     assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
     for drop in report.0.tcp_drops_at("127.0.0.1", 19090) {
@@ -252,16 +289,20 @@ fn free_links_until(pid: u32, limit: Duration, done: impl Fn(&[String]) -> bool)
     }
 }
 
-/// Every packet the machine frees would run the free tracepoints: they are
-/// attached while a listener is near full and detached after, and the
-/// drops before they attach are counted all the same.
+/// Every packet the machine frees would run the packet programs' free
+/// tracepoints: they are attached while a listener is near full and
+/// detached after, and the drops before they attach are counted all the
+/// same. (The per-connection calls, where the kernel allows them, have
+/// none: they are left out here.)
 #[test]
 fn the_free_tracepoints_are_attached_only_while_a_listener_is_near_full() {
     let test = "the_free_tracepoints_are_attached_only_while_a_listener_is_near_full";
     require_root(test);
     let netns = Netns::create("tcpfree", &[]);
     let me = std::process::id().to_string();
-    let tracer = Droptrace::start(&["--pid", &me]);
+    let tracer =
+        Droptrace::start_with_env(&["--pid", &me], &[("DROPTRACE_AVOID", AVOID_TCP_CALLS)]);
+    assert_packet_mechanism(&tracer);
     let pid = tracer.pid();
     let addr: SocketAddr = "127.0.0.1:19090".parse().unwrap();
     let before = netns.tcp_ext();

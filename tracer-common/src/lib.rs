@@ -446,6 +446,9 @@ pub struct KernelOffsets {
     /// LINUX_MIB_LISTENDROPS (TcpExtListenOverflows, TcpExtListenDrops).
     pub mib_listen_overflows: u32,
     pub mib_listen_drops: u32,
+    /// sk_buff.head and sk_buff.network_header (a u16 offset from head)
+    pub skb_head: u32,
+    pub skb_network_header: u32,
 }
 
 // Records are exchanged byte for byte: keep them free of implicit padding.

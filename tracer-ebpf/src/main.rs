@@ -14,13 +14,15 @@ mod tcp_listen;
 
 use aya_ebpf::{
     macros::{
-        btf_tracepoint, cgroup_skb, cgroup_sock_addr, fexit, raw_tracepoint, tracepoint, uretprobe,
+        btf_tracepoint, cgroup_skb, cgroup_sock_addr, fentry, fexit, raw_tracepoint, tracepoint,
+        uretprobe,
     },
     programs::{
-        BtfTracePointContext, FExitContext, RawTracePointContext, RetProbeContext, SkBuffContext,
-        SockAddrContext, TracePointContext,
+        BtfTracePointContext, FEntryContext, FExitContext, RawTracePointContext, RetProbeContext,
+        SkBuffContext, SockAddrContext, TracePointContext,
     },
 };
+use tcp_listen::calls::{CHECK_REQ, CONN_REQUEST, COOKIE_CHECK};
 use tracer_common::fd_syscall;
 
 /// syscalls/sys_enter_connect: remember the address being connected to.
@@ -209,6 +211,64 @@ pub fn tcp_syn_done(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "consume_skb")]
 pub fn tcp_syn_done_nested(ctx: BtfTracePointContext) -> i32 {
     tcp_listen::on_freed(&ctx);
+    0
+}
+
+/// fentry/fexit tcp_conn_request: a SYN to a listener, where the kernel
+/// allows fentry (the packet programs above are then not attached).
+#[fentry(function = "tcp_conn_request")]
+pub fn tcp_conn_request_entry(ctx: FEntryContext) -> i32 {
+    tcp_listen::calls::on_conn_request_entry(ctx.arg(2), ctx.arg(3));
+    0
+}
+
+#[fexit(function = "tcp_conn_request")]
+pub fn tcp_conn_request_exit(_ctx: FExitContext) -> i32 {
+    tcp_listen::calls::on_exit(CONN_REQUEST);
+    0
+}
+
+/// fentry/fexit tcp_check_req: a final ACK making the child socket.
+#[fentry(function = "tcp_check_req")]
+pub fn tcp_check_req_entry(ctx: FEntryContext) -> i32 {
+    let fastopen: u64 = ctx.arg(3);
+    tcp_listen::calls::on_check_req_entry(ctx.arg(0), ctx.arg(1), fastopen & 0xff != 0);
+    0
+}
+
+#[fexit(function = "tcp_check_req")]
+pub fn tcp_check_req_exit(_ctx: FExitContext) -> i32 {
+    tcp_listen::calls::on_exit(CHECK_REQ);
+    0
+}
+
+/// fentry/fexit cookie_v4_check and cookie_v6_check: a SYN cookie's ACK.
+macro_rules! cookie_check {
+    ($($entry:ident, $exit:ident => $function:literal),* $(,)?) => {$(
+        #[fentry(function = $function)]
+        pub fn $entry(ctx: FEntryContext) -> i32 {
+            tcp_listen::calls::on_cookie_check_entry(ctx.arg(0), ctx.arg(1));
+            0
+        }
+
+        #[fexit(function = $function)]
+        pub fn $exit(_ctx: FExitContext) -> i32 {
+            tcp_listen::calls::on_exit(COOKIE_CHECK);
+            0
+        }
+    )*};
+}
+
+cookie_check! {
+    tcp_cookie_check4_entry, tcp_cookie_check4_exit => "cookie_v4_check",
+    tcp_cookie_check6_entry, tcp_cookie_check6_exit => "cookie_v6_check",
+}
+
+/// fentry/tcp_connect: a local TCP client, so that a dropped SYN or ACK
+/// names it (with the fentry programs above).
+#[fentry(function = "tcp_connect")]
+pub fn tcp_client_connect_entry(ctx: FEntryContext) -> i32 {
+    tcp_listen::calls::on_tcp_connect(ctx.arg(0));
     0
 }
 

@@ -405,5 +405,10 @@ async fn watch_until_stopped<W: Destination>(
         capture.sync()?;
     }
     detaching.wait();
+    // Closing a fentry/fexit link waits for the kernel's RCU-tasks grace
+    // periods (seconds for the lot under emulation): on a thread of its
+    // own, which the summary does not wait for (the process's exit closes
+    // what is left).
+    std::thread::spawn(move || drop(ebpf));
     Ok(())
 }

@@ -25,6 +25,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             programs: &[Program::fexit("listen_fexit", "__sys_listen")],
             needs: &[],
             fast_path: Some(FAST_PATH_LISTEN),
+            extras: &[],
         },
         // The fast path keeps tp_btf/sys_exit, if another family has it,
         // from reporting listeners twice.
@@ -37,6 +38,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             )],
             needs: &[],
             fast_path: Some(FAST_PATH_LISTEN),
+            extras: &[],
         },
         SYSCALL_EXIT,
         Mechanism {
@@ -44,9 +46,9 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             programs: &[LISTEN_ENTER, LISTEN_EXIT],
             needs: &[],
             fast_path: None,
+            extras: &[],
         },
     ],
-    extras: &[],
 };
 
 /// Sockets remembered as reported, at most.

@@ -25,12 +25,12 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             ],
             needs: &[],
             fast_path: Some(FAST_PATH_INET_CONNECT),
+            extras: &[],
         },
         CONNECT_EXIT_WITH_REGS,
         SYSCALL_EXIT,
         CONNECT_TRACEPOINTS,
     ],
-    extras: &[],
 };
 
 /// The destination of a connect(): the sockaddr bytes after the family.

@@ -29,6 +29,7 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             ],
             needs: &[],
             fast_path: Some(FAST_PATH_FD_LIMITS),
+            extras: &[],
         },
         // Where tp_btf/sys_exit runs anyway for another family, the fast
         // path keeps it from counting these twice.
@@ -44,10 +45,10 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             ],
             needs: &[],
             fast_path: Some(FAST_PATH_FD_LIMITS),
+            extras: &[],
         },
         SYSCALL_EXIT,
     ],
-    extras: &[],
 };
 
 /// fexit on the syscalls' own entry points: only those calls pay. (Not

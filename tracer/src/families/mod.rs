@@ -68,6 +68,7 @@ const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
     )],
     needs: &[],
     fast_path: Some(FAST_PATH_CONNECT_EXIT),
+    extras: &[],
 };
 
 /// Where neither fexit nor the exit tracepoints can be had (before 5.15,
@@ -82,6 +83,7 @@ const SYSCALL_EXIT: Mechanism = Mechanism {
     programs: &[Program::btf_tracepoint("syscall_exit", "sys_exit")],
     needs: &[],
     fast_path: None,
+    extras: &[],
 };
 
 /// The last fallback of the families that see failed connect() calls: the
@@ -91,6 +93,7 @@ const CONNECT_TRACEPOINTS: Mechanism = Mechanism {
     programs: &[CONNECT_ENTER, CONNECT_EXIT],
     needs: &[],
     fast_path: None,
+    extras: &[],
 };
 
 /// Every family's hooks, in the order the start-up line names them.

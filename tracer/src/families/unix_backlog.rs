@@ -37,12 +37,12 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
             )],
             needs: &[],
             fast_path: Some(FAST_PATH_UNIX_CONNECT),
+            extras: &[],
         },
         CONNECT_EXIT_WITH_REGS,
         SYSCALL_EXIT,
         CONNECT_TRACEPOINTS,
     ],
-    extras: &[],
 };
 
 /// Queue lengths sampled recently, by listener inode.

@@ -33,6 +33,8 @@ pub enum Attach {
     /// fexit on a kernel function (a BPF trampoline: needs the kernel's
     /// ftrace direct calls, refused on some machines).
     Fexit { function: &'static str },
+    /// fentry on a kernel function (the same trampoline as fexit).
+    Fentry { function: &'static str },
     /// A uretprobe on a symbol of a user binary, attached per binary once
     /// a process running it is seen (not at start-up).
     Uretprobe { symbol: &'static str },
@@ -104,6 +106,14 @@ impl Program {
         }
     }
 
+    pub const fn fentry(name: &'static str, function: &'static str) -> Self {
+        Self {
+            name,
+            attach: Attach::Fentry { function },
+            on_demand: false,
+        }
+    }
+
     pub const fn uretprobe(name: &'static str, symbol: &'static str) -> Self {
         Self {
             name,
@@ -135,16 +145,17 @@ pub struct Mechanism {
     /// the programs attach (so no event is counted twice), cleared if they
     /// fail.
     pub fast_path: Option<u32>,
+    /// Ways to add detail to this mechanism when the kernel allows them, in
+    /// order of preference (the first that attaches; their failure costs
+    /// no drop).
+    pub extras: &'static [Mechanism],
 }
 
-/// A family's hooks: mechanisms in order of preference, and ways to add
-/// detail when the kernel allows them, also in order of preference (the
-/// first that attaches; their failure costs no drop).
+/// A family's hooks: mechanisms in order of preference.
 #[derive(Clone, Copy, Debug)]
 pub struct FamilyHooks {
     pub family: &'static str,
     pub mechanisms: &'static [Mechanism],
-    pub extras: &'static [Mechanism],
 }
 
 /// What the loader did for one family.
@@ -221,6 +232,20 @@ pub fn met_needs(families: &[FamilyHooks], btf: &Btf) -> HashSet<Need> {
         .collect()
 }
 
+/// Load and attach a fentry or fexit `$program` (their APIs are alike but
+/// share no trait) on kernel function `$function`.
+macro_rules! trampoline {
+    ($program:expr, $kind:ty, $btf:expr, $prefix:literal, $function:expr) => {{
+        let program: &mut $kind = $program.try_into()?;
+        program
+            .load($function, $btf)
+            .with_context(|| format!(concat!("cannot load ", $prefix, "/{}"), $function))?;
+        program
+            .attach()
+            .with_context(|| format!(concat!("cannot attach ", $prefix, "/{}"), $function))?;
+    }};
+}
+
 /// Attaches programs, each once however many families share it.
 pub struct Attacher<'a> {
     ebpf: &'a mut Ebpf,
@@ -258,17 +283,20 @@ impl<'a> Attacher<'a> {
                     extra: None,
                     skipped: Vec::new(),
                 };
-                for mechanism in family.mechanisms {
-                    match self.mechanism(mechanism) {
-                        Ok(()) => {
-                            choice.mechanism = Some(mechanism.name);
-                            break;
-                        }
-                        Err(why) => choice.skipped.push((mechanism.name.into(), why)),
-                    }
-                }
-                if choice.mechanism.is_some() {
-                    for extra in family.extras {
+                let chosen =
+                    family
+                        .mechanisms
+                        .iter()
+                        .find(|mechanism| match self.mechanism(mechanism) {
+                            Ok(()) => true,
+                            Err(why) => {
+                                choice.skipped.push((mechanism.name.into(), why));
+                                false
+                            }
+                        });
+                if let Some(mechanism) = chosen {
+                    choice.mechanism = Some(mechanism.name);
+                    for extra in mechanism.extras {
                         match self.mechanism(extra) {
                             Ok(()) => {
                                 choice.extra = Some(extra.name);
@@ -292,12 +320,29 @@ impl<'a> Attacher<'a> {
         if let Some(slot) = mechanism.fast_path {
             self.set_fast_path(slot, true)?;
         }
-        let attached = mechanism
-            .programs
-            .iter()
-            .try_for_each(|program| self.program(program));
-        if let (Err(_), Some(slot)) = (&attached, mechanism.fast_path) {
-            self.set_fast_path(slot, false)?;
+        let tracepoints = self.tracepoints.len();
+        let mut new = Vec::new();
+        let attached = mechanism.programs.iter().try_for_each(|program| {
+            let fresh = !self.attached.contains_key(program.name);
+            self.program(program)?;
+            if fresh {
+                new.push(program.name);
+            }
+            Ok(())
+        });
+        if attached.is_err() {
+            if let Some(slot) = mechanism.fast_path {
+                self.set_fast_path(slot, false)?;
+            }
+            // A mechanism is all or nothing: what it attached before one
+            // of its programs was refused would count beside the next.
+            self.tracepoints.truncate(tracepoints);
+            for name in new {
+                self.attached.remove(name);
+                if let Some(program) = self.ebpf.program_mut(name) {
+                    unload(program);
+                }
+            }
         }
         attached
     }
@@ -404,19 +449,16 @@ impl<'a> Attacher<'a> {
                     .attach(cgroup, CgroupAttachMode::Single)
                     .with_context(|| format!("cannot attach {name} to {}", root.display()))?;
             }
+            // The same trampoline, on either side of the call.
             Attach::Fexit { function } => {
                 let btf = parsed_btf(&mut self.aya_btf)?;
-                let fexit: &mut aya::programs::FExit = self
-                    .ebpf
-                    .program_mut(name)
-                    .expect("found above")
-                    .try_into()?;
-                fexit
-                    .load(function, btf)
-                    .with_context(|| format!("cannot load fexit/{function}"))?;
-                fexit
-                    .attach()
-                    .with_context(|| format!("cannot attach fexit/{function}"))?;
+                let program = self.ebpf.program_mut(name).expect("found above");
+                trampoline!(program, aya::programs::FExit, btf, "fexit", function);
+            }
+            Attach::Fentry { function } => {
+                let btf = parsed_btf(&mut self.aya_btf)?;
+                let program = self.ebpf.program_mut(name).expect("found above");
+                trampoline!(program, aya::programs::FEntry, btf, "fentry", function);
             }
             Attach::Uretprobe { .. } => {
                 // Attached per nginx binary when one is seen; loading it now
@@ -443,6 +485,25 @@ impl<'a> Attacher<'a> {
             );
         }
         Ok(())
+    }
+}
+
+/// Detach and unload a program (its classic tracepoint links are held
+/// apart, in `Attacher::tracepoints`).
+fn unload(program: &mut aya::programs::Program) {
+    use aya::programs::Program as P;
+    let unloaded = match program {
+        P::TracePoint(p) => p.unload(),
+        P::BtfTracePoint(p) => p.unload(),
+        P::CgroupSkb(p) => p.unload(),
+        P::CgroupSockAddr(p) => p.unload(),
+        P::FEntry(p) => p.unload(),
+        P::FExit(p) => p.unload(),
+        P::UProbe(p) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(err) = unloaded {
+        tracing::debug!("unloading a program of a refused mechanism: {err}");
     }
 }
 

@@ -59,6 +59,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         net_mib_statistics: at("net.mib.net_statistics")?,
         mib_listen_overflows: mib_index("LINUX_MIB_LISTENOVERFLOWS")?,
         mib_listen_drops: mib_index("LINUX_MIB_LISTENDROPS")?,
+        skb_head: at("sk_buff.head")?,
+        skb_network_header: at("sk_buff.network_header")?,
     })
 }
 

@@ -1,8 +1,8 @@
 //! tcp_accept_queue and tcp_syn_queue: TCP connection attempts dropped at a
 //! full listener. Counts are exact: the kernel's own per-CPU
-//! LINUX_MIB_LISTENOVERFLOWS / LISTENDROPS increments, charged per packet
-//! to the listener and stage in a per-CPU map (see tracer-ebpf's
-//! tcp_listen.rs). Details (addresses, queue, backlog, the local process
+//! LINUX_MIB_LISTENOVERFLOWS / LISTENDROPS increments, charged per call
+//! (fentry kernels) or per packet to the listener and stage in a per-CPU
+//! map (see tracer-ebpf's tcp_listen/). Details (addresses, queue, backlog, the local process
 //! that sent the SYN) come from records sampled at most once per listener
 //! per 10 ms.
 mod frees;
@@ -41,12 +41,61 @@ macro_rules! tcp_programs {
     };
 }
 
+/// Names the local process that sent a dropped SYN, for the packet
+/// programs; without it, drops name the client's address only. The connect
+/// hooks run once per TCP connect() and remember the process only for a
+/// port whose listener is near full (the ingress program marks it); the
+/// state tracepoint runs on every state change of every TCP socket.
+const CLIENTS_BY_SOCKET: &[Mechanism] = &[
+    Mechanism {
+        name: "cgroup/connect4 + cgroup/connect6 (local TCP clients)",
+        programs: &[
+            Program::cgroup_connect("tcp_client_connect4"),
+            Program::cgroup_connect("tcp_client_connect6"),
+        ],
+        needs: &[],
+        fast_path: None,
+        extras: &[],
+    },
+    Mechanism {
+        name: "tp_btf/inet_sock_set_state (local TCP clients)",
+        programs: &[Program::btf_tracepoint(
+            "tcp_client_connect",
+            "inet_sock_set_state",
+        )],
+        needs: &[],
+        fast_path: None,
+        extras: &[],
+    },
+];
+
 /// Counting never depends on a drop reason: it is the kernel's own MIB
-/// increments, charged per packet. The reason only tells a SYN-cookie ACK
-/// from a plain one, where kfree_skb has it (5.17+).
+/// increments, charged per call or per packet. The reason only tells a
+/// SYN-cookie ACK from a plain one, where kfree_skb has it (5.17+); the
+/// calls tell it by their arguments.
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "tcp_accept_queue/tcp_syn_queue",
     mechanisms: &[
+        // Per connection: only SYNs and final ACKs to listeners, and TCP
+        // connect()s, run a program (tracer-ebpf's tcp_listen/calls.rs).
+        Mechanism {
+            name: "fentry+fexit tcp_conn_request + tcp_check_req + cookie_v4_check + cookie_v6_check, fentry/tcp_connect (local TCP clients)",
+            programs: &[
+                Program::fentry("tcp_conn_request_entry", "tcp_conn_request"),
+                Program::fexit("tcp_conn_request_exit", "tcp_conn_request"),
+                Program::fentry("tcp_check_req_entry", "tcp_check_req"),
+                Program::fexit("tcp_check_req_exit", "tcp_check_req"),
+                Program::fentry("tcp_cookie_check4_entry", "cookie_v4_check"),
+                Program::fexit("tcp_cookie_check4_exit", "cookie_v4_check"),
+                Program::fentry("tcp_cookie_check6_entry", "cookie_v6_check"),
+                Program::fexit("tcp_cookie_check6_exit", "cookie_v6_check"),
+                Program::fentry("tcp_client_connect_entry", "tcp_connect"),
+            ],
+            needs: &[],
+            fast_path: None,
+            extras: &[],
+        },
+        // Per packet, where fentry is refused.
         Mechanism {
             name: "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb with drop reasons",
             programs: tcp_programs!("tcp_ack_drop"),
@@ -56,37 +105,14 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
                 value: "SKB_DROP_REASON_NO_SOCKET",
             }],
             fast_path: None,
+            extras: CLIENTS_BY_SOCKET,
         },
         Mechanism {
             name: "cgroup_skb/ingress + tp_btf/consume_skb + tp_btf/kfree_skb (no drop reasons: SYN-cookie ACKs counted as ack)",
             programs: tcp_programs!("tcp_ack_drop_noreason"),
             needs: &[],
             fast_path: None,
-        },
-    ],
-    // Names the local process that sent a dropped SYN; without it, drops
-    // name the client's address only. The connect hooks run once per TCP
-    // connect() and remember the process only for a port whose listener is
-    // near full (the ingress program marks it); the state tracepoint runs
-    // on every state change of every TCP socket.
-    extras: &[
-        Mechanism {
-            name: "cgroup/connect4 + cgroup/connect6 (local TCP clients)",
-            programs: &[
-                Program::cgroup_connect("tcp_client_connect4"),
-                Program::cgroup_connect("tcp_client_connect6"),
-            ],
-            needs: &[],
-            fast_path: None,
-        },
-        Mechanism {
-            name: "tp_btf/inet_sock_set_state (local TCP clients)",
-            programs: &[Program::btf_tracepoint(
-                "tcp_client_connect",
-                "inet_sock_set_state",
-            )],
-            needs: &[],
-            fast_path: None,
+            extras: CLIENTS_BY_SOCKET,
         },
     ],
 };

@@ -23,8 +23,8 @@ pub const HOOKS: FamilyHooks = FamilyHooks {
         programs: &[Program::uretprobe(watch::NGINX_PROGRAM, watch::NGINX_SYMBOL)],
         needs: &[],
         fast_path: None,
+        extras: &[],
     }],
-    extras: &[],
 };
 
 impl Families {

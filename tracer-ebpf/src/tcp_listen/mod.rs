@@ -25,7 +25,10 @@
 //! Counts are exact; the stage and the limit come from the packet and the
 //! queue state. Counts live in per-CPU counters per listener and stage; a
 //! detailed record is sent for at most one drop per listener per 10 ms.
-//! Drop reason values come from BTF.
+//! Drop reason values come from BTF. Where the kernel allows fentry/fexit,
+//! `calls` counts the same increments per connection instead.
+pub mod calls;
+
 use aya_ebpf::{
     bindings::BPF_F_CURRENT_NETNS,
     helpers::{
@@ -272,7 +275,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     let previous = unsafe { &mut *in_flight };
     // A packet that left without a free tracepoint: count what it cost.
     if previous.skb != 0 {
-        catch_up(previous, None);
+        catch_up(previous, stage::ACK);
     }
     let near_full = may_drop(tcp_sock);
     // SAFETY: a context field the verifier lets us read (host order).
@@ -288,41 +291,51 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     let Some(sock) = Sock::at(tcp_sock) else {
         return;
     };
-    let Some((net, netns, mib)) = namespace_of(&sock) else {
-        return;
-    };
-    let Some((overflows, drops)) = listen_counters(mib) else {
-        return;
-    };
+    // SAFETY: storing the skb's address (root may).
+    if let Some(flight) = snapshot(&sock, ctx.skb.skb as u64, packet, |packet| {
+        local_client(ctx, packet)
+    }) {
+        *previous = flight;
+    }
+}
+
+/// What a packet to a listener near full starts with: this CPU's two
+/// counters, the SYN-queue test a SYN would fail, and the local process
+/// that sent it (found by `client_of`), looked up only when a drop is
+/// likely: a SYN the SYN queue would refuse, or any packet to a full
+/// accept queue (the sender of a final ACK is ESTABLISHED by then).
+#[inline(always)]
+fn snapshot(
+    sock: &Sock,
+    skb: u64,
+    packet: Packet,
+    client_of: impl FnOnce(&Packet) -> Option<LocalClient>,
+) -> Option<InFlight> {
+    let (net, netns, mib) = namespace_of(sock)?;
+    let (overflows, drops) = listen_counters(mib)?;
     let is_syn = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    let syn_queue_stage = if is_syn { syn_queue_stage(&sock) } else { 0 };
-    // The sender's process is looked up only when a drop is likely: a SYN
-    // the SYN queue would refuse, or any packet to a full accept queue
-    // (the sender of a final ACK is ESTABLISHED by then, same socket).
+    let syn_queue_stage = if is_syn { syn_queue_stage(sock) } else { 0 };
     let client = if syn_queue_stage != 0 || sock.accept_queue_full() {
-        local_client(ctx, &packet)
+        client_of(&packet)
     } else {
         None
     };
-    // SAFETY: this CPU's slot; storing the skb's address (root may).
-    unsafe {
-        *in_flight = InFlight {
-            skb: ctx.skb.skb as u64,
-            sk: sock.addr as u64,
-            inode: sock.inode,
-            overflows,
-            drops,
-            net,
-            mib,
-            netns,
-            syn_queue_stage,
-            packet,
-            client: client.unwrap_or(LocalClient {
-                pid: 0,
-                comm: [0; 16],
-            }),
-        };
-    }
+    Some(InFlight {
+        skb,
+        sk: sock.addr as u64,
+        inode: sock.inode,
+        overflows,
+        drops,
+        net,
+        mib,
+        netns,
+        syn_queue_stage,
+        packet,
+        client: client.unwrap_or(LocalClient {
+            pid: 0,
+            comm: [0; 16],
+        }),
+    })
 }
 
 /// Whether a packet to this listener may be dropped: its accept queue is
@@ -405,7 +418,7 @@ pub fn catch_up_this_cpu() {
     // SAFETY: this CPU's slot.
     let flight = unsafe { &mut *in_flight };
     if flight.sk != 0 {
-        catch_up(flight, None);
+        catch_up(flight, stage::ACK);
     }
 }
 
@@ -421,7 +434,12 @@ fn settle(skb: u64, reason: Option<u32>) {
         return;
     }
     flight.skb = 0;
-    catch_up(flight, reason);
+    let reasons = unsafe { core::ptr::read_volatile(&DROP_REASONS) };
+    let ack_stage = match reason {
+        Some(reason) if reason == reasons.no_socket => stage::ACK_SYNCOOKIE,
+        _ => stage::ACK,
+    };
+    catch_up(flight, ack_stage);
 }
 
 /// Count what this CPU's counters gained since `flight` last looked, and
@@ -429,9 +447,10 @@ fn settle(skb: u64, reason: Option<u32>) {
 /// when the next packet reaches a listener on this CPU: an increment the
 /// first look missed (the packet left through a path without a free
 /// tracepoint) is still counted, charged to the packet most likely to
-/// have caused it.
+/// have caused it. `ack_stage`: what an overflow of a packet other than a
+/// SYN counts as (ACK, or ACK_SYNCOOKIE when known to be one).
 #[inline(always)]
-fn catch_up(flight: &mut InFlight, reason: Option<u32>) {
+fn catch_up(flight: &mut InFlight, ack_stage: u32) {
     let sock = Sock {
         addr: flight.sk as usize,
         inode: flight.inode,
@@ -453,14 +472,7 @@ fn catch_up(flight: &mut InFlight, reason: Option<u32>) {
     let is_syn = flight.packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     // A freed listener read through a stale pointer gives nonsense: bound it.
     if overflowed > 0 && overflowed < 1 << 20 {
-        let reasons = unsafe { core::ptr::read_volatile(&DROP_REASONS) };
-        let stage = if is_syn {
-            stage::SYN
-        } else if reason == Some(reasons.no_socket) {
-            stage::ACK_SYNCOOKIE
-        } else {
-            stage::ACK
-        };
+        let stage = if is_syn { stage::SYN } else { ack_stage };
         count(&sock, stage, overflowed, flight);
     }
     if other_drops > 0 && other_drops < 1 << 20 && is_syn {
