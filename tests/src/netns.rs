@@ -94,6 +94,8 @@ pub struct TcpExt {
     pub listen_drops: u64,
     /// SYN dropped by a full SYN queue, syncookies off.
     pub req_q_full_drop: u64,
+    /// SYNs answered with a cookie.
+    pub syncookies_sent: u64,
 }
 
 impl TcpExt {
@@ -112,6 +114,7 @@ impl TcpExt {
             listen_overflows: value("ListenOverflows"),
             listen_drops: value("ListenDrops"),
             req_q_full_drop: value("TCPReqQFullDrop"),
+            syncookies_sent: value("SyncookiesSent"),
         }
     }
 
@@ -121,6 +124,7 @@ impl TcpExt {
             listen_overflows: self.listen_overflows - before.listen_overflows,
             listen_drops: self.listen_drops - before.listen_drops,
             req_q_full_drop: self.req_q_full_drop - before.req_q_full_drop,
+            syncookies_sent: self.syncookies_sent - before.syncookies_sent,
         }
     }
 }

@@ -277,6 +277,40 @@ fn a_full_syn_queue_with_syncookies_off_is_counted_like_the_kernel_counts_it() {
     }
 }
 
+/// With `net.ipv4.tcp_syncookies=2` every SYN is answered with a cookie and
+/// no request waits in the SYN queue: every ACK to the listener runs the
+/// cookie check (cookie_v4_check), and the counts stay exact. An ACK the
+/// full accept queue refuses there is a cookie's, which the per-connection
+/// calls name `ack_syncookie` on every kernel, never `ack`. (Loopback
+/// completes each handshake inside its connect(), so this flood's drops
+/// are mostly SYNs: whether a cookie's ACK is refused depends on two
+/// handshakes overlapping.)
+#[test]
+fn a_full_accept_queue_with_syncookies_always_on_is_counted_like_the_kernel_counts_it() {
+    let test = "a_full_accept_queue_with_syncookies_always_on_is_counted_like_the_kernel_counts_it";
+    require_root(test);
+    let netns = Netns::create("tcpcookie", &[("net.ipv4.tcp_syncookies", "2")]);
+    let report = flood(
+        &netns,
+        "127.0.0.1:19090".parse().unwrap(),
+        2,
+        20,
+        Duration::from_millis(2500),
+        false,
+    );
+    assert!(
+        report.1.syncookies_sent > 0,
+        "no SYN was answered with a cookie: {:?}",
+        report.1
+    );
+    assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
+    if report.0.stderr.contains(TCP_HOOKS[0]) {
+        for drop in report.0.tcp_drops_at("127.0.0.1", 19090) {
+            assert_ne!(drop["stage"], "ack", "a cookie's ACK named ack: {drop}");
+        }
+    }
+}
+
 /// Polls `bpf::free_links` until `done` says yes, for at most `limit`.
 fn free_links_until(pid: u32, limit: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     let start = std::time::Instant::now();
