@@ -89,3 +89,127 @@ pub fn close_all(fds: Vec<RawFd>) {
         unsafe { libc::close(fd) };
     }
 }
+
+/// A handshake held half-way with a SYN cookie, its final ACK sent when the
+/// test says: a raw IPv4 socket plays a client the kernel knows nothing of
+/// (the listener's namespace must answer SYNs with cookies:
+/// net.ipv4.tcp_syncookies=2, so no request is queued). Loopback only.
+pub struct CookieHandshake {
+    raw: std::os::fd::OwnedFd,
+    listener: std::net::SocketAddrV4,
+    port: u16,
+    seq: u32,
+    cookie: u32,
+}
+
+impl CookieHandshake {
+    /// Send a SYN from 127.0.0.1:`port` to `listener`, and read the
+    /// cookie from its SYN-ACK. (The kernel answers that SYN-ACK with a
+    /// reset, which a listener answering with cookies keeps nothing of.)
+    pub fn syn(listener: std::net::SocketAddrV4, port: u16) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a new socket, owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let raw = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: valid fd and option value.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let mut handshake = Self {
+            raw,
+            listener,
+            port,
+            seq: 0x1000_0000,
+            cookie: 0,
+        };
+        handshake.send(TCP_SYN, handshake.seq, 0);
+        let mut packet = [0u8; 1500];
+        loop {
+            // SAFETY: a buffer of its length.
+            let n = unsafe { libc::recv(fd, packet.as_mut_ptr().cast(), packet.len(), 0) };
+            assert!(n > 0, "no SYN-ACK: {}", std::io::Error::last_os_error());
+            let ip_len = usize::from(packet[0] & 0x0f) * 4;
+            let tcp = &packet[ip_len..n as usize];
+            let (from, to) = (
+                u16::from_be_bytes([tcp[0], tcp[1]]),
+                u16::from_be_bytes([tcp[2], tcp[3]]),
+            );
+            if from == listener.port() && to == port && tcp[13] & 0x12 == 0x12 {
+                handshake.cookie = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+                return handshake;
+            }
+        }
+    }
+
+    /// The final ACK: the listener makes the connection from the cookie,
+    /// or refuses it if its accept queue is full.
+    pub fn ack(&self) {
+        self.send(
+            TCP_ACK,
+            self.seq.wrapping_add(1),
+            self.cookie.wrapping_add(1),
+        );
+    }
+
+    fn send(&self, flags: u8, seq: u32, ack: u32) {
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&self.port.to_be_bytes());
+        tcp[2..4].copy_from_slice(&self.listener.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+        tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = flags;
+        tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        let source = std::net::Ipv4Addr::LOCALHOST.octets();
+        let checksum = tcp_checksum(source, self.listener.ip().octets(), &tcp);
+        tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+        let (to, len) = sockaddr(SocketAddr::V4(std::net::SocketAddrV4::new(
+            *self.listener.ip(),
+            0,
+        )));
+        // SAFETY: a buffer of its length, a valid address.
+        let sent = unsafe {
+            libc::sendto(
+                self.raw.as_raw_fd(),
+                tcp.as_ptr().cast(),
+                tcp.len(),
+                0,
+                (&to as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        assert_eq!(sent, 20, "raw send: {}", std::io::Error::last_os_error());
+    }
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The TCP checksum over the IPv4 pseudo-header and `segment`.
+fn tcp_checksum(source: [u8; 4], destination: [u8; 4], segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&source);
+    pseudo.extend_from_slice(&destination);
+    pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    let mut sum: u32 = pseudo
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

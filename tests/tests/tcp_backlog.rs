@@ -109,6 +109,18 @@ fn assert_packet_mechanism(tracer: &Droptrace) {
     }
 }
 
+/// `flood` a backlog-2 listener at 127.0.0.1:19090 with 20 clients.
+fn flood_backlog_2(netns: &Netns) -> (Report, TcpExt) {
+    flood(
+        netns,
+        "127.0.0.1:19090".parse().unwrap(),
+        2,
+        20,
+        Duration::from_millis(2500),
+        false,
+    )
+}
+
 /// The sum of the `count`s of the drop lines of `kind`.
 fn total(drops: &[&serde_json::Value], kind: &str) -> u64 {
     drops
@@ -168,14 +180,7 @@ fn assert_counted_like_the_kernel(
 fn a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it() {
     require_root("a_full_ipv4_accept_queue_is_counted_like_the_kernel_counts_it");
     let netns = Netns::create("tcp4", &[]);
-    let report = flood(
-        &netns,
-        "127.0.0.1:19090".parse().unwrap(),
-        2,
-        20,
-        Duration::from_millis(2500),
-        false,
-    );
+    let report = flood_backlog_2(&netns);
     assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
     for drop in report.0.tcp_drops_at("127.0.0.1", 19090) {
         assert_eq!(drop["listener"]["backlog"], 2);
@@ -290,14 +295,7 @@ fn a_full_accept_queue_with_syncookies_always_on_is_counted_like_the_kernel_coun
     let test = "a_full_accept_queue_with_syncookies_always_on_is_counted_like_the_kernel_counts_it";
     require_root(test);
     let netns = Netns::create("tcpcookie", &[("net.ipv4.tcp_syncookies", "2")]);
-    let report = flood(
-        &netns,
-        "127.0.0.1:19090".parse().unwrap(),
-        2,
-        20,
-        Duration::from_millis(2500),
-        false,
-    );
+    let report = flood_backlog_2(&netns);
     assert!(
         report.1.syncookies_sent > 0,
         "no SYN was answered with a cookie: {:?}",
@@ -309,6 +307,58 @@ fn a_full_accept_queue_with_syncookies_always_on_is_counted_like_the_kernel_coun
             assert_ne!(drop["stage"], "ack", "a cookie's ACK named ack: {drop}");
         }
     }
+}
+
+/// A SYN cookie's final ACK refused by a full accept queue (in
+/// cookie_v4_check): a raw socket holds a handshake half-way while three
+/// clients fill a backlog-2 queue, then sends its ACK. Counted like the
+/// kernel counts it, and named `ack_syncookie` wherever the stage can be
+/// known: by the calls, and by kfree_skb's drop reason (5.17+) once the
+/// free programs are attached; `ack` without drop reasons.
+#[test]
+fn a_syn_cookies_ack_refused_by_a_full_accept_queue_is_named_and_counted() {
+    let test = "a_syn_cookies_ack_refused_by_a_full_accept_queue_is_named_and_counted";
+    require_root(test);
+    let netns = Netns::create("tcpcookieack", &[("net.ipv4.tcp_syncookies", "2")]);
+    let me = std::process::id().to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    let used = tracer.assert_mechanism("tcp_accept_queue/tcp_syn_queue", TCP_HOOKS);
+    let pid = tracer.pid();
+    let addr: std::net::SocketAddrV4 = "127.0.0.1:19092".parse().unwrap();
+    let before = netns.tcp_ext();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            netns.enter_on_this_thread();
+            let listener = tcp::listener(addr.into(), 2);
+            // Below the ephemeral range: no client of the kernel's has it.
+            let handshake = tcp::CookieHandshake::syn(addr, 20123);
+            let fds = tcp::connect_many(addr.into(), 3);
+            if used != TCP_HOOKS[0] {
+                // The packet programs name the stage once the free
+                // programs see the drop reason.
+                free_links_until(pid, Duration::from_secs(5), |links| links.len() == 4);
+            }
+            handshake.ack();
+            std::thread::sleep(Duration::from_millis(500));
+            tcp::close_all(fds);
+            drop(listener);
+        })
+        .join()
+        .unwrap()
+    });
+    let grew = netns.tcp_ext().since(before);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = tracer.stop();
+    assert_eq!(grew.listen_overflows, 1, "the cookie's ACK alone: {grew:?}");
+    let drops = report.tcp_drops_at("127.0.0.1", 19092);
+    assert_eq!(total(&drops, "tcp_accept_queue"), 1, "{}", report.stderr);
+    let expected = if used == TCP_HOOKS[2] {
+        "ack"
+    } else {
+        "ack_syncookie"
+    };
+    assert_eq!(drops[0]["stage"], expected, "{}", drops[0]);
+    assert_eq!(drops[0]["client"]["port"], 20123, "{}", drops[0]);
 }
 
 /// Polls `bpf::free_links` until `done` says yes, for at most `limit`.
