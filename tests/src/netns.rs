@@ -67,6 +67,18 @@ impl Netns {
         })
     }
 
+    /// Run `work` on a thread of its own inside the namespace; its result.
+    pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_on_this_thread();
+                work()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
     /// Move the calling thread into the namespace (sockets it creates from
     /// now on live there). Use on a thread of its own.
     pub fn enter_on_this_thread(&self) {

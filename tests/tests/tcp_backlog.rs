@@ -78,20 +78,15 @@ fn flood_seen_by(
         assert_eq!(extra.as_deref(), Some(TCP_CLIENT_HOOKS[1]));
     }
     let before = netns.tcp_ext();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            netns.enter_on_this_thread();
-            let listener = tcp::listener(addr, backlog);
-            if deferred {
-                tcp::defer_accept(&listener);
-            }
-            let fds = tcp::connect_many(addr, clients);
-            std::thread::sleep(linger);
-            tcp::close_all(fds);
-            drop(listener);
-        })
-        .join()
-        .unwrap()
+    netns.run(|| {
+        let listener = tcp::listener(addr, backlog);
+        if deferred {
+            tcp::defer_accept(&listener);
+        }
+        let fds = tcp::connect_many(addr, clients);
+        std::thread::sleep(linger);
+        tcp::close_all(fds);
+        drop(listener);
     });
     let grew = netns.tcp_ext().since(before);
     // Let the last counted drops reach droptrace's next poll.
@@ -326,25 +321,20 @@ fn a_syn_cookies_ack_refused_by_a_full_accept_queue_is_named_and_counted() {
     let pid = tracer.pid();
     let addr: std::net::SocketAddrV4 = "127.0.0.1:19092".parse().unwrap();
     let before = netns.tcp_ext();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            netns.enter_on_this_thread();
-            let listener = tcp::listener(addr.into(), 2);
-            // Below the ephemeral range: no client of the kernel's has it.
-            let handshake = tcp::CookieHandshake::syn(addr, 20123);
-            let fds = tcp::connect_many(addr.into(), 3);
-            if used != TCP_HOOKS[0] {
-                // The packet programs name the stage once the free
-                // programs see the drop reason.
-                free_links_until(pid, Duration::from_secs(5), |links| links.len() == 4);
-            }
-            handshake.ack();
-            std::thread::sleep(Duration::from_millis(500));
-            tcp::close_all(fds);
-            drop(listener);
-        })
-        .join()
-        .unwrap()
+    netns.run(|| {
+        let listener = tcp::listener(addr.into(), 2);
+        // Below the ephemeral range: no client of the kernel's has it.
+        let handshake = tcp::CookieHandshake::syn(addr, 20123);
+        let fds = tcp::connect_many(addr.into(), 3);
+        if used != TCP_HOOKS[0] {
+            // The packet programs name the stage once the free
+            // programs see the drop reason.
+            free_links_until(pid, Duration::from_secs(5), |links| links.len() == 4);
+        }
+        handshake.ack();
+        std::thread::sleep(Duration::from_millis(500));
+        tcp::close_all(fds);
+        drop(listener);
     });
     let grew = netns.tcp_ext().since(before);
     std::thread::sleep(Duration::from_millis(500));
@@ -390,29 +380,24 @@ fn the_free_tracepoints_are_attached_only_while_a_listener_is_near_full() {
     let pid = tracer.pid();
     let addr: SocketAddr = "127.0.0.1:19090".parse().unwrap();
     let before = netns.tcp_ext();
-    let (far, near) = std::thread::scope(|s| {
-        s.spawn(|| {
-            netns.enter_on_this_thread();
-            // Far from full: 8 queued of 128.
-            let listener = tcp::listener(addr, 128);
-            let fds = tcp::connect_many(addr, 8);
-            std::thread::sleep(Duration::from_millis(1500));
-            let far = bpf::free_links(pid);
-            tcp::close_all(fds);
-            drop(listener);
-            // Full: backlog 2, 12 clients.
-            let listener = tcp::listener(addr, 2);
-            let fds = tcp::connect_many(addr, 12);
-            // The four are attached one after another: wait for all of them
-            // (under emulation a look can fall between two).
-            let near = free_links_until(pid, Duration::from_secs(3), |links| links.len() == 4);
-            std::thread::sleep(Duration::from_millis(1500));
-            tcp::close_all(fds);
-            drop(listener);
-            (far, near)
-        })
-        .join()
-        .unwrap()
+    let (far, near) = netns.run(|| {
+        // Far from full: 8 queued of 128.
+        let listener = tcp::listener(addr, 128);
+        let fds = tcp::connect_many(addr, 8);
+        std::thread::sleep(Duration::from_millis(1500));
+        let far = bpf::free_links(pid);
+        tcp::close_all(fds);
+        drop(listener);
+        // Full: backlog 2, 12 clients.
+        let listener = tcp::listener(addr, 2);
+        let fds = tcp::connect_many(addr, 12);
+        // The four are attached one after another: wait for all of them
+        // (under emulation a look can fall between two).
+        let near = free_links_until(pid, Duration::from_secs(3), |links| links.len() == 4);
+        std::thread::sleep(Duration::from_millis(1500));
+        tcp::close_all(fds);
+        drop(listener);
+        (far, near)
     });
     let grew = netns.tcp_ext().since(before);
     assert_eq!(
