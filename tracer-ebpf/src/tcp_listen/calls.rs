@@ -123,16 +123,12 @@ fn enter(owner: u32, ack_stage: u32, sk: usize, skb: usize) {
     let Some(sock) = Sock::at(sk) else {
         return;
     };
-    let mut packet = packet_of(skb).unwrap_or(Packet {
-        remote_addr: [0; 16],
-        local_addr: [0; 16],
-        family: listener.family().unwrap_or(0),
-        remote_port: 0,
-        local_port: 0,
-        flags: 0,
-        _pad: 0,
-    });
-    // The call tells a SYN from an ACK, whatever the packet could be read.
+    // As the packet path: a packet whose headers cannot be read is not
+    // watched (a kernel's own skb on its way to a listener always can).
+    let Some(mut packet) = packet_of(skb) else {
+        return;
+    };
+    // The call tells a SYN from an ACK.
     packet.flags = if owner == CONN_REQUEST {
         TCP_FLAG_SYN
     } else {
