@@ -2,8 +2,8 @@
 //! kernel allows fentry/fexit (Debian's and Ubuntu's kernels; not this
 //! project's development VM).
 //!
-//! The kernel's two MIB increments for a listener happen inside two calls,
-//! on the CPU that processes the packet, in one softirq:
+//! The kernel's two MIB increments for a listener happen inside these
+//! calls, on the CPU that processes the packet, in one softirq:
 //!
 //! - tcp_conn_request(rsk_ops, af_ops, sk, skb): a SYN to a listener. A
 //!   full accept queue or SYN queue refuses it here.
@@ -18,7 +18,7 @@
 //! (`may_drop`, as the packet path does), fexit reads them again: the
 //! difference is what this call cost. Only SYNs and final ACKs to
 //! listeners run these programs, once each, and a listener far from full
-//! costs three reads. Local clients are named from fentry/tcp_connect,
+//! costs four reads. Local clients are named from fentry/tcp_connect,
 //! keyed by the connection's addresses and ports (a tracing program cannot
 //! look sockets up as the packet path does).
 use aya_ebpf::{
