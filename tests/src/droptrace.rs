@@ -201,44 +201,50 @@ impl Droptrace {
         self.child.id()
     }
 
+    /// What droptrace's start-up line says after "hooks on this kernel: ".
+    fn hooks(&self) -> Option<&str> {
+        self.startup.iter().find_map(|l| {
+            l.split_once("hooks on this kernel: ")
+                .map(|(_, hooks)| hooks)
+        })
+    }
+
+    /// `family`'s entry on that line without what it skipped: "MECHANISM"
+    /// or "MECHANISM, with EXTRA".
+    fn used_by(&self, family: &str) -> Option<&str> {
+        let entry = self
+            .hooks()?
+            .split("; ")
+            .find_map(|e| e.strip_prefix(&format!("{family}: ")))?;
+        Some(entry.split(" (skipped ").next().unwrap_or(entry))
+    }
+
     /// The mechanism droptrace's start-up line says `family` uses on this
     /// kernel ("fexit/unix_stream_connect", "tracepoints ...").
     pub fn mechanism_of(&self, family: &str) -> String {
-        let line = self
-            .startup
-            .iter()
-            .find_map(|l| l.split("hooks on this kernel: ").nth(1))
-            .unwrap_or_else(|| panic!("no hooks line at start-up: {:?}", self.startup));
-        let entry = line
-            .split("; ")
-            .find_map(|e| e.strip_prefix(&format!("{family}: ")))
-            .unwrap_or_else(|| panic!("the hooks line names no {family}: {line}"));
-        // "MECHANISM, with EXTRA (skipped ...)": the mechanism alone.
-        let used = entry.split(" (skipped ").next().unwrap_or(entry);
+        let used = self.used_by(family).unwrap_or_else(|| {
+            panic!(
+                "the hooks line names no {family}: {}; start-up: {:?}",
+                self.hooks_line(),
+                self.startup
+            )
+        });
         used.split(", with ").next().unwrap_or(used).to_string()
     }
 
     /// The way `family` adds detail on this kernel, if any ("MECHANISM,
     /// with EXTRA" in the start-up line).
     pub fn extra_of(&self, family: &str) -> Option<String> {
-        let line = self
-            .startup
-            .iter()
-            .find_map(|l| l.split("hooks on this kernel: ").nth(1))?;
-        let entry = line
-            .split("; ")
-            .find_map(|e| e.strip_prefix(&format!("{family}: ")))?;
-        let used = entry.split(" (skipped ").next().unwrap_or(entry);
-        used.split(", with ").nth(1).map(str::to_string)
+        self.used_by(family)?
+            .split(", with ")
+            .nth(1)
+            .map(str::to_string)
     }
 
-    /// The start-up line naming each family's mechanism and why others
+    /// The start-up line's list of each family's mechanism and why others
     /// were skipped.
     pub fn hooks_line(&self) -> &str {
-        self.startup
-            .iter()
-            .find(|l| l.contains("hooks on this kernel: "))
-            .map_or("(no hooks line)", String::as_str)
+        self.hooks().unwrap_or("(no hooks line)")
     }
 
     /// Assert the mechanism of `family` is the one the environment expects

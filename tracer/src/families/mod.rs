@@ -56,9 +56,10 @@ const LISTEN_EXIT: Program = Program::tracepoint("listen_exit", "syscalls", "sys
 /// 80 ns more under tp_btf/sys_exit). Closing them is slow (each perf event
 /// waits for RCU grace periods, partly under a kernel-wide mutex: 0.3 s
 /// for the seven here, each on a thread), so they are closed as soon as
-/// Ctrl-C comes, while the watcher finishes (probes::Tracepoints). Like every syscall tracepoint
-/// on x86-64, they never fire for 32-bit (i386) callers, which
-/// tp_btf/sys_exit would see: their names say so on the start-up line.
+/// Ctrl-C comes, while the watcher finishes (probes::Tracepoints). Like
+/// every syscall tracepoint on x86-64, they never fire for 32-bit (i386)
+/// callers, which tp_btf/sys_exit would see: their names say so on the
+/// start-up line.
 const CONNECT_EXIT_WITH_REGS: Mechanism = Mechanism {
     name: "tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers)",
     programs: &[Program::tracepoint(

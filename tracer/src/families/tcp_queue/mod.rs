@@ -2,9 +2,9 @@
 //! full listener. Counts are exact: the kernel's own per-CPU
 //! LINUX_MIB_LISTENOVERFLOWS / LISTENDROPS increments, charged per call
 //! (fentry kernels) or per packet to the listener and stage in a per-CPU
-//! map (see tracer-ebpf's tcp_listen/). Details (addresses, queue, backlog, the local process
-//! that sent the SYN) come from records sampled at most once per listener
-//! per 10 ms.
+//! map (see tracer-ebpf's tcp_listen/). Details (addresses, queue,
+//! backlog, the local process that sent the SYN) come from records sampled
+//! at most once per listener per 10 ms.
 mod frees;
 mod listeners;
 
