@@ -701,16 +701,14 @@ impl BuildDefaults {
         let mut binary = binary.take(Self::MAX_SCAN);
         let mut window: Vec<u8> = Vec::new();
         let mut chunk = vec![0; 1 << 20];
+        let marker = memchr::memmem::Finder::new(Self::MARKER);
         let at = loop {
             let n = binary.read(&mut chunk)?;
             if n == 0 {
                 return Ok(None);
             }
             window.extend_from_slice(&chunk[..n]);
-            if let Some(at) = window
-                .windows(Self::MARKER.len())
-                .position(|w| w == Self::MARKER)
-            {
+            if let Some(at) = marker.find(&window) {
                 break at;
             }
             // Keep what could be the start of a marker cut in two.
