@@ -27,6 +27,92 @@ use droptrace_tests::{
 
 const ROUNDS: usize = 3;
 
+/// A step that stops progressing becomes a failure that says which step,
+/// and where each process the bench started waits in the kernel, instead
+/// of a silent hang (once, in a 6.1 guest, a run stopped in its wrk rounds
+/// and printed nothing).
+mod watchdog {
+    use std::{
+        sync::Mutex,
+        time::{Duration, Instant},
+    };
+
+    /// No step (a tracer's start or stop, one round's load) takes this long,
+    /// even under emulation.
+    const LIMIT: Duration = Duration::from_secs(300);
+
+    static STEP: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+
+    /// The bench is now doing `what`.
+    pub fn step(what: impl Into<String>) {
+        *STEP.lock().unwrap() = Some((what.into(), Instant::now()));
+    }
+
+    /// Watch the steps from a thread of its own.
+    pub fn start() {
+        std::thread::spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let stuck = match &*STEP.lock().unwrap() {
+                Some((what, since)) if since.elapsed() > LIMIT => what.clone(),
+                _ => continue,
+            };
+            eprintln!("bench: stuck for {} s in: {stuck}", LIMIT.as_secs());
+            let descendants = descendants(std::process::id());
+            for pid in &descendants {
+                eprintln!("{}", describe(*pid));
+            }
+            for pid in descendants {
+                droptrace_tests::signal(pid, libc::SIGKILL);
+            }
+            std::process::exit(3);
+        });
+    }
+
+    /// Every process under `root`, parents first.
+    fn descendants(root: u32) -> Vec<u32> {
+        let parent_of = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name may hold spaces and parentheses: fields
+            // follow the last ')'.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            rest.split(' ').nth(1)?.parse().ok()
+        };
+        let all: Vec<u32> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut found = vec![root];
+        let mut i = 0;
+        while i < found.len() {
+            let parent = found[i];
+            found.extend(all.iter().filter(|&&p| parent_of(p) == Some(parent)));
+            i += 1;
+        }
+        found.remove(0);
+        found
+    }
+
+    /// A process's command, state, and where it waits in the kernel.
+    fn describe(pid: u32) -> String {
+        let read =
+            |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or_default()
+            .to_string();
+        format!(
+            "  pid {pid} {}: {state}, wchan {}\n{}",
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        )
+    }
+}
+
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -55,6 +141,7 @@ impl Bpftrace {
 
     /// bpftrace attached, or why not (a kernel may refuse kretfunc).
     fn try_start(script: &str) -> Result<Self, NotAttached> {
+        watchdog::step("bpftrace: starting, until it attaches");
         // Unbuffered: a pipe makes bpftrace buffer its output, and its
         // "Attaching" line once stayed in the buffer (the bench hung).
         let mut child = Command::new("bpftrace")
@@ -84,6 +171,7 @@ impl Bpftrace {
     }
 
     fn stop(mut self) -> String {
+        watchdog::step("bpftrace: stopping");
         droptrace_tests::signal(self.child.id(), libc::SIGINT);
         let mut out = String::new();
         self.child
@@ -177,16 +265,22 @@ fn storm(figures: &mut Figures, me: &str, connects: usize) {
         );
         rate
     };
-    for _ in 0..ROUNDS {
+    for round in 1..=ROUNDS {
+        watchdog::step(format!("storm round {round}, no tracer"));
         none.push(storm_rate(&path, connects));
         if let Some(tracer) = Bpftrace::start(BPFTRACE_STORM) {
+            watchdog::step(format!("storm round {round}, bpftrace attached"));
             bpftrace.push(under(tracer));
         }
         if let Ok(tracer) = Bpftrace::try_start(BPFTRACE_STORM_FEXIT) {
+            watchdog::step(format!("storm round {round}, bpftrace's kretfunc attached"));
             bpftrace_fexit.push(under(tracer));
         }
+        watchdog::step(format!("storm round {round}: droptrace starting"));
         let tracer = Droptrace::start(&["--pid", me]);
+        watchdog::step(format!("storm round {round}, droptrace attached"));
         droptrace.push(storm_rate(&path, connects));
+        watchdog::step(format!("storm round {round}: droptrace stopping"));
         let report = tracer.stop();
         counted += report.total_at(&path);
         lost += report.lost();
@@ -588,14 +682,19 @@ fn interleaved(
     mut measure: impl FnMut() -> f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (mut none, mut bpftrace, mut droptrace) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
+    for round in 1..=rounds {
+        watchdog::step(format!("round {round}, no tracer"));
         none.push(measure());
         if let Some(tracer) = Bpftrace::start(BPFTRACE_SYSCALLS) {
+            watchdog::step(format!("round {round}, bpftrace attached"));
             bpftrace.push(measure());
             tracer.stop();
         }
+        watchdog::step(format!("round {round}: droptrace starting"));
         let tracer = Droptrace::start(args);
+        watchdog::step(format!("round {round}, droptrace attached"));
         droptrace.push(measure());
+        watchdog::step(format!("round {round}: droptrace stopping"));
         tracer.stop();
     }
     (none, bpftrace, droptrace)
@@ -685,6 +784,7 @@ fn wrk_cost(figures: &mut Figures) {
             format!("{:.3}", paired(&droptrace)),
         );
         // What droptrace's programs cost per request, by program.
+        watchdog::step(format!("{label}: the programs' cost per request"));
         let tracer = Droptrace::start(&["--pid", &pids[0], "--pid", &pids[1]]);
         let mut rate = 0.0;
         let cpu_before = cpu_time(tracer.pid());
@@ -790,23 +890,30 @@ fn main() {
         .nth(2)
         .unwrap_or_else(|| "storm,wrk,programs,startup,connect".into());
     let wanted = |part: &str| only.split(',').any(|p| p.trim() == part);
+    watchdog::start();
     let mut figures = Figures { rows: Vec::new() };
     if wanted("storm") {
+        watchdog::step("storm");
         storm(&mut figures, &me, connects);
     }
     if wanted("wrk") {
+        watchdog::step("wrk");
         wrk_cost(&mut figures);
     }
     if wanted("programs") {
+        watchdog::step("programs");
         program_costs(&mut figures, &me);
     }
     if wanted("startup") {
+        watchdog::step("startup");
         startup(&mut figures, &me);
     }
     if wanted("connect") {
+        watchdog::step("connect");
         connect_cost(&mut figures, &me);
     }
     if wanted("soak") {
+        watchdog::step("soak");
         soak(&mut figures);
     }
     println!("\n| figure | value |\n|---|---|");
