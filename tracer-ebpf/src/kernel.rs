@@ -33,6 +33,20 @@ pub fn read<T>(base: usize, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as usize) as *const T).ok() }
 }
 
+/// A field of a kernel object whose pointer the verifier knows by its BTF
+/// type: an argument of a fentry/fexit program, or a pointer field loaded
+/// through one. One load instruction, where `read` calls a helper (about
+/// 20 ns on hardware, 1.3 µs under QEMU's emulation). The verifier checks
+/// the load against the kernel's type at that offset (it sees the offsets
+/// as constants: they are in frozen read-only data), and a fault reads 0.
+/// Tracing programs only: elsewhere the verifier refuses the load.
+#[inline(always)]
+pub fn load<T: Copy>(base: usize, offset: u32) -> T {
+    // SAFETY: the verifier checks this load, and the JIT makes a faulting
+    // one read 0.
+    unsafe { core::ptr::read_volatile((base + offset as usize) as *const T) }
+}
+
 #[inline(always)]
 pub fn read_ptr(base: usize, offset: u32) -> Option<usize> {
     if base == 0 {

@@ -277,7 +277,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     if previous.skb != 0 {
         catch_up(previous, stage::ACK);
     }
-    let near_full = may_drop(tcp_sock);
+    let near_full = may_drop::<Probed>(tcp_sock);
     // SAFETY: a context field the verifier lets us read (host order).
     mark_port(unsafe { (*sk).src_port }, near_full);
     if !near_full {
@@ -344,16 +344,45 @@ fn snapshot(
 /// SYN queue may refuse). A listener far from full, the usual case, costs
 /// three reads and no snapshot.
 #[inline(always)]
-fn may_drop(tcp_sock: usize) -> bool {
-    let listener = Sock {
-        addr: tcp_sock,
-        inode: 0,
-    };
+fn may_drop<L: Listener>(tcp_sock: usize) -> bool {
     let margin = unsafe { core::ptr::read_volatile(&QUEUE_MARGIN) };
-    let (Some(queue), Some(max)) = listener.accept_queue() else {
+    let (Some(queue), Some(max)) = L::accept_queue(tcp_sock) else {
         return true;
     };
-    queue.saturating_add(margin) > max || !matches!(listener.syncookies(), Some(1 | 2))
+    queue.saturating_add(margin) > max || !matches!(L::syncookies(tcp_sock), Some(1 | 2))
+}
+
+/// What every SYN and final ACK reads of its listener, read as the
+/// program may: through a helper from the packet path, with plain loads
+/// from the calls' typed arguments (calls.rs).
+pub trait Listener {
+    /// (sk_ack_backlog, sk_max_ack_backlog).
+    fn accept_queue(tcp_sock: usize) -> (Option<u32>, Option<u32>);
+    /// The listener's namespace's net.ipv4.tcp_syncookies.
+    fn syncookies(tcp_sock: usize) -> Option<u8>;
+}
+
+/// A listener read through bpf_probe_read_kernel.
+pub struct Probed;
+
+impl Listener for Probed {
+    #[inline(always)]
+    fn accept_queue(tcp_sock: usize) -> (Option<u32>, Option<u32>) {
+        Sock {
+            addr: tcp_sock,
+            inode: 0,
+        }
+        .accept_queue()
+    }
+
+    #[inline(always)]
+    fn syncookies(tcp_sock: usize) -> Option<u8> {
+        Sock {
+            addr: tcp_sock,
+            inode: 0,
+        }
+        .syncookies()
+    }
 }
 
 /// Keep NEAR_FULL_PORTS[port] current: written only when it changes, so a
