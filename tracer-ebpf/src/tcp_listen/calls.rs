@@ -18,7 +18,7 @@
 //! (`may_drop`, as the packet path does), fexit reads them again: the
 //! difference is what this call cost. Only SYNs and final ACKs to
 //! listeners run these programs, once each, and a listener far from full
-//! costs four loads, made straight from the typed `struct sock *` argument
+//! costs five loads, made straight from the typed `struct sock *` argument
 //! (`kernel::load`: no helper call; in a 6.1 guest this cut fentry on
 //! tcp_conn_request from 2.3-2.6 to 1.6 µs per run under emulation, and
 //! fentry on tcp_connect from 1.9 to 0.6-0.8 µs, its floor there). Local
