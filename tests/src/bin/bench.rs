@@ -77,10 +77,12 @@ mod watchdog {
             let rest = &stat[stat.rfind(')')? + 2..];
             rest.split(' ').nth(1)?.parse().ok()
         };
-        let all: Vec<u32> = std::fs::read_dir("/proc")
+        // (pid, parent) of every process, each /proc/PID/stat read once.
+        let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .filter_map(|pid| Some((pid, parent_of(pid)?)))
                     .collect()
             })
             .unwrap_or_default();
@@ -88,7 +90,7 @@ mod watchdog {
         let mut i = 0;
         while i < found.len() {
             let parent = found[i];
-            found.extend(all.iter().filter(|&&p| parent_of(p) == Some(parent)));
+            found.extend(all.iter().filter(|(_, p)| *p == parent).map(|(pid, _)| pid));
             i += 1;
         }
         found.remove(0);

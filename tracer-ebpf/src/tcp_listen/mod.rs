@@ -363,7 +363,7 @@ pub trait Listener {
 }
 
 /// A listener read through bpf_probe_read_kernel.
-pub struct Probed;
+struct Probed;
 
 impl Listener for Probed {
     #[inline(always)]
