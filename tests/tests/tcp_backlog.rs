@@ -2,7 +2,7 @@
 //! in private network namespaces (so the kernel's TcpExtListenOverflows
 //! counts only this test's drops), and droptrace must count exactly what
 //! the kernel counts, at the right listener, with the right limit.
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, os::fd::AsRawFd, time::Duration};
 
 use droptrace_tests::{
     bpf,
@@ -35,27 +35,25 @@ fn flood(
     linger: Duration,
     deferred: bool,
 ) -> (Report, TcpExt) {
-    flood_seen_by(
-        netns,
-        addr,
-        backlog,
-        clients,
-        linger,
-        deferred,
-        Hooks::Preferred,
-    )
+    flood_seen_by(netns, Hooks::Preferred, || {
+        flood_of(addr, backlog, clients, linger, deferred)
+    })
 }
 
-/// `flood`, seen through `hooks`.
-fn flood_seen_by(
-    netns: &Netns,
-    addr: SocketAddr,
-    backlog: i32,
-    clients: usize,
-    linger: Duration,
-    deferred: bool,
-    hooks: Hooks,
-) -> (Report, TcpExt) {
+/// The load of `flood`, run inside the namespace.
+fn flood_of(addr: SocketAddr, backlog: i32, clients: usize, linger: Duration, deferred: bool) {
+    let listener = tcp::listener(addr, backlog);
+    if deferred {
+        tcp::defer_accept(&listener);
+    }
+    let fds = tcp::connect_many(addr, clients);
+    std::thread::sleep(linger);
+    tcp::close_all(fds);
+    drop(listener);
+}
+
+/// Run `load` inside `netns`, seen through `hooks`.
+fn flood_seen_by(netns: &Netns, hooks: Hooks, load: impl FnOnce() + Send) -> (Report, TcpExt) {
     let me = std::process::id().to_string();
     let family = "tcp_accept_queue/tcp_syn_queue";
     let avoid = match hooks {
@@ -78,16 +76,7 @@ fn flood_seen_by(
         assert_eq!(extra.as_deref(), Some(TCP_CLIENT_HOOKS[1]));
     }
     let before = netns.tcp_ext();
-    netns.run(|| {
-        let listener = tcp::listener(addr, backlog);
-        if deferred {
-            tcp::defer_accept(&listener);
-        }
-        let fds = tcp::connect_many(addr, clients);
-        std::thread::sleep(linger);
-        tcp::close_all(fds);
-        drop(listener);
-    });
+    netns.run(load);
     let grew = netns.tcp_ext().since(before);
     // Let the last counted drops reach droptrace's next poll.
     std::thread::sleep(Duration::from_millis(500));
@@ -209,15 +198,15 @@ fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
     let netns = Netns::create("tcpclamp", &[("net.core.somaxconn", "4")]);
     // The packet programs and the state tracepoint here: the fallbacks
     // are tested too, on every kernel.
-    let report = flood_seen_by(
-        &netns,
-        "127.0.0.1:19090".parse().unwrap(),
-        64,
-        30,
-        Duration::from_millis(2500),
-        false,
-        Hooks::PacketsAndStateTracepoint,
-    );
+    let report = flood_seen_by(&netns, Hooks::PacketsAndStateTracepoint, || {
+        flood_of(
+            "127.0.0.1:19090".parse().unwrap(),
+            64,
+            30,
+            Duration::from_millis(2500),
+            false,
+        )
+    });
     assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
     for drop in report.0.tcp_drops_at("127.0.0.1", 19090) {
         assert_eq!(drop["listener"]["backlog"], 4);
@@ -229,6 +218,51 @@ fn a_tcp_backlog_clamped_by_somaxconn_blames_somaxconn() {
                 .unwrap()
                 .starts_with("sysctl -w net.core.somaxconn=64"),
             "{drop}"
+        );
+    }
+}
+
+/// A client is named whatever its listener looked like when it connected.
+/// Here the listener fills with no packet to show it: 50 handshakes done
+/// (the queue far below its backlog of 200), then listen() shrinks the
+/// backlog to 2, and only then do 10 more clients connect. Their SYNs are
+/// refused; each refusal must name this process. Seen through the
+/// preferred hooks and through the state tracepoint.
+#[test]
+fn a_client_is_named_though_no_packet_showed_its_listener_full() {
+    require_root("a_client_is_named_though_no_packet_showed_its_listener_full");
+    let addr: SocketAddr = "127.0.0.1:19090".parse().unwrap();
+    for (tag, hooks) in [
+        ("tcpshrink", Hooks::Preferred),
+        ("tcpshrinkst", Hooks::PacketsAndStateTracepoint),
+    ] {
+        let netns = Netns::create(tag, &[]);
+        let report = flood_seen_by(&netns, hooks, || {
+            let listener = tcp::listener(addr, 200);
+            let queued = tcp::connect_many(addr, 50);
+            // Loopback handshakes complete within the connect; this is
+            // margin.
+            std::thread::sleep(Duration::from_millis(200));
+            // listen() again: the backlog falls below the queue.
+            // SAFETY: a listening socket's fd.
+            assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 2) }, 0);
+            let refused = tcp::connect_many(addr, 10);
+            std::thread::sleep(Duration::from_millis(2500));
+            tcp::close_all(refused);
+            tcp::close_all(queued);
+            drop(listener);
+        });
+        assert!(
+            report.1.listen_overflows >= 10,
+            "{tag}: the 10 late clients were not refused: {:?}",
+            report.1
+        );
+        // Every refusal is counted, and each SYN refused names this process.
+        assert_counted_like_the_kernel(&netns, &report, "127.0.0.1", 19090, "tcp");
+        let drops = report.0.tcp_drops_at("127.0.0.1", 19090);
+        assert!(
+            drops.iter().any(|d| d["stage"] == "syn"),
+            "{tag}: {drops:?}"
         );
     }
 }

@@ -133,14 +133,6 @@ impl Sock {
         (self.ack_backlog(), self.max_ack_backlog())
     }
 
-    /// sk_acceptq_is_full(): the test tcp_conn_request drops SYNs on.
-    pub fn accept_queue_full(&self) -> bool {
-        match self.accept_queue() {
-            (Some(queue), Some(max)) => queue > max,
-            _ => false,
-        }
-    }
-
     /// Length of the SYN queue (icsk_accept_queue.qlen).
     pub fn syn_queue(&self) -> Option<u32> {
         read(self.addr, offsets().icsk_syn_qlen)

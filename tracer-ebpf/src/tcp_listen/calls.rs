@@ -18,23 +18,19 @@
 //! (`may_drop`, as the packet path does), fexit reads them again: the
 //! difference is what this call cost. Only SYNs and final ACKs to
 //! listeners run these programs, once each, and a listener far from full
-//! costs five loads, made straight from the typed `struct sock *` argument
+//! costs four loads, made straight from the typed `struct sock *` argument
 //! (`kernel::load`: no helper call; in a 6.1 guest this cut fentry on
 //! tcp_conn_request from 2.3-2.6 to 1.6 µs per run under emulation, and
 //! fentry on tcp_connect from 1.9 to 0.6-0.8 µs, its floor there). Local
-//! clients are named from fentry/tcp_connect,
-//! keyed by the connection's addresses and ports (a tracing program cannot
-//! look sockets up as the packet path does).
-use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf},
-    macros::map,
-    maps::{LruHashMap, PerCpuArray},
-};
+//! clients are named from fentry/tcp_connect, by the connection's
+//! addresses and ports (a tracing program cannot look sockets up as the
+//! packet path does).
+use aya_ebpf::{helpers::bpf_probe_read_kernel_buf, macros::map, maps::PerCpuArray};
 use tracer_common::{stage, LocalClient, AF_INET, AF_INET6};
 
 use super::{
-    catch_up, may_drop, mark_port, parse, snapshot, InFlight, Listener, Packet,
-    NEAR_FULL_PORTS, TCP_FLAG_ACK, TCP_FLAG_SYN,
+    catch_up, clients, may_drop, parse, snapshot, InFlight, Listener, Packet, TCP_FLAG_ACK,
+    TCP_FLAG_SYN,
 };
 use crate::kernel::{load, offsets, read, Sock};
 
@@ -60,7 +56,7 @@ static IN_CALL: PerCpuArray<InCall> = PerCpuArray::with_max_entries(1, 0);
 /// A connection as both ends see it: the local client's address and port
 /// and the listener's, IPv4 in the first 4 bytes (an IPv6 socket talking
 /// IPv4 is keyed as IPv4, as its packets are). Ports in host order.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct Connection {
     family: u16,
@@ -71,11 +67,14 @@ pub struct Connection {
     listener_addr: [u8; 16],
 }
 
-/// Local TCP clients by connection, from their tcp_connect() to a port in
-/// NEAR_FULL_PORTS.
-#[map]
-static CLIENTS_BY_CONNECTION: LruHashMap<Connection, LocalClient> =
-    LruHashMap::with_max_entries(65536, 0);
+impl Connection {
+    /// Its fingerprint in `clients`.
+    #[inline(always)]
+    fn fingerprint(&self) -> u64 {
+        // SAFETY: 40 bytes, 8-aligned, every byte written (`_pad` as 0).
+        clients::fingerprint(unsafe { &*(self as *const Connection).cast::<[u64; 5]>() })
+    }
+}
 
 /// fentry/tcp_conn_request(rsk_ops, af_ops, sk, skb).
 pub fn on_conn_request_entry(sk: usize, skb: usize) {
@@ -142,9 +141,7 @@ fn enter(owner: u32, ack_stage: u32, sk: usize, skb: usize) {
     // SAFETY: this CPU's slot.
     let call = unsafe { &mut *slot };
     call.owner = 0;
-    let near_full = may_drop::<Typed>(sk);
-    mark_port(u32::from(load::<u16>(sk, offsets().sock_num)), near_full);
-    if !near_full {
+    if !may_drop::<Typed>(sk) {
         return;
     }
     let Some(sock) = Sock::at(sk) else {
@@ -185,40 +182,33 @@ fn packet_of(skb: usize) -> Option<Packet> {
 /// destination, if tcp_connect saw it.
 #[inline(always)]
 fn client_of(packet: &Packet) -> Option<LocalClient> {
-    let key = Connection {
-        family: packet.family,
-        client_port: packet.remote_port,
-        listener_port: packet.local_port,
-        _pad: 0,
-        client_addr: packet.remote_addr,
-        listener_addr: packet.local_addr,
-    };
-    // SAFETY: a copy is taken at once.
-    unsafe { CLIENTS_BY_CONNECTION.get(&key) }.copied()
+    clients::find(
+        Connection {
+            family: packet.family,
+            client_port: packet.remote_port,
+            listener_port: packet.local_port,
+            _pad: 0,
+            client_addr: packet.remote_addr,
+            listener_addr: packet.local_addr,
+        }
+        .fingerprint(),
+    )
 }
 
 /// fentry/tcp_connect(sk): a local TCP connect, its addresses and ports
-/// chosen, its SYN about to leave. Remembered only for a port whose
-/// listener is near full (NEAR_FULL_PORTS).
+/// chosen, its SYN about to leave: remembered by its connection. Read with
+/// plain loads from the typed argument, except an IPv6 socket's addresses.
 pub fn on_tcp_connect(sk: usize) {
     let off = offsets();
-    let dport = u16::from_be(load(sk, off.sock_dport));
-    if NEAR_FULL_PORTS
-        .get(u32::from(dport))
-        .is_none_or(|near| *near == 0)
-    {
-        return;
-    }
-    let socket = Sock { addr: sk, inode: 0 };
     let mut key = Connection {
         family: AF_INET,
-        client_port: socket.local_port().unwrap_or(0),
-        listener_port: dport,
+        client_port: load(sk, off.sock_num),
+        listener_port: u16::from_be(load(sk, off.sock_dport)),
         _pad: 0,
         client_addr: [0; 16],
         listener_addr: [0; 16],
     };
-    let v6 = if socket.family() == Some(AF_INET6) {
+    let v6 = if load::<u16>(sk, off.sock_family) == AF_INET6 {
         read::<[u8; 16]>(sk, off.sock_v6_daddr).filter(|daddr| !is_v4_mapped(daddr))
     } else {
         None
@@ -227,21 +217,14 @@ pub fn on_tcp_connect(sk: usize) {
         Some(daddr) => {
             key.family = AF_INET6;
             key.listener_addr = daddr;
-            socket.local_addr(AF_INET6, &mut key.client_addr);
+            Sock { addr: sk, inode: 0 }.local_addr(AF_INET6, &mut key.client_addr);
         }
         None => {
-            let Some(daddr) = read::<[u8; 4]>(sk, off.sock_daddr) else {
-                return;
-            };
-            key.listener_addr[..4].copy_from_slice(&daddr);
-            socket.local_addr(AF_INET, &mut key.client_addr);
+            key.listener_addr[..4].copy_from_slice(&load::<[u8; 4]>(sk, off.sock_daddr));
+            key.client_addr[..4].copy_from_slice(&load::<[u8; 4]>(sk, off.sock_rcv_saddr));
         }
     }
-    let client = LocalClient {
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    let _ = CLIENTS_BY_CONNECTION.insert(&key, &client, 0);
+    clients::remember(key.fingerprint(), true);
 }
 
 /// ::ffff:a.b.c.d: an IPv6 socket talking IPv4.

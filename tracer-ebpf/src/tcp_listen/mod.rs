@@ -28,15 +28,16 @@
 //! Drop reason values come from BTF. Where the kernel allows fentry/fexit,
 //! `calls` counts the same increments per connection instead.
 pub mod calls;
+mod clients;
 
 use aya_ebpf::{
     bindings::BPF_F_CURRENT_NETNS,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_ktime_get_ns,
         generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_to_tcp_sock},
     },
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, SkBuffContext, SockAddrContext},
 };
 use tracer_common::{
@@ -67,19 +68,6 @@ static TCP_OVERFLOWS: PerCpuHashMap<TcpOverflowKey, u64> = PerCpuHashMap::with_m
 /// Last detailed record per listener inode.
 #[map]
 static LAST_SAMPLE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
-
-/// Local TCP clients by socket address, from their connect() to a port in
-/// NEAR_FULL_PORTS.
-#[map]
-static LOCAL_CLIENTS: LruHashMap<u64, LocalClient> = LruHashMap::with_max_entries(65536, 0);
-
-/// By port: 1 while a listener on it was last seen near full (`may_drop`),
-/// in any namespace. Only connects to these ports are remembered in
-/// LOCAL_CLIENTS: a connect to a listener far from full cannot be dropped,
-/// and remembering every connect cost an eviction from a full LRU table
-/// each (about 0.8 µs here, 11 µs under emulation).
-#[map]
-static NEAR_FULL_PORTS: Array<u32> = Array::with_max_entries(65536, 0);
 
 /// Packets that reached a listener near full, on this CPU. Userspace
 /// attaches the free tracepoints (consume_skb, kfree_skb) only while this
@@ -277,10 +265,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     if previous.skb != 0 {
         catch_up(previous, stage::ACK);
     }
-    let near_full = may_drop::<Probed>(tcp_sock);
-    // SAFETY: a context field the verifier lets us read (host order).
-    mark_port(unsafe { (*sk).src_port }, near_full);
-    if !near_full {
+    if !may_drop::<Probed>(tcp_sock) {
         return;
     }
     if let Some(seen) = NEAR_FULL_SEEN.get_ptr_mut(0) {
@@ -301,9 +286,12 @@ pub fn on_ingress(ctx: &SkBuffContext) {
 
 /// What a packet to a listener near full starts with: this CPU's two
 /// counters, the SYN-queue test a SYN would fail, and the local process
-/// that sent it (found by `client_of`), looked up only when a drop is
-/// likely: a SYN the SYN queue would refuse, or any packet to a full
-/// accept queue (the sender of a final ACK is ESTABLISHED by then).
+/// that sent it (found by `client_of`). The process is looked up for
+/// every packet watched, not only once the queue is full: other CPUs fill
+/// it while this one works on the packet (a SYN cookie's check, a hash,
+/// is long enough: looked up only at a full queue, a refused cookie ACK
+/// went unnamed in one nginx → uWSGI burst of three in a 6.1 guest, and
+/// in one of about ten here).
 #[inline(always)]
 fn snapshot(
     sock: &Sock,
@@ -315,11 +303,7 @@ fn snapshot(
     let (overflows, drops) = listen_counters(mib)?;
     let is_syn = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     let syn_queue_stage = if is_syn { syn_queue_stage(sock) } else { 0 };
-    let client = if syn_queue_stage != 0 || sock.accept_queue_full() {
-        client_of(&packet)
-    } else {
-        None
-    };
+    let client = client_of(&packet);
     Some(InFlight {
         skb,
         sk: sock.addr as u64,
@@ -382,20 +366,6 @@ impl Listener for Probed {
             inode: 0,
         }
         .syncookies()
-    }
-}
-
-/// Keep NEAR_FULL_PORTS[port] current: written only when it changes, so a
-/// busy listener's packets on several CPUs do not bounce its cache line.
-#[inline(always)]
-fn mark_port(port: u32, near_full: bool) {
-    if let Some(slot) = NEAR_FULL_PORTS.get_ptr_mut(port) {
-        // SAFETY: an element of our own array.
-        unsafe {
-            if (*slot != 0) != near_full {
-                *slot = near_full as u32;
-            }
-        }
     }
 }
 
@@ -515,50 +485,34 @@ fn catch_up(flight: &mut InFlight, ack_stage: u32) {
 }
 
 /// tp_btf/inet_sock_set_state(sk, oldstate, newstate): a socket entering
-/// SYN_SENT is a local connect() (its port is not chosen yet: it is keyed
-/// by the socket itself). Remember who made it, so that a drop of its SYN
-/// names the process.
+/// SYN_SENT is a local connect() (its port is not chosen yet: it is
+/// remembered by the socket itself), so that a drop of its SYN names the
+/// process.
 pub fn on_set_state(ctx: &BtfTracePointContext) {
     let newstate: i32 = ctx.arg(2);
-    if newstate != TCP_SYN_SENT {
-        return;
+    if newstate == TCP_SYN_SENT {
+        if let Some(fingerprint) = clients::of_socket(ctx.arg(0)) {
+            clients::remember(fingerprint, true);
+        }
     }
-    let sk: u64 = ctx.arg(0);
-    let client = LocalClient {
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    let _ = LOCAL_CLIENTS.insert(&sk, &client, 0);
 }
 
-/// cgroup/connect4, connect6: a local process connects a socket. For TCP,
-/// to a port whose listener is near full, remember who (keyed by the
-/// socket, as the state tracepoint does; the name is read in userspace,
-/// from the pid).
+/// cgroup/connect4, connect6: a local process connects a TCP socket:
+/// remembered by the socket (the name is read in userspace, from the pid).
 pub fn on_connect(ctx: &SockAddrContext) {
-    // SAFETY: context fields the verifier lets us read; user_port holds
-    // the port in network order in its low 16 bits.
-    let (protocol, port, sk) = unsafe {
+    // SAFETY: context fields the verifier lets us read.
+    let (protocol, sk) = unsafe {
         (
             (*ctx.sock_addr).protocol,
-            u16::from_be((*ctx.sock_addr).user_port as u16),
             (*ctx.sock_addr).__bindgen_anon_1.sk,
         )
     };
     if protocol != IPPROTO_TCP as u32 || sk.is_null() {
         return;
     }
-    if NEAR_FULL_PORTS
-        .get(u32::from(port))
-        .is_none_or(|near| *near == 0)
-    {
-        return;
+    if let Some(fingerprint) = clients::of_socket(sk as u64) {
+        clients::remember(fingerprint, false);
     }
-    let client = LocalClient {
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        comm: [0; 16],
-    };
-    let _ = LOCAL_CLIENTS.insert(&(sk as u64), &client, 0);
 }
 
 /// The local process that sent `packet`, found through its own socket: the
@@ -592,9 +546,9 @@ fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<LocalClient> {
     if sk.is_null() {
         return None;
     }
-    let key = sk as u64;
+    let fingerprint = clients::of_socket(sk as u64);
     unsafe { bpf_sk_release(sk.cast()) };
-    unsafe { LOCAL_CLIENTS.get(&key) }.copied()
+    clients::find(fingerprint?)
 }
 
 /// Add `n` drops of `sock` at `stage`; send the details when a sample is due.

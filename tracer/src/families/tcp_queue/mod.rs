@@ -42,10 +42,10 @@ macro_rules! tcp_programs {
 }
 
 /// Names the local process that sent a dropped SYN, for the packet
-/// programs; without it, drops name the client's address only. The connect
-/// hooks run once per TCP connect() and remember the process only for a
-/// port whose listener is near full (the ingress program marks it); the
-/// state tracepoint runs on every state change of every TCP socket.
+/// programs; without it, drops name the client's address only. Both
+/// remember every connect by its socket (tracer-ebpf's
+/// tcp_listen/clients.rs); the connect hooks run once per TCP connect(),
+/// the state tracepoint on every state change of every TCP socket.
 const CLIENTS_BY_SOCKET: &[Mechanism] = &[
     Mechanism {
         name: "cgroup/connect4 + cgroup/connect6 (local TCP clients)",
