@@ -58,15 +58,21 @@ pub fn fingerprint(words: &[u64]) -> u64 {
 
 /// A socket's address, as a number. The verifier refuses arithmetic on a
 /// socket pointer, even to hash it; a value loaded from a map is a plain
-/// number to it (root may store a pointer there).
+/// number to it (root may store a pointer there). One slot per context:
+/// a packet's program (softirq) may interrupt a connect's between its
+/// store and its load, never the other way round.
 #[map]
-static SOCKET_ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static SOCKET_ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
-/// The fingerprint of the socket at `sk`.
+/// Where `of_socket` runs: a connect (process context), or a packet.
+pub const AT_CONNECT: u32 = 0;
+pub const AT_PACKET: u32 = 1;
+
+/// The fingerprint of the socket at `sk`, from a program running `at`.
 #[inline(always)]
-pub fn of_socket(sk: u64) -> Option<u64> {
-    let slot = SOCKET_ADDRESS.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot; stored and loaded back at once.
+pub fn of_socket(sk: u64, at: u32) -> Option<u64> {
+    let slot = SOCKET_ADDRESS.get_ptr_mut(at)?;
+    // SAFETY: this CPU's slot for this context; stored and loaded back at once.
     let address = unsafe {
         core::ptr::write_volatile(slot, sk);
         core::ptr::read_volatile(slot)

@@ -491,7 +491,7 @@ fn catch_up(flight: &mut InFlight, ack_stage: u32) {
 pub fn on_set_state(ctx: &BtfTracePointContext) {
     let newstate: i32 = ctx.arg(2);
     if newstate == TCP_SYN_SENT {
-        if let Some(fingerprint) = clients::of_socket(ctx.arg(0)) {
+        if let Some(fingerprint) = clients::of_socket(ctx.arg(0), clients::AT_CONNECT) {
             clients::remember(fingerprint, true);
         }
     }
@@ -510,7 +510,7 @@ pub fn on_connect(ctx: &SockAddrContext) {
     if protocol != IPPROTO_TCP as u32 || sk.is_null() {
         return;
     }
-    if let Some(fingerprint) = clients::of_socket(sk as u64) {
+    if let Some(fingerprint) = clients::of_socket(sk as u64, clients::AT_CONNECT) {
         clients::remember(fingerprint, false);
     }
 }
@@ -546,7 +546,7 @@ fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<LocalClient> {
     if sk.is_null() {
         return None;
     }
-    let fingerprint = clients::of_socket(sk as u64);
+    let fingerprint = clients::of_socket(sk as u64, clients::AT_PACKET);
     unsafe { bpf_sk_release(sk.cast()) };
     clients::find(fingerprint?)
 }
