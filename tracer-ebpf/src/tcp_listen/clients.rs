@@ -18,6 +18,8 @@ use tracer_common::LocalClient;
 
 /// Ways per set.
 const WAYS: usize = 4;
+/// Sets: a fingerprint's low 16 bits pick its set.
+const SETS: u32 = 1 << 16;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -42,7 +44,13 @@ pub struct ClientSet {
 /// different listeners, and a nginx in front of uWSGI connects from the
 /// ports its own clients use.)
 #[map]
-static CLIENTS: Array<ClientSet> = Array::with_max_entries(1 << 16, 0);
+static CLIENTS: Array<ClientSet> = Array::with_max_entries(SETS, 0);
+
+/// The set a connect with `fingerprint` belongs to.
+#[inline(always)]
+fn set_of(fingerprint: u64) -> Option<*mut ClientSet> {
+    CLIENTS.get_ptr_mut(fingerprint as u32 % SETS)
+}
 
 /// 64 bits mixed from `words`: they pick a set and tell a connect from the
 /// others there (two alike in all 64 bits and in one set: 1 in 2^48).
@@ -86,7 +94,7 @@ pub fn of_socket(sk: u64, at: u32) -> Option<u64> {
 /// again must not leave the earlier process to be found.
 #[inline(always)]
 pub fn remember(fingerprint: u64, comm: bool) {
-    let Some(set) = CLIENTS.get_ptr_mut((fingerprint & 0xffff) as u32) else {
+    let Some(set) = set_of(fingerprint) else {
         return;
     };
     // SAFETY: an element of our own array. Two CPUs storing into one set
@@ -124,7 +132,7 @@ pub fn remember(fingerprint: u64, comm: bool) {
 #[inline(always)]
 pub fn find(fingerprint: u64) -> Option<LocalClient> {
     // SAFETY: an element of our own array, copied at once.
-    let set = unsafe { &*CLIENTS.get_ptr_mut((fingerprint & 0xffff) as u32)? };
+    let set = unsafe { &*set_of(fingerprint)? };
     set.ways
         .iter()
         .find(|way| way.fingerprint == fingerprint && way.client.pid != 0)
