@@ -84,7 +84,7 @@ pub fn hook_variable(family: &str) -> String {
 
 /// The mechanisms droptrace declares, as its start-up line names them.
 pub const UNIX_BACKLOG_HOOKS: &[&str] = &[
-    "fexit/unix_stream_connect",
+    "fexit/__sys_connect_file",
     "tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers)",
     "tp_btf/sys_exit",
     "tracepoints syscalls/sys_{enter,exit}_connect (64-bit callers)",
@@ -220,7 +220,7 @@ impl Droptrace {
     }
 
     /// The mechanism droptrace's start-up line says `family` uses on this
-    /// kernel ("fexit/unix_stream_connect", "tracepoints ...").
+    /// kernel ("fexit/__sys_connect_file", "tracepoints ...").
     pub fn mechanism_of(&self, family: &str) -> String {
         let used = self.used_by(family).unwrap_or_else(|| {
             panic!(

@@ -118,12 +118,12 @@ fn the_fallbacks_report_each_refused_connect() {
     let no_fexit = "unix_connect_refused,listen_fexit";
     let no_regs = format!("{no_fexit},connect_exit_regs,listen_exit_regs");
     let syscall_exit = [
-        "unix_backlog: tp_btf/sys_exit (skipped fexit/unix_stream_connect",
+        "unix_backlog: tp_btf/sys_exit (skipped fexit/__sys_connect_file",
         "listen (backlog_clamped, listener tables): tp_btf/sys_exit",
     ];
     let exit_tracepoints = if kernel_version() >= (5, 15) {
         [
-            "unix_backlog: tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers) (skipped fexit/unix_stream_connect",
+            "unix_backlog: tracepoint syscalls/sys_exit_connect (64-bit callers, arguments from their registers) (skipped fexit/__sys_connect_file",
             "listen (backlog_clamped, listener tables): tracepoint syscalls/sys_exit_listen (64-bit callers, arguments from their registers)",
         ]
     } else {
@@ -135,7 +135,7 @@ fn the_fallbacks_report_each_refused_connect() {
         (
             format!("{no_regs},syscall_exit"),
             [
-                "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (64-bit callers) (skipped fexit/unix_stream_connect",
+                "unix_backlog: tracepoints syscalls/sys_{enter,exit}_connect (64-bit callers) (skipped fexit/__sys_connect_file",
                 "listen (backlog_clamped, listener tables): tracepoints syscalls/sys_{enter,exit}_listen (64-bit callers)",
             ],
         ),
@@ -158,6 +158,64 @@ fn refused_connects_to_an_abstract_socket_are_each_reported() {
     let (refused, report) = refuse(&name, 1, 5);
     assert_eq!(refused, 5);
     assert_attributed(&name, 1, refused, &report);
+}
+
+/// The kernel's copy of the address is read eight bytes at a time where
+/// fexit is allowed: names ending on either side of a word, up to the
+/// longest path a sockaddr_un holds, are each told from a name of the
+/// same length that differs in its last byte.
+#[test]
+fn names_of_every_length_are_told_apart_to_the_last_byte() {
+    require_root("names_of_every_length_are_told_apart_to_the_last_byte");
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    // Bytes of sun_path used: an abstract name has a leading 0 and no
+    // terminator; a path has its terminating 0.
+    let abstract_name = |bytes: usize, last: char| {
+        let stem = format!("@dt{pid}-");
+        format!("{stem:x<width$}{last}", width = bytes - 1)
+    };
+    let path = |bytes: usize, last: char| {
+        let stem = format!("{}/", dir.path().display());
+        format!("{stem:x<width$}{last}", width = bytes - 2)
+    };
+    let mut names = Vec::new();
+    for bytes in [15, 16, 17, 24] {
+        names.push(abstract_name(bytes, 'a'));
+        names.push(abstract_name(bytes, 'b'));
+    }
+    for bytes in [63, 64, 65, 107, 108] {
+        names.push(path(bytes, 'a'));
+        names.push(path(bytes, 'b'));
+    }
+    let me = pid.to_string();
+    let tracer = Droptrace::start(&["--pid", &me]);
+    tracer.assert_mechanism("unix_backlog", UNIX_BACKLOG_HOOKS);
+    let mut refused = Vec::new();
+    let mut held = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let listener = unix::Listener::bind(name, 1);
+        // 2, 3, 4... refusals: a merged pair would count their sum.
+        let (queued, n) = unix::connect_many(name, 2 + 2 + i);
+        assert_eq!((queued.len(), n), (2, 2 + i), "{name}");
+        refused.push(n as u64);
+        held.push((listener, queued));
+    }
+    let report = tracer.stop();
+    for (name, refused) in names.iter().zip(refused) {
+        assert_eq!(
+            report.count_at(name),
+            refused,
+            "{name}: {:#?}",
+            report.drops
+        );
+        assert_eq!(report.total_at(name), refused, "{name}: {}", report.summary);
+    }
+    assert_eq!(report.lost(), 0);
+    for (listener, queued) in held {
+        unix::close_all(queued);
+        drop(listener);
+    }
 }
 
 /// The backlog droptrace reports is read from the kernel's socket through

@@ -50,11 +50,11 @@ pub fn connect_exit_regs(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// fexit/unix_stream_connect: a refused UNIX connect, where the kernel
+/// fexit/__sys_connect_file: a refused UNIX connect, where the kernel
 /// allows fexit (the connect tracepoints then leave UNIX sockets to it).
-#[fexit(function = "unix_stream_connect")]
+#[fexit(function = "__sys_connect_file")]
 pub fn unix_connect_refused(ctx: FExitContext) -> i32 {
-    connect::on_unix_stream_connect_exit(&ctx);
+    connect::on_connect_file_exit(&ctx);
     0
 }
 

@@ -26,7 +26,7 @@
 //! addresses and ports (a tracing program cannot look sockets up as the
 //! packet path does).
 use aya_ebpf::{helpers::bpf_probe_read_kernel_buf, macros::map, maps::PerCpuArray};
-use tracer_common::{stage, LocalClient, AF_INET, AF_INET6};
+use tracer_common::{stage, AF_INET, AF_INET6};
 
 use super::{
     catch_up, clients, may_drop, parse, snapshot, InFlight, Listener, Packet, TCP_FLAG_ACK,
@@ -181,7 +181,7 @@ fn packet_of(skb: usize) -> Option<Packet> {
 /// The local process that connected from the packet's source to its
 /// destination, if tcp_connect saw it.
 #[inline(always)]
-fn client_of(packet: &Packet) -> Option<LocalClient> {
+fn client_of(packet: &Packet) -> Option<u32> {
     clients::find(
         Connection {
             family: packet.family,
@@ -224,7 +224,7 @@ pub fn on_tcp_connect(sk: usize) {
             key.client_addr[..4].copy_from_slice(&load::<[u8; 4]>(sk, off.sock_rcv_saddr));
         }
     }
-    clients::remember(key.fingerprint(), true);
+    clients::remember(key.fingerprint());
 }
 
 /// ::ffff:a.b.c.d: an IPv6 socket talking IPv4.

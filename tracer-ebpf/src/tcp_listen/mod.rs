@@ -41,8 +41,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext, SockAddrContext},
 };
 use tracer_common::{
-    stage, DropReasons, LocalClient, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET,
-    AF_INET6, LOST_COUNTERS_FULL,
+    stage, DropReasons, RecordKind, TcpOverflowKey, TcpOverflowRecord, AF_INET, AF_INET6,
+    LOST_COUNTERS_FULL,
 };
 
 use crate::{
@@ -127,7 +127,8 @@ pub struct InFlight {
     /// For a SYN, which SYN-queue limit would refuse it (a name, not a count).
     syn_queue_stage: u32,
     packet: Packet,
-    client: LocalClient,
+    /// The local process that connected (0: none known).
+    client_pid: u32,
 }
 
 /// Parse from a reader of the packet's bytes: `load(offset, buf)` from the
@@ -297,7 +298,7 @@ fn snapshot(
     sock: &Sock,
     skb: u64,
     packet: Packet,
-    client_of: impl FnOnce(&Packet) -> Option<LocalClient>,
+    client_of: impl FnOnce(&Packet) -> Option<u32>,
 ) -> Option<InFlight> {
     let (net, netns, mib) = namespace_of(sock)?;
     let (overflows, drops) = listen_counters(mib)?;
@@ -315,10 +316,7 @@ fn snapshot(
         netns,
         syn_queue_stage,
         packet,
-        client: client.unwrap_or(LocalClient {
-            pid: 0,
-            comm: [0; 16],
-        }),
+        client_pid: client.unwrap_or(0),
     })
 }
 
@@ -492,13 +490,13 @@ pub fn on_set_state(ctx: &BtfTracePointContext) {
     let newstate: i32 = ctx.arg(2);
     if newstate == TCP_SYN_SENT {
         if let Some(fingerprint) = clients::of_socket(ctx.arg(0), clients::AT_CONNECT) {
-            clients::remember(fingerprint, true);
+            clients::remember(fingerprint);
         }
     }
 }
 
 /// cgroup/connect4, connect6: a local process connects a TCP socket:
-/// remembered by the socket (the name is read in userspace, from the pid).
+/// remembered by the socket.
 pub fn on_connect(ctx: &SockAddrContext) {
     // SAFETY: context fields the verifier lets us read.
     let (protocol, sk) = unsafe {
@@ -511,14 +509,14 @@ pub fn on_connect(ctx: &SockAddrContext) {
         return;
     }
     if let Some(fingerprint) = clients::of_socket(sk as u64, clients::AT_CONNECT) {
-        clients::remember(fingerprint, false);
+        clients::remember(fingerprint);
     }
 }
 
 /// The local process that sent `packet`, found through its own socket: the
 /// one a packet from the listener back to the sender would be delivered to.
 #[inline(always)]
-fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<LocalClient> {
+fn local_client(ctx: &SkBuffContext, packet: &Packet) -> Option<u32> {
     // struct bpf_sock_tuple: saddr, daddr, sport, dport (network order).
     let mut tuple = [0u8; 36];
     let size = if packet.family == AF_INET6 {
@@ -599,8 +597,7 @@ fn count(sock: &Sock, stage: u32, n: u64, flight: &InFlight) {
         max_syn_backlog: sock.max_syn_backlog().unwrap_or(0),
         local_addr: [0; 16],
         remote_addr: packet.remote_addr,
-        client_pid: flight.client.pid,
-        client_comm: flight.client.comm,
+        client_pid: flight.client_pid,
     };
     sock.local_addr(packet.family, &mut record.local_addr);
     emit(&record);

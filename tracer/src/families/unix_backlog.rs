@@ -23,18 +23,16 @@ use crate::{
 /// How long a sampled queue length is reused under a storm.
 const QUEUE_SAMPLE_TTL: Duration = Duration::from_millis(100);
 
-/// fexit on the function that refuses (unix_stream_connect) costs nothing
-/// to other syscalls; the syscall tracepoints put every syscall of every
+/// fexit on the kernel's connect (`__sys_connect_file`, which the syscall
+/// and io_uring call, with the address in a typed copy) costs nothing to
+/// other syscalls; the syscall tracepoints put every syscall of every
 /// process on the traced path, and are the fallback where fexit is refused.
 pub const HOOKS: FamilyHooks = FamilyHooks {
     family: "unix_backlog",
     mechanisms: &[
         Mechanism {
-            name: "fexit/unix_stream_connect",
-            programs: &[Program::fexit(
-                "unix_connect_refused",
-                "unix_stream_connect",
-            )],
+            name: "fexit/__sys_connect_file",
+            programs: &[Program::fexit("unix_connect_refused", "__sys_connect_file")],
             needs: &[],
             fast_path: Some(FAST_PATH_UNIX_CONNECT),
             extras: &[],

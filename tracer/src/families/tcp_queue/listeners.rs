@@ -67,16 +67,8 @@ pub fn peer(sample: &TcpOverflowRecord) -> (IpAddr, u16) {
 }
 
 /// The local process that sent a sampled dropped packet, when known.
-pub fn local_client(sample: &TcpOverflowRecord) -> Option<(u32, String)> {
-    if sample.client_pid == 0 {
-        return None;
-    }
-    let comm = &sample.client_comm;
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    Some((
-        sample.client_pid,
-        String::from_utf8_lossy(&comm[..end]).into_owned(),
-    ))
+pub fn local_client(sample: &TcpOverflowRecord) -> Option<u32> {
+    (sample.client_pid != 0).then_some(sample.client_pid)
 }
 
 /// New drops of one listener at one stage since the last poll.
@@ -298,7 +290,6 @@ pub(super) mod tests {
             local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             client_pid: 0,
-            client_comm: [0; 16],
         }
     }
 
@@ -384,7 +375,6 @@ pub(super) mod tests {
         let mut host = FakeHost::default();
         let mut syn = sample(7, 42);
         syn.client_pid = 4242;
-        syn.client_comm[..5].copy_from_slice(b"nginx");
         let mut ack = sample(7, 42);
         ack.stage = stage::ACK;
         ack.remote_port = 50000;
@@ -397,7 +387,7 @@ pub(super) mod tests {
         );
         let syn_batch = batches.iter().find(|b| b.stage == stage::SYN).unwrap();
         let sample = syn_batch.sample.as_ref().unwrap();
-        assert_eq!(local_client(sample), Some((4242, "nginx".to_string())));
+        assert_eq!(local_client(sample), Some(4242));
         let ack_batch = batches.iter().find(|b| b.stage == stage::ACK).unwrap();
         assert_eq!(peer(ack_batch.sample.as_ref().unwrap()).1, 50000);
         assert_eq!(local_client(ack_batch.sample.as_ref().unwrap()), None);

@@ -178,12 +178,9 @@ impl Families {
         }
         let mut client = Client::default();
         if let Some(sample) = &batch.sample {
-            if let Some((pid, comm)) = listeners::local_client(sample) {
-                // The connect hooks send the pid alone.
-                let comm = match comm.is_empty() {
-                    true => self.host.process(pid).map(|p| p.comm).unwrap_or_default(),
-                    false => comm,
-                };
+            if let Some(pid) = listeners::local_client(sample) {
+                // The kernel sends the pid alone.
+                let comm = self.host.process(pid).map(|p| p.comm).unwrap_or_default();
                 client = self.client(pid, comm);
             }
             let (addr, port) = listeners::peer(sample);
@@ -277,7 +274,6 @@ mod tests {
         sample.stage = stage;
         sample.ktime_ns = 500_000_000;
         sample.client_pid = 4242;
-        sample.client_comm = comm("curl");
         sample
     }
 
