@@ -347,8 +347,7 @@ pub struct TcpOverflowRecord {
     pub remote_addr: [u8; 16],
     /// The local process whose connect() sent the packet (0: not local, or
     /// it connected before droptrace started). Its name is read in
-    /// userspace: bpf_get_current_comm on every connect cost 1.8 µs under
-    /// emulation, more than the rest of the connect's program.
+    /// userspace (why: tracer-ebpf's tcp_listen/clients.rs).
     pub client_pid: u32,
 }
 
