@@ -160,12 +160,17 @@ fn report(pid_tgid: u64, ret: i32, sockaddr: u64, addrlen: u64, wanted: impl Fn(
         return;
     }
     key.addr_len = (len - 2) as u16;
-    // Abstract UNIX names and IP addresses depend on the caller's network
-    // namespace; an absolute path does not.
+    set_namespace(&mut key);
+    count_and_sample(pid_tgid, &key);
+}
+
+/// Abstract UNIX names and IP addresses depend on the caller's network
+/// namespace; an absolute path does not (its key keeps netns 0).
+#[inline(always)]
+fn set_namespace(key: &mut ConnectKey) {
     if key.family != AF_UNIX || key.addr[0] != b'/' {
         key.netns = current_netns().unwrap_or(0);
     }
-    count_and_sample(pid_tgid, &key);
 }
 
 /// Count a refused connect under `key`; send its details when due.
@@ -267,10 +272,7 @@ pub fn on_connect_file_exit(ctx: &FExitContext) {
         })*};
     }
     words!(0 1 2 3 4 5 6 7 8 9 10 11 12 13);
-    // An abstract name depends on the caller's network namespace.
-    if key.addr[0] != b'/' {
-        key.netns = current_netns().unwrap_or(0);
-    }
+    set_namespace(&mut key);
     count_and_sample(pid_tgid, &key);
 }
 
