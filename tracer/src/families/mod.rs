@@ -310,6 +310,17 @@ impl Families {
         self.clamp_notice(record)
     }
 
+    /// A client the kernel names by its pid alone: its name and, when not
+    /// known yet, its role, from one read of the process.
+    fn client_by_pid(&mut self, pid: u32) -> Client {
+        let process = self.host.process(pid);
+        if self.client_roles.get(pid).is_none() {
+            let role = process.as_ref().map_or(Role::Other, |p| p.role);
+            self.client_roles.insert(pid, role);
+        }
+        self.client(pid, process.map(|p| p.comm).unwrap_or_default())
+    }
+
     fn client(&mut self, pid: u32, comm: String) -> Client {
         let role = match self.client_roles.get(pid) {
             Some(role) => role,

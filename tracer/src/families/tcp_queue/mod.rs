@@ -179,9 +179,7 @@ impl Families {
         let mut client = Client::default();
         if let Some(sample) = &batch.sample {
             if let Some(pid) = listeners::local_client(sample) {
-                // The kernel sends the pid alone.
-                let comm = self.host.process(pid).map(|p| p.comm).unwrap_or_default();
-                client = self.client(pid, comm);
+                client = self.client_by_pid(pid);
             }
             let (addr, port) = listeners::peer(sample);
             client.addr = Some(addr.to_string());
