@@ -207,6 +207,67 @@ fn eaddrnotavail_is_counted_and_names_the_port_range() {
     }
 }
 
+/// connect() says EADDRNOTAVAIL also when no source address fits the
+/// destination: IPv6 off on lo, and "localhost" is ::1 (a container's
+/// classic). No port was sought, so no port shortage may be reported. In
+/// one namespace the helper's TCP and UDP connects to [::1] fail while
+/// every port of the range is free; then it holds all four ports and is
+/// refused from IPv4 sockets, and from IPv6 sockets to an IPv4-mapped
+/// address. In another, with IPv6 on, a helper runs out of ports to
+/// [::1]. Exactly the refusals after the ports ran out are counted, on
+/// each mechanism this kernel allows.
+#[test]
+fn eaddrnotavail_without_a_source_address_is_not_a_port_shortage() {
+    let test = "eaddrnotavail_without_a_source_address_is_not_a_port_shortage";
+    require_root(test);
+    let range = ("net.ipv4.ip_local_port_range", "40000 40003");
+    let no_ipv6 = Netns::create("noaddr", &[range, ("net.ipv6.conf.lo.disable_ipv6", "1")]);
+    let ipv6 = Netns::create("ports6", &[range]);
+    let fexit = "hash_connect_fexit,hash_connect6_fexit";
+    let mut mechanisms = Vec::new();
+    for avoid in [
+        String::new(),
+        format!("{fexit},connect_exit_regs"),
+        format!("{fexit},connect_exit_regs,syscall_exit"),
+    ] {
+        let tracer = Droptrace::start_with_env(&[], &[("DROPTRACE_AVOID", &avoid)]);
+        let mechanism = tracer.mechanism_of("ephemeral_ports");
+        assert!(!mechanisms.contains(&mechanism), "{mechanism} twice");
+        mechanisms.push(mechanism.clone());
+        let mut noaddr = no_ipv6.command(env!("CARGO_BIN_EXE_exhaust"));
+        noaddr.args(["noaddr", "8"]);
+        let mut ports6 = ipv6.command(env!("CARGO_BIN_EXE_exhaust"));
+        ports6.args(["ports6", "8"]);
+        let (pid, line, (pid6, line6, report)) =
+            run_helper_then(noaddr, || run_helper(ports6, tracer));
+        eprintln!("{mechanism}: helpers: {} | {}", line.trim(), line6.trim());
+        assert_eq!(count_in(&line, "noaddr_tcp6"), 8, "{line}");
+        assert_eq!(count_in(&line, "noaddr_udp6"), 8, "{line}");
+        assert_eq!(count_in(&line, "connected"), 4, "4 ports, 4 connections");
+        let refused = count_in(&line, "connect") + count_in(&line, "mapped");
+        assert_eq!(refused, 4 + 8, "{line}");
+        assert_eq!(count_in(&line6, "connected"), 4, "{line6}");
+        let refused6 = count_in(&line6, "connect");
+        assert_eq!(refused6, 4, "{line6}");
+        for (pid, refused, addrs) in [
+            (pid, refused, &["127.0.0.1", "::ffff:127.0.0.1"][..]),
+            (pid6, refused6, &["::1"][..]),
+        ] {
+            let of_pid = |d: &serde_json::Value| d["client"]["pid"] == pid;
+            let drops = report.drops_of("ephemeral_ports");
+            assert_eq!(
+                report.count_of("ephemeral_ports", of_pid),
+                refused,
+                "{mechanism}, pid {pid}: {drops:#?}"
+            );
+            for drop in drops.into_iter().filter(|d| of_pid(d)) {
+                let addr = drop["listener"]["addr"].as_str().unwrap();
+                assert!(addrs.contains(&addr), "{mechanism}: {drop}");
+            }
+        }
+    }
+}
+
 /// socket + bind + listen(backlog) on 127.0.0.1:port, by hand (std's
 /// TcpListener would listen() once on its own first).
 fn raw_listener(port: u16, backlogs: &[i32]) -> std::net::TcpListener {

@@ -441,6 +441,10 @@ pub struct KernelOffsets {
     /// sk_buff.head and sk_buff.network_header (a u16 offset from head)
     pub skb_head: u32,
     pub skb_network_header: u32,
+    /// sock.sk_gso_type, and the bit SKB_GSO_TCPV6 that tcp_v6_connect
+    /// sets in it once a route and a source address were found
+    pub sock_gso_type: u32,
+    pub gso_tcpv6: u32,
 }
 
 // Records are exchanged byte for byte: keep them free of implicit padding.

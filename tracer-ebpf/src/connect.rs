@@ -6,7 +6,9 @@
 //!   listener is not reachable from here either, so we send the path the
 //!   caller asked for and userspace finds the listener.
 //! - inet_hash_connect() returns -EADDRNOTAVAIL when every port of
-//!   net.ipv4.ip_local_port_range is in use towards that destination.
+//!   net.ipv4.ip_local_port_range is in use towards that destination. An
+//!   IPv6 connect() returns it as well when no source address fits the
+//!   destination, before any port is sought: not counted (sought_a_port).
 //!
 //! Failures are counted in the kernel, per CPU, keyed by the caller's
 //! process, namespace and address (`CONNECT_FAILURES`): exact in any storm.
@@ -31,7 +33,7 @@ use tracer_common::{
 };
 
 use crate::{
-    kernel::{current_netns, load, offsets, read},
+    kernel::{current_netns, current_task_sock, load, offsets, read},
     maps::{count, count_lost, emit, fast_path},
 };
 
@@ -44,7 +46,8 @@ pub const EADDRNOTAVAIL: i64 = 99;
 #[derive(Clone, Copy)]
 pub struct PendingConnect {
     uservaddr: u64,
-    addrlen: u64,
+    addrlen: u32,
+    fd: i32,
 }
 
 #[map]
@@ -62,6 +65,9 @@ const ARG1: usize = 24;
 const ARG2: usize = 32;
 
 pub fn on_enter(ctx: &TracePointContext) {
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
+        return;
+    };
     let Ok(uservaddr) = (unsafe { ctx.read_at::<u64>(ARG1) }) else {
         return;
     };
@@ -70,7 +76,15 @@ pub fn on_enter(ctx: &TracePointContext) {
     };
     let tid = bpf_get_current_pid_tgid() as u32;
     if PENDING_CONNECT
-        .insert(&tid, &PendingConnect { uservaddr, addrlen }, 0)
+        .insert(
+            &tid,
+            &PendingConnect {
+                uservaddr,
+                addrlen: addrlen as u32,
+                fd: fd as i32,
+            },
+            0,
+        )
         .is_err()
     {
         count_lost(LOST_PENDING_FULL);
@@ -90,7 +104,13 @@ pub fn on_exit(ctx: &TracePointContext) {
     if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
         return;
     }
-    report_user_connect(pid_tgid, ret, pending.uservaddr, pending.addrlen);
+    report_user_connect(
+        pid_tgid,
+        ret,
+        pending.fd,
+        pending.uservaddr,
+        pending.addrlen,
+    );
 }
 
 /// sys_exit_connect alone: the address comes from the caller's registers.
@@ -99,42 +119,74 @@ pub fn on_exit_with_regs(ctx: &TracePointContext) {
     if ret != -EAGAIN && ret != -EADDRNOTAVAIL {
         return;
     }
-    let (_, uservaddr, addrlen) = crate::kernel::caller_args();
-    on_failed(ret, uservaddr, addrlen);
+    let (fd, uservaddr, addrlen) = crate::kernel::caller_args();
+    on_failed(ret, fd, uservaddr, addrlen);
 }
 
-/// A connect() that returned `ret` (EAGAIN or EADDRNOTAVAIL) for the
-/// address at `uservaddr` in the caller's memory: report it unless a fast
-/// hook does.
+/// A connect() on `fd` that returned `ret` (EAGAIN or EADDRNOTAVAIL) for
+/// the address at `uservaddr` in the caller's memory: report it unless a
+/// fast hook does.
 #[inline(always)]
-fn report_user_connect(pid_tgid: u64, ret: i64, uservaddr: u64, addrlen: u64) {
-    let wanted = |family| match family {
+fn report_user_connect(pid_tgid: u64, ret: i64, fd: i32, uservaddr: u64, addrlen: u32) {
+    let wanted = |key: &ConnectKey| match key.family {
         // With fexit on __sys_connect_file attached, it reports these.
         AF_UNIX => ret == -EAGAIN && !fast_path(FAST_PATH_UNIX_CONNECT),
         // With fexit on inet_hash_connect attached, it reports these.
-        AF_INET | AF_INET6 => ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT),
+        AF_INET => ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT),
+        AF_INET6 => {
+            ret == -EADDRNOTAVAIL
+                && !fast_path(FAST_PATH_INET_CONNECT)
+                && sought_a_port(fd, &key.addr)
+        }
         _ => false,
     };
     report(pid_tgid, ret as i32, uservaddr, addrlen, wanted);
 }
 
-/// tp_btf/sys_exit saw connect() return `ret` (EAGAIN or EADDRNOTAVAIL)
-/// with these arguments, from the caller's registers.
+/// Whether an IPv6 connect() refused with EADDRNOTAVAIL got as far as the
+/// search for a local port. It is refused so as well when no source
+/// address fits the destination (IPv6 off on lo, and "localhost" is ::1):
+/// ip6_dst_lookup_flow fails, before any port is sought, for TCP and UDP
+/// alike. tcp_v6_connect sets SKB_GSO_TCPV6 in sk_gso_type only once that
+/// lookup succeeded, and no failure clears it; UDP never sets it. An
+/// IPv4-mapped destination goes through tcp_v4_connect, where the port
+/// search is the only source of EADDRNOTAVAIL. `addr` is the caller's
+/// sockaddr_in6 after its family: port, flow label, address.
 #[inline(always)]
-pub fn on_failed(ret: i64, uservaddr: u64, addrlen: u64) {
+fn sought_a_port(fd: i32, addr: &[u8; UNIX_PATH_MAX]) -> bool {
+    if addr[6..16] == [0; 10] && addr[16..18] == [0xff; 2] {
+        return true;
+    }
+    let off = offsets();
+    current_task_sock(fd)
+        .and_then(|sock| read::<u16>(sock.addr, off.sock_gso_type))
+        .is_some_and(|gso| u32::from(gso) & off.gso_tcpv6 != 0)
+}
+
+/// tp_btf/sys_exit saw connect(fd, uservaddr, addrlen) return `ret`
+/// (EAGAIN or EADDRNOTAVAIL), its arguments from the caller's registers.
+#[inline(always)]
+pub fn on_failed(ret: i64, fd: u64, uservaddr: u64, addrlen: u64) {
     report_user_connect(
         bpf_get_current_pid_tgid(),
         ret,
+        fd as i32,
         uservaddr,
-        addrlen as u32 as u64,
+        addrlen as u32,
     );
 }
 
 /// Count a refused connect to the sockaddr at `sockaddr` in the caller's
-/// memory (`addrlen` bytes), read in one copy, if `wanted(its family)`.
+/// memory (`addrlen` bytes), read in one copy, if `wanted(its key)`.
 /// Its details are sent when a sample is due.
 #[inline(always)]
-fn report(pid_tgid: u64, ret: i32, sockaddr: u64, addrlen: u64, wanted: impl Fn(u16) -> bool) {
+fn report(
+    pid_tgid: u64,
+    ret: i32,
+    sockaddr: u64,
+    addrlen: u32,
+    wanted: impl Fn(&ConnectKey) -> bool,
+) {
     let mut key = ConnectKey {
         pid: (pid_tgid >> 32) as u32,
         netns: 0,
@@ -156,7 +208,7 @@ fn report(pid_tgid: u64, ret: i32, sockaddr: u64, addrlen: u64, wanted: impl Fn(
     };
     // SAFETY: the helper checks the address.
     let read = unsafe { bpf_probe_read_user_buf(sockaddr as *const u8, sockaddr_bytes) };
-    if read.is_err() || !wanted(key.family) {
+    if read.is_err() || !wanted(&key) {
         return;
     }
     key.addr_len = (len - 2) as u16;

@@ -76,8 +76,8 @@ pub fn on_exit(ctx: &BtfTracePointContext) {
     };
     match syscall(nr, cs) {
         Syscall::Connect if ret < 0 && !fast_path(FAST_PATH_CONNECT_EXIT) => {
-            let (_, uservaddr, addrlen) = args();
-            connect::on_failed(ret, uservaddr, addrlen)
+            let (fd, uservaddr, addrlen) = args();
+            connect::on_failed(ret, fd, uservaddr, addrlen)
         }
         Syscall::NeedsFd(which) if ret < 0 && !fast_path(FAST_PATH_FD_LIMITS) => {
             fd_limits::report(ret, which)

@@ -10,6 +10,13 @@
 //!                      fail with EADDRNOTAVAIL once the ephemeral ports are
 //!                      used up (run it in a netns with a tiny
 //!                      ip_local_port_range)
+//!   exhaust ports6 N   the same to [::1]:18094
+//!   exhaust noaddr N   N TCP and N UDP connects to [::1]:18094 that fail
+//!                      with EADDRNOTAVAIL for want of a source address, no
+//!                      port taken yet (run it where lo has IPv6 disabled),
+//!                      then `ports N`, then N connects from IPv6 sockets
+//!                      to [::ffff:127.0.0.1]:18094 (tcp_v4_connect's port
+//!                      search, refused as well)
 //!   exhaust listen ADDR BACKLOG
 //!                      listen on TCP ADDR with BACKLOG, never accept,
 //!                      print `listening` and sleep (at most a minute)
@@ -27,6 +34,8 @@ use std::{
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd,
 };
+
+const IPV4: &str = "127.0.0.1:18094";
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -74,9 +83,17 @@ fn nofile(limit: u64) {
     println!("socket={socket} accept4={accept4} openat={openat}");
 }
 
-fn ports(attempts: usize) {
+fn ports(attempts: usize, listen_on: &str) {
+    let (_listener, held, refused, port) = use_up_ports(attempts, listen_on);
+    println!("connected={} connect={refused} port={port}", held.len());
+}
+
+/// `attempts` connects to a listener on `listen_on`: the listener (the
+/// streams hold their ports while it lives), the streams that got a port,
+/// the number refused with EADDRNOTAVAIL, and the port.
+fn use_up_ports(attempts: usize, listen_on: &str) -> (TcpListener, Vec<TcpStream>, usize, u16) {
     // A fixed port: port 0 would take one of the few ephemeral ones.
-    let listener = TcpListener::bind("127.0.0.1:18094").unwrap();
+    let listener = TcpListener::bind(listen_on).unwrap();
     let addr = listener.local_addr().unwrap();
     let mut held = Vec::new();
     let mut refused = 0;
@@ -87,10 +104,37 @@ fn ports(attempts: usize) {
             Err(err) => panic!("connect: {err}"),
         }
     }
+    (listener, held, refused, addr.port())
+}
+
+/// EADDRNOTAVAIL that is not a port shortage, then one that is.
+fn no_source_address(attempts: usize) {
+    let refused = |result: std::io::Result<()>| match result {
+        Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => true,
+        other => panic!("connect to [::1]: {other:?} (is IPv6 off on lo?)"),
+    };
+    let v6: std::net::SocketAddr = "[::1]:18094".parse().unwrap();
+    let tcp6 = (0..attempts)
+        .filter(|_| refused(TcpStream::connect(v6).map(drop)))
+        .count();
+    let udp6 = (0..attempts)
+        .filter(|_| {
+            let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+            refused(socket.connect(v6))
+        })
+        .count();
+    let (_listener, held, ports_refused, port) = use_up_ports(attempts, IPV4);
+    let mapped: std::net::SocketAddr = format!("[::ffff:127.0.0.1]:{port}").parse().unwrap();
+    let mapped_refused = (0..attempts)
+        .filter(|_| match TcpStream::connect(mapped) {
+            Err(err) => err.raw_os_error() == Some(libc::EADDRNOTAVAIL),
+            Ok(_) => panic!("a port was left for {mapped}"),
+        })
+        .count();
     println!(
-        "connected={} connect={refused} port={}",
-        held.len(),
-        addr.port()
+        "noaddr_tcp6={tcp6} noaddr_udp6={udp6} connected={} connect={ports_refused} \
+         mapped={mapped_refused} port={port}",
+        held.len()
     );
 }
 
@@ -167,10 +211,12 @@ fn main() {
     }
     match args.get(1).map(String::as_str) {
         Some("nofile") => nofile(n),
-        Some("ports") => ports(n as usize),
+        Some("ports") => ports(n as usize, IPV4),
+        Some("ports6") => ports(n as usize, "[::1]:18094"),
+        Some("noaddr") => no_source_address(n as usize),
         Some("fds") => hold(n),
         _ => {
-            eprintln!("usage: exhaust nofile N | exhaust ports N | exhaust fds N | exhaust listen ADDR BACKLOG");
+            eprintln!("usage: exhaust nofile N | exhaust ports N | exhaust ports6 N | exhaust noaddr N | exhaust fds N | exhaust listen ADDR BACKLOG");
             std::process::exit(2);
         }
     }

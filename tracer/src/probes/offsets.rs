@@ -61,6 +61,10 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         mib_listen_drops: mib_index("LINUX_MIB_LISTENDROPS")?,
         skb_head: at("sk_buff.head")?,
         skb_network_header: at("sk_buff.network_header")?,
+        sock_gso_type: at("sock.sk_gso_type")?,
+        gso_tcpv6: enum_having(btf, "SKB_GSO_TCPV6")
+            .and_then(|gso| enumerator(btf, &gso, "SKB_GSO_TCPV6"))
+            .ok_or_else(|| anyhow!("kernel BTF has no SKB_GSO_TCPV6"))?,
     })
 }
 
