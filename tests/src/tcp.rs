@@ -2,7 +2,7 @@
 //! non-blocking clients whose SYNs pile up against them.
 use std::{
     net::{SocketAddr, TcpListener},
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
 /// A listener on `addr` with `backlog`, never accepting.
@@ -17,22 +17,30 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> TcpListener {
 /// final ACK of a client that sends nothing is ignored (tcp_check_req).
 pub fn defer_accept(listener: &TcpListener) {
     let seconds: libc::c_int = 30;
-    // SAFETY: valid fd and option value.
-    let rc = unsafe {
-        libc::setsockopt(
+    assert!(
+        set_option(
             listener.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_DEFER_ACCEPT,
-            (&seconds as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
+            &seconds
+        ),
         "TCP_DEFER_ACCEPT: {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// setsockopt(fd, level, name, value): whether it succeeded.
+fn set_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> bool {
+    // SAFETY: a value of its own size; the kernel checks the fd and option.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        ) == 0
+    }
 }
 
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -54,6 +62,44 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
     };
     (storage, len as libc::socklen_t)
+}
+
+/// A blocking connect to `remote` from a socket first bound to `local`
+/// with SO_REUSEADDR (so several may share that local port).
+pub fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<OwnedFd> {
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: a new socket, owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let on: libc::c_int = 1;
+    let (here, here_len) = sockaddr(local);
+    let (there, there_len) = sockaddr(remote);
+    // SAFETY: valid fd and addresses of their lengths.
+    let ok = set_option(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &on)
+        && unsafe {
+            libc::bind(
+                fd,
+                (&here as *const libc::sockaddr_storage).cast(),
+                here_len,
+            ) == 0
+                && libc::connect(
+                    fd,
+                    (&there as *const libc::sockaddr_storage).cast(),
+                    there_len,
+                ) == 0
+        };
+    if ok {
+        Ok(socket)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// `n` non-blocking connects to `addr`; the sockets stay open (and keep
@@ -116,16 +162,12 @@ impl CookieHandshake {
             tv_sec: 5,
             tv_usec: 0,
         };
-        // SAFETY: valid fd and option value.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
+        assert!(set_option(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &timeout
+        ));
         let mut handshake = Self {
             raw,
             listener,

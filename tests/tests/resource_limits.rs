@@ -209,16 +209,18 @@ fn eaddrnotavail_is_counted_and_names_the_port_range() {
 
 /// connect() says EADDRNOTAVAIL also when no source address fits the
 /// destination: IPv6 off on lo, and "localhost" is ::1 (a container's
-/// classic). No port was sought, so no port shortage may be reported. In
-/// one namespace the helper's TCP and UDP connects to [::1] fail while
-/// every port of the range is free; then it holds all four ports and is
+/// classic); and when the socket was bound to a port whose four-tuple
+/// with the destination is taken. No port was sought, so no port shortage
+/// may be reported. In one namespace the helper's TCP and UDP connects to
+/// [::1] fail while every port of the range is free, so do its connects
+/// from sockets bound to one port; then it holds all four ports and is
 /// refused from IPv4 sockets, and from IPv6 sockets to an IPv4-mapped
 /// address. In another, with IPv6 on, a helper runs out of ports to
 /// [::1]. Exactly the refusals after the ports ran out are counted, on
 /// each mechanism this kernel allows.
 #[test]
-fn eaddrnotavail_without_a_source_address_is_not_a_port_shortage() {
-    let test = "eaddrnotavail_without_a_source_address_is_not_a_port_shortage";
+fn eaddrnotavail_where_no_port_was_sought_is_not_a_port_shortage() {
+    let test = "eaddrnotavail_where_no_port_was_sought_is_not_a_port_shortage";
     require_root(test);
     let range = ("net.ipv4.ip_local_port_range", "40000 40003");
     let no_ipv6 = Netns::create("noaddr", &[range, ("net.ipv6.conf.lo.disable_ipv6", "1")]);
@@ -243,6 +245,7 @@ fn eaddrnotavail_without_a_source_address_is_not_a_port_shortage() {
         eprintln!("{mechanism}: helpers: {} | {}", line.trim(), line6.trim());
         assert_eq!(count_in(&line, "noaddr_tcp6"), 8, "{line}");
         assert_eq!(count_in(&line, "noaddr_udp6"), 8, "{line}");
+        assert_eq!(count_in(&line, "bound"), 7, "{line}");
         assert_eq!(count_in(&line, "connected"), 4, "4 ports, 4 connections");
         let refused = count_in(&line, "connect") + count_in(&line, "mapped");
         assert_eq!(refused, 4 + 8, "{line}");

@@ -7,8 +7,9 @@
 //!   caller asked for and userspace finds the listener.
 //! - inet_hash_connect() returns -EADDRNOTAVAIL when every port of
 //!   net.ipv4.ip_local_port_range is in use towards that destination. An
-//!   IPv6 connect() returns it as well when no source address fits the
-//!   destination, before any port is sought: not counted (sought_a_port).
+//!   connect() from a socket bound to a port whose four-tuple is taken, or
+//!   IPv6 to a destination no source address fits, returns it as well, no
+//!   port sought: not counted (sought_a_port).
 //!
 //! Failures are counted in the kernel, per CPU, keyed by the caller's
 //! process, namespace and address (`CONNECT_FAILURES`): exact in any storm.
@@ -132,35 +133,42 @@ fn report_user_connect(pid_tgid: u64, ret: i64, fd: i32, uservaddr: u64, addrlen
         // With fexit on __sys_connect_file attached, it reports these.
         AF_UNIX => ret == -EAGAIN && !fast_path(FAST_PATH_UNIX_CONNECT),
         // With fexit on inet_hash_connect attached, it reports these.
-        AF_INET => ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT),
-        AF_INET6 => {
-            ret == -EADDRNOTAVAIL
-                && !fast_path(FAST_PATH_INET_CONNECT)
-                && sought_a_port(fd, &key.addr)
+        AF_INET | AF_INET6 => {
+            ret == -EADDRNOTAVAIL && !fast_path(FAST_PATH_INET_CONNECT) && sought_a_port(fd, key)
         }
         _ => false,
     };
     report(pid_tgid, ret as i32, uservaddr, addrlen, wanted);
 }
 
-/// Whether an IPv6 connect() refused with EADDRNOTAVAIL got as far as the
-/// search for a local port. It is refused so as well when no source
-/// address fits the destination (IPv6 off on lo, and "localhost" is ::1):
-/// ip6_dst_lookup_flow fails, before any port is sought, for TCP and UDP
-/// alike. tcp_v6_connect sets SKB_GSO_TCPV6 in sk_gso_type only once that
-/// lookup succeeded, and no failure clears it; UDP never sets it. An
-/// IPv4-mapped destination goes through tcp_v4_connect, where the port
-/// search is the only source of EADDRNOTAVAIL. `addr` is the caller's
-/// sockaddr_in6 after its family: port, flow label, address.
+/// Whether a connect() on `fd` refused with EADDRNOTAVAIL searched for a
+/// local port (and found none). It is refused so as well
+/// - when its socket was bound to a port before, and that port's
+///   four-tuple with the destination is taken: the port stays bound after
+///   the failure (SOCK_BINDPORT_LOCK), where a search leaves none;
+/// - for IPv6, when no source address fits the destination (IPv6 off on
+///   lo, and "localhost" is ::1): ip6_dst_lookup_flow fails before any
+///   port is sought, for TCP and UDP alike. tcp_v6_connect sets
+///   SKB_GSO_TCPV6 in sk_gso_type only once that lookup succeeded, and no
+///   failure clears it; UDP never sets it. An IPv4 or IPv4-mapped
+///   destination goes through tcp_v4_connect, which has no such failure.
+/// A socket that cannot be read (closed by another thread meanwhile) is
+/// counted: a refusal is never left out for want of its details.
 #[inline(always)]
-fn sought_a_port(fd: i32, addr: &[u8; UNIX_PATH_MAX]) -> bool {
-    if addr[6..16] == [0; 10] && addr[16..18] == [0xff; 2] {
+fn sought_a_port(fd: i32, key: &ConnectKey) -> bool {
+    let Some(sock) = current_task_sock(fd) else {
+        return true;
+    };
+    let off = offsets();
+    if read::<u16>(sock.addr, off.sock_num).is_some_and(|port| port != 0) {
+        return false;
+    }
+    // sockaddr_in6 after its family: port, flow label, address.
+    let ipv4_mapped = key.addr[6..16] == [0; 10] && key.addr[16..18] == [0xff; 2];
+    if key.family == AF_INET || ipv4_mapped {
         return true;
     }
-    let off = offsets();
-    current_task_sock(fd)
-        .and_then(|sock| read::<u16>(sock.addr, off.sock_gso_type))
-        .is_some_and(|gso| u32::from(gso) & off.gso_tcpv6 != 0)
+    read::<u16>(sock.addr, off.sock_gso_type).is_none_or(|gso| u32::from(gso) & off.gso_tcpv6 != 0)
 }
 
 /// tp_btf/sys_exit saw connect(fd, uservaddr, addrlen) return `ret`
@@ -236,19 +244,22 @@ fn count_and_sample(pid_tgid: u64, key: &ConnectKey) {
 
 /// fexit/inet_hash_connect(death_row, sk) -> int, and inet6_hash_connect:
 /// the only place a TCP connect finds no local port left (EADDRNOTAVAIL),
-/// run for TCP connects alone. The destination is read from the socket,
-/// laid out as the caller's sockaddr_in or sockaddr_in6 after its family.
+/// run for TCP connects alone. A socket bound to a port before was not
+/// searched a port for: its four-tuple is taken (the port is still bound
+/// here; a failed search binds none). The destination is read from the
+/// socket, laid out as the caller's sockaddr_in or sockaddr_in6 after its
+/// family.
 pub fn on_hash_connect_exit(ctx: &FExitContext, family: u16) {
     let ret: i32 = ctx.arg(2);
     if ret as i64 != -EADDRNOTAVAIL {
         return;
     }
     let sk: usize = ctx.arg(1);
-    if sk == 0 {
+    let off = offsets();
+    if sk == 0 || load::<u16>(sk, off.sock_num) != 0 {
         return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    let off = offsets();
     let mut key = ConnectKey {
         pid: (pid_tgid >> 32) as u32,
         netns: current_netns().unwrap_or(0),

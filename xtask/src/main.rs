@@ -350,9 +350,15 @@ fn test_binaries(names: &[&str]) -> Result<String> {
             "--no-run",
             "--message-format=json",
         ])
-        .stderr(std::process::Stdio::null())
         .output()
         .context("cannot run cargo test --no-run")?;
+    if !output.status.success() {
+        bail!(
+            "cargo test --no-run failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        );
+    }
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {

@@ -13,7 +13,10 @@
 //!   exhaust ports6 N   the same to [::1]:18094
 //!   exhaust noaddr N   N TCP and N UDP connects to [::1]:18094 that fail
 //!                      with EADDRNOTAVAIL for want of a source address, no
-//!                      port taken yet (run it where lo has IPv6 disabled),
+//!                      port taken yet (run it where lo has IPv6 disabled);
+//!                      N connects from sockets bound to 127.0.0.1:18095,
+//!                      all but the first refused with EADDRNOTAVAIL (that
+//!                      four-tuple is taken: no port was sought either);
 //!                      then `ports N`, then N connects from IPv6 sockets
 //!                      to [::ffff:127.0.0.1]:18094 (tcp_v4_connect's port
 //!                      search, refused as well)
@@ -111,7 +114,7 @@ fn use_up_ports(attempts: usize, listen_on: &str) -> (TcpListener, Vec<TcpStream
 fn no_source_address(attempts: usize) {
     let refused = |result: std::io::Result<()>| match result {
         Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => true,
-        other => panic!("connect to [::1]: {other:?} (is IPv6 off on lo?)"),
+        other => panic!("connect: {other:?}, where EADDRNOTAVAIL was due"),
     };
     let v6: std::net::SocketAddr = "[::1]:18094".parse().unwrap();
     let tcp6 = (0..attempts)
@@ -123,7 +126,16 @@ fn no_source_address(attempts: usize) {
             refused(socket.connect(v6))
         })
         .count();
-    let (_listener, held, ports_refused, port) = use_up_ports(attempts, IPV4);
+    let (listener, held, ports_refused, port) = use_up_ports(attempts, IPV4);
+    let from: std::net::SocketAddr = "127.0.0.1:18095".parse().unwrap();
+    let to = listener.local_addr().unwrap();
+    let _first = droptrace_tests::tcp::connect_from(from, to).expect("the first from 18095");
+    let bound_refused = (1..attempts)
+        .filter(|_| match droptrace_tests::tcp::connect_from(from, to) {
+            Err(err) => refused(Err(err)),
+            Ok(_) => panic!("{from} connected twice to {to}"),
+        })
+        .count();
     let mapped: std::net::SocketAddr = format!("[::ffff:127.0.0.1]:{port}").parse().unwrap();
     let mapped_refused = (0..attempts)
         .filter(|_| match TcpStream::connect(mapped) {
@@ -132,8 +144,8 @@ fn no_source_address(attempts: usize) {
         })
         .count();
     println!(
-        "noaddr_tcp6={tcp6} noaddr_udp6={udp6} connected={} connect={ports_refused} \
-         mapped={mapped_refused} port={port}",
+        "noaddr_tcp6={tcp6} noaddr_udp6={udp6} bound={bound_refused} connected={} \
+         connect={ports_refused} mapped={mapped_refused} port={port}",
         held.len()
     );
 }
